@@ -1,0 +1,226 @@
+"""The `instructflow` command. Heavy imports (prefect, torch) happen inside commands, after the data
+home and Prefect's settings are fixed, so `--help` and `status` stay fast."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Seed tasks -> Self-Instruct -> ROUGE-L filter -> SFT -> preferences -> reward -> PPO -> evaluate.")
+console = Console(stderr=True)
+
+ProfileOpt = typer.Option(None, "--profile", "-p", help="Config profile (default: the file's default_profile, 'cpu').")
+HomeOpt = typer.Option(None, "--home", help="Data home (default: $INSTRUCTFLOW_HOME or ./.instructflow).")
+ConfigOpt = typer.Option(None, "--config", help="Config file (default: $INSTRUCTFLOW_CONFIG, ./instructflow.toml, packaged).")
+
+
+def fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _prepare(home: Optional[str], config: Optional[str], profile: Optional[str]):
+    """Resolve config and home, point Prefect at the home (unless the user pointed it elsewhere)."""
+    from instructflow.flows.common import data_home
+    from instructflow.tasks.config import ConfigError, load_config
+    from instructflow.warehouse.store import WarehouseError
+
+    try:
+        cfg = load_config(profile, config)
+        home_path = data_home(home)
+    except (ConfigError, WarehouseError) as exc:
+        fail(str(exc))
+    os.environ["INSTRUCTFLOW_HOME"] = str(home_path)
+    if config:
+        os.environ["INSTRUCTFLOW_CONFIG"] = str(Path(config).resolve())
+    # Ephemeral flow runs land in the home's own Prefect database, so `instructflow dashboard`
+    # later shows their history and artifacts.
+    os.environ.setdefault("PREFECT_HOME", str(home_path / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    return cfg, home_path
+
+
+def _run_guarded(fn):
+    from instructflow.tasks.config import ConfigError
+    from instructflow.warehouse.store import WarehouseError
+
+    try:
+        return fn()
+    except (ConfigError, WarehouseError, KeyError, ValueError, FileNotFoundError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        fail(str(message).splitlines()[0] if message else type(exc).__name__, code=1)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: rerun the same command to resume[/]")
+        raise typer.Exit(130)
+
+
+@app.command()
+def run(profile: Optional[str] = ProfileOpt, home: Optional[str] = HomeOpt, config: Optional[str] = ConfigOpt,
+        force: bool = typer.Option(False, "--force", help="Rerun every stage even if its inputs are unchanged."),
+        stages: Optional[str] = typer.Option(None, "--stages", help="Comma-separated subset of stages.")):
+    """Run the whole pipeline; stages whose inputs are unchanged are skipped."""
+    cfg, home_path = _prepare(home, config, profile)
+    from instructflow.flows.pipeline import pipeline
+
+    only = [s.strip() for s in stages.split(",")] if stages else None
+    results = _run_guarded(lambda: pipeline(profile=cfg.profile, stages_to_run=only, force=force,
+                                            home=str(home_path), config=config))
+    _print_summary(cfg, home_path, results)
+
+
+@app.command()
+def stage(name: str = typer.Argument(..., help="Stage name (see `instructflow status`)."),
+          profile: Optional[str] = ProfileOpt, home: Optional[str] = HomeOpt, config: Optional[str] = ConfigOpt,
+          force: bool = typer.Option(False, "--force", help="Ignore reusable work (stored verdicts, finished checkpoints)."),
+          downstream: bool = typer.Option(False, "--downstream", help="Continue through the stages after it (stale ones).")):
+    """Rerun exactly one stage (always runs), optionally followed by its stale downstream stages."""
+    cfg, home_path = _prepare(home, config, profile)
+    from instructflow.flows.pipeline import run_single
+    from instructflow.flows.stages import stage_names
+
+    if name not in stage_names():
+        fail(f"unknown stage {name!r} (stages: {', '.join(stage_names())})")
+    results = _run_guarded(lambda: run_single(name, cfg.profile, str(home_path), config, force, downstream))
+    _print_summary(cfg, home_path, results)
+
+
+@app.command()
+def status(profile: Optional[str] = ProfileOpt, home: Optional[str] = HomeOpt, config: Optional[str] = ConfigOpt,
+           as_json: bool = typer.Option(False, "--json", help="Print one JSON object (the scripting contract).")):
+    """What each stage last produced, and which stages are stale (and why)."""
+    from instructflow.flows.common import data_home
+    from instructflow.flows.status import stage_status, warehouse_exists
+    from instructflow.tasks.config import ConfigError, load_config
+    from instructflow.warehouse.store import WarehouseError, open_warehouse
+
+    try:
+        cfg = load_config(profile, config)
+        home_path = data_home(home)
+        wh = open_warehouse(home_path, read_only=True) if warehouse_exists(home_path) else None
+    except (ConfigError, WarehouseError) as exc:
+        fail(str(exc), code=1)
+    try:
+        report = stage_status(cfg, home_path, wh)
+    finally:
+        if wh is not None:
+            wh.close()
+    if as_json:
+        print(json.dumps(report, default=str))
+        return
+    if wh is None:
+        console.print(f"No runs yet in [bold]{home_path}[/]: every stage is [dim]never[/]. "
+                      "Start with `instructflow run` (or `make run`).")
+    table = Table(title=f"instructflow status · {home_path} · profile {cfg.profile}")
+    for column in ("stage", "state", "last run", "key metrics", "why"):
+        table.add_column(column, overflow="fold")
+    colours = {"fresh": "green", "stale": "yellow", "failed": "red", "never": "dim"}
+    for name, entry in report["stages"].items():
+        metrics = ", ".join(f"{k}={_short(v)}" for k, v in list(entry["metrics"].items())[:5])
+        table.add_row(name, f"[{colours[entry['state']]}]{entry['state']}[/]", entry["last_run"] or "-",
+                      metrics or "-", "; ".join(entry["why"]) or "-")
+    Console().print(table)
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)[:40]
+    return str(value)[:40]
+
+
+@app.command()
+def doctor(profile: Optional[str] = ProfileOpt, home: Optional[str] = HomeOpt, config: Optional[str] = ConfigOpt):
+    """Versions, data home, bundled model, teacher reachability, GPU."""
+    from importlib import metadata
+
+    rows: list[tuple[str, str, bool]] = []
+    rows.append(("python", sys.version.split()[0], sys.version_info >= (3, 11)))
+    for package in ("torch", "transformers", "trl", "prefect", "fastapi", "duckdb", "openai", "rouge-score", "gguf"):
+        try:
+            rows.append((package, metadata.version(package), True))
+        except metadata.PackageNotFoundError:
+            rows.append((package, "missing", False))
+    cfg = None
+    try:
+        from instructflow.flows.common import data_home
+        from instructflow.tasks.config import load_config
+
+        cfg = load_config(profile, config)
+        rows.append(("config", f"{cfg.source} · profile {cfg.profile}", True))
+        home_path = data_home(home)
+        rows.append(("data home", f"{home_path} (writable)", True))
+    except Exception as exc:  # doctor reports, it does not stop at the first problem
+        rows.append(("config/home", str(exc), False))
+    try:
+        from instructflow.models.bundled import bundled_gguf_path
+
+        gguf = bundled_gguf_path()
+        rows.append(("bundled model", f"{gguf.name} ({gguf.stat().st_size / 1e6:.0f} MB)", True))
+    except Exception as exc:
+        rows.append(("bundled model", str(exc), False))
+    if cfg is not None:
+        rows.append(_teacher_check(cfg))
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU only)"
+        rows.append(("gpu", gpu, True))
+    except Exception as exc:
+        rows.append(("gpu", str(exc), False))
+    rows.append(("prefect api", os.environ.get("PREFECT_API_URL") or "ephemeral (per process)", True))
+    table = Table(title="instructflow doctor")
+    table.add_column("check")
+    table.add_column("result", overflow="fold")
+    table.add_column("ok")
+    for name, value, ok in rows:
+        table.add_row(name, value, "[green]ok[/]" if ok else "[red]problem[/]")
+    Console().print(table)
+    if not all(ok for _, _, ok in rows):
+        raise typer.Exit(1)
+
+
+def _teacher_check(cfg) -> tuple[str, str, bool]:
+    teacher = cfg.teacher
+    if teacher.endpoint == "embedded":
+        import shutil
+
+        found = shutil.which("transformers") or (Path(sys.executable).parent / "transformers").exists()
+        return ("teacher", f"embedded: transformers serve on {teacher.embedded_model} (started per stage)", bool(found))
+    import httpx
+
+    from instructflow.tasks.config import teacher_api_key
+
+    url = teacher.endpoint.rstrip("/") + "/models"
+    try:
+        response = httpx.get(url, headers={"Authorization": f"Bearer {teacher_api_key(teacher)}"}, timeout=10)
+        return ("teacher", f"{teacher.endpoint} answered {response.status_code}", response.status_code < 400)
+    except httpx.HTTPError as exc:
+        return ("teacher", f"{teacher.endpoint} unreachable: {type(exc).__name__}", False)
+
+
+def _print_summary(cfg, home_path: Path, results: dict) -> None:
+    table = Table(title=f"instructflow · profile {cfg.profile} · {home_path}")
+    table.add_column("stage")
+    table.add_column("result", overflow="fold")
+    for name, metrics in (results or {}).items():
+        metrics = metrics or {}
+        shown = ", ".join(f"{k}={_short(v)}" for k, v in metrics.items() if not isinstance(v, (dict, list)))
+        table.add_row(name, shown[:300] or "-")
+    Console().print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

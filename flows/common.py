@@ -1,0 +1,199 @@
+"""What every stage flow shares: the data home, the open warehouse, and `stage_context`, which
+records a stage run (input hash, status, metrics, timings) around the stage's own story and
+publishes its Prefect artifacts. Flows hold no business logic; this holds no stage logic."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from instructflow.tasks.config import Config, load_config
+from instructflow.warehouse.store import Warehouse, WarehouseError, open_warehouse
+
+
+def data_home(explicit: str | Path | None = None) -> Path:
+    """The project's data home: --home, $INSTRUCTFLOW_HOME, or ./.instructflow; created and checked writable."""
+    home = Path(explicit or os.environ.get("INSTRUCTFLOW_HOME") or ".instructflow").expanduser().resolve()
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        probe = home / ".write-probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise WarehouseError(f"data home {home} is not writable ({exc.strerror}); "
+                             "set INSTRUCTFLOW_HOME or --home to a writable folder") from None
+    return home
+
+
+_warehouses: dict[Path, Warehouse] = {}
+
+
+def warehouse_for(home: Path) -> Warehouse:
+    """One writing connection per process and home: it holds DuckDB's lock for the whole run."""
+    home = Path(home)
+    if home not in _warehouses:
+        wh = open_warehouse(home)
+        wh.mark_interrupted_stage_runs()
+        _warehouses[home] = wh
+    return _warehouses[home]
+
+
+def close_warehouses() -> None:
+    for wh in _warehouses.values():
+        wh.close()
+    _warehouses.clear()
+
+
+def stable_hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    """Converted models and tiny test models, shared across data homes (they never change)."""
+    path = Path(os.environ.get("INSTRUCTFLOW_CACHE") or Path.home() / ".cache" / "instructflow")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@dataclass
+class StageContext:
+    stage: str
+    cfg: Config
+    home: Path
+    wh: Warehouse
+    run_id: str
+    stage_run_id: str
+    force: bool
+    inputs: dict
+    metrics: dict = field(default_factory=dict)
+    output_hash: str | None = None
+
+    @property
+    def out_dir(self) -> Path:
+        path = self.home / "stages" / self.stage
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def step(self, step: int, values: dict[str, float]) -> None:
+        self.wh.add_step_metrics(self.stage_run_id, self.stage, step, values)
+
+    def finish(self, metrics: dict, output_hash: str | None = None) -> None:
+        self.metrics = metrics
+        self.output_hash = output_hash
+
+
+def stage_inputs(stage: str, cfg: Config, wh: Warehouse) -> dict:
+    """The components of a stage's input hash: its config, its external data, its upstream outputs."""
+    from instructflow.flows.stages import stage_spec  # the registry imports the stage modules
+
+    spec = stage_spec(stage)
+    inputs: dict[str, Any] = {"config": cfg.section_hash(*spec.config_sections)}
+    inputs.update(spec.data_inputs(cfg, wh) if spec.data_inputs else {})
+    for upstream in spec.upstream:
+        last = wh.last_stage_run(upstream, status="success")
+        inputs[f"upstream:{upstream}"] = last.output_hash if last else None
+    return inputs
+
+
+def input_hash(inputs: dict) -> str:
+    return stable_hash(inputs)
+
+
+def freshness(stage: str, cfg: Config, wh: Warehouse):
+    """(fresh, last successful StageRun or None, current inputs). Fresh: same input hash as the
+    last success and its outputs still exist."""
+    from instructflow.flows.stages import stage_spec
+
+    spec = stage_spec(stage)
+    inputs = stage_inputs(stage, cfg, wh)
+    last = wh.last_stage_run(stage, status="success")
+    fresh = (last is not None and last.input_hash == input_hash(inputs)
+             and (spec.outputs_exist is None or spec.outputs_exist(cfg, wh)))
+    return fresh, last, inputs
+
+
+@contextmanager
+def stage_context(stage: str, profile: str, home: str | None, config: str | None, run_id: str | None,
+                  force: bool) -> Iterator[StageContext]:
+    cfg = load_config(profile, config)
+    home_path = data_home(home)
+    wh = warehouse_for(home_path)
+    own_run = run_id is None
+    if own_run:
+        run_id = wh.start_run(cfg.profile, f"stage {stage}", flow_run_id=_flow_run_id())
+    inputs = stage_inputs(stage, cfg, wh)
+    stage_run_id = wh.start_stage_run(run_id, stage, inputs["config"], input_hash(inputs), inputs)
+    ctx = StageContext(stage=stage, cfg=cfg, home=home_path, wh=wh, run_id=run_id, stage_run_id=stage_run_id,
+                       force=force, inputs=inputs)
+    try:
+        yield ctx
+    except BaseException as exc:
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        wh.finish_stage_run(stage_run_id, "failed", ctx.metrics, None, message)
+        if own_run:
+            wh.finish_run(run_id, "failed")
+        if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            (home_path / "logs").mkdir(exist_ok=True)
+            (home_path / "logs" / f"{stage}-{stage_run_id}.txt").write_text(traceback.format_exc())
+        raise
+    # Inputs are re-read at the end: a stage that changes its own inputs (generate adds candidates
+    # the filter hashes) must be recorded against what it finally consumed.
+    final_inputs = stage_inputs(stage, cfg, wh)
+    wh.execute("UPDATE stage_runs SET input_hash = ?, inputs = ? WHERE stage_run_id = ?",
+               [input_hash(final_inputs), json.dumps(final_inputs), stage_run_id])
+    wh.finish_stage_run(stage_run_id, "success", ctx.metrics, ctx.output_hash or stable_hash(ctx.metrics))
+    if own_run:
+        wh.finish_run(run_id, "success")
+
+
+def _flow_run_id() -> str | None:
+    try:
+        from prefect.runtime import flow_run
+        return flow_run.id
+    except Exception:
+        return None
+
+
+# --- Prefect artifacts: every stage's latest summary, samples and plots, keyed per stage ----------
+def publish_artifacts(ctx: StageContext, title: str, summary: dict[str, Any], samples: list[dict] | None = None,
+                      plots: dict[str, Path] | None = None, notes: str = "") -> None:
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from instructflow.tasks.plots import png_data_uri
+
+    lines = [f"# {title}", "", f"profile `{ctx.cfg.profile}` · run `{ctx.run_id}` · stage run `{ctx.stage_run_id}`", "",
+             "| metric | value |", "|---|---|"]
+    for key, value in summary.items():
+        shown = f"{value:.4g}" if isinstance(value, float) else json.dumps(value) if isinstance(value, (dict, list)) else value
+        lines.append(f"| {key} | {shown} |")
+    if notes:
+        lines += ["", notes]
+    for name, path in (plots or {}).items():
+        if path and Path(path).exists():
+            lines += ["", f"## {name}", "", f"![{name}]({png_data_uri(Path(path))})"]
+    key = ctx.stage.replace("_", "-")
+    markdown = "\n".join(lines)
+    (ctx.out_dir / "summary.md").write_text(markdown)
+    if not _in_prefect_run():
+        return
+    create_markdown_artifact(markdown=markdown, key=f"{key}-summary", description=f"{ctx.stage}: latest summary")
+    if samples:
+        clean = [{k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in row.items()}
+                 for row in samples[:200]]
+        create_table_artifact(table=clean, key=f"{key}-samples", description=f"{ctx.stage}: samples")
+
+
+def _in_prefect_run() -> bool:
+    try:
+        from prefect.context import FlowRunContext
+        return FlowRunContext.get() is not None
+    except Exception:
+        return False
+
+
+StageBody = Callable[[StageContext], None]

@@ -1,0 +1,50 @@
+"""`instructflow status`: what each stage last produced and whether it is stale, and why."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from instructflow.flows.common import freshness, input_hash
+from instructflow.flows.stages import stages
+from instructflow.tasks.config import Config
+from instructflow.warehouse.store import WAREHOUSE_FILE, Warehouse
+
+
+def _why(recorded: dict, current: dict) -> list[str]:
+    names = {"config": "config changed"}
+    reasons = []
+    for key in sorted(set(recorded) | set(current)):
+        if recorded.get(key) != current.get(key):
+            if key.startswith("upstream:"):
+                reasons.append(f"{key.split(':', 1)[1]} produced new output")
+            else:
+                reasons.append(names.get(key, f"{key} changed"))
+    return reasons or ["inputs changed"]
+
+
+def stage_status(cfg: Config, home: Path, wh: Warehouse | None) -> dict:
+    report: dict = {"home": str(home), "profile": cfg.profile, "stages": {}}
+    for spec in stages():
+        entry = {"state": "never", "last_run": None, "input_hash": None, "metrics": {}, "why": []}
+        if wh is not None:
+            last_any = wh.last_stage_run(spec.name)
+            last_ok = wh.last_stage_run(spec.name, status="success")
+            if last_ok is not None:
+                fresh, _, current = freshness(spec.name, cfg, wh)
+                same_inputs = last_ok.input_hash == input_hash(current)
+                entry.update(state="fresh" if fresh else "stale",
+                             last_run=last_ok.finished_at.isoformat() + "Z" if last_ok.finished_at else None,
+                             input_hash=last_ok.input_hash, metrics=last_ok.metrics,
+                             why=[] if fresh else (_why(last_ok.inputs, current) if not same_inputs
+                                                   else ["outputs missing"]))
+            if last_any is not None and last_any.status == "failed" and (
+                    last_ok is None or last_any.started_at > last_ok.started_at):
+                entry.update(state="failed", last_run=last_any.started_at.isoformat() + "Z",
+                             why=[last_any.error or "failed"])
+                if last_ok is None:
+                    entry["input_hash"] = last_any.input_hash
+        report["stages"][spec.name] = entry
+    return report
+
+
+def warehouse_exists(home: Path) -> bool:
+    return (home / WAREHOUSE_FILE).exists()

@@ -1,0 +1,335 @@
+"""Configuration: one TOML file with named profiles, validated into typed sections.
+
+Resolution order for the file: `--config PATH`, `$INSTRUCTFLOW_CONFIG`, `./instructflow.toml`,
+then the defaults shipped in the package (`flows/instructflow.toml`). A profile may `inherits`
+another; keys are deep-merged. Env overrides for the teacher endpoint: INSTRUCTFLOW_TEACHER_ENDPOINT,
+INSTRUCTFLOW_TEACHER_MODEL, INSTRUCTFLOW_TEACHER_API (chat|completions). The API key is never part
+of the config: it is read from the env var named by `teacher.api_key_env` (or
+INSTRUCTFLOW_TEACHER_API_KEY) only when a client is built, so it cannot reach hashes, DuckDB or logs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+PACKAGED_CONFIG = "instructflow.toml"
+
+
+class ConfigError(ValueError):
+    """One-line configuration error that names the file and the bad key."""
+
+
+def choice(default: str, *allowed: str):
+    return field(default=default, metadata={"choices": allowed})
+
+
+@dataclass
+class TeacherConfig:
+    endpoint: str = "embedded"          # "embedded" (transformers serve on the bundled model) or a base URL
+    embedded_model: str = "bundled"     # embedded only: "bundled" (SmolLM2-135M-Instruct), "tiny", or a local HF dir
+    model: str = ""                     # model id sent to a remote endpoint (ignored for embedded)
+    api: str = choice("chat", "chat", "completions")
+    api_key_env: str = "OPENAI_API_KEY"
+    max_concurrency: int = 4
+    max_retries: int = 5
+    timeout_s: float = 120.0
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 30.0
+    startup_timeout_s: float = 180.0
+    # USD per 1M tokens: model -> [prompt, completion]. Unknown models cost 0 and are flagged.
+    prices: dict = field(default_factory=lambda: {"gpt-4o-mini": [0.15, 0.6], "gpt-4o": [2.5, 10.0],
+                                                  "gpt-4.1-mini": [0.4, 1.6]})
+
+
+@dataclass
+class GenerateConfig:
+    recipe: str = choice("self-instruct", "self-instruct", "alpaca")
+    target_kept: int = 40               # stop once this many generated instructions passed every filter
+    requests_per_round: int = 4         # instruction prompts sent concurrently per round
+    max_requests: int = 200             # hard cap on instruction requests, so a weak teacher cannot loop forever
+    n_demos: int = 8                    # self-instruct: demonstrations per prompt
+    n_machine_demos: int = 2            # self-instruct: of which from the machine pool when available
+    alpaca_demos: int = 3
+    alpaca_instructions: int = 20
+    truncation: str = choice("recipe", "recipe", "drop_response", "drop_last")
+    blacklist: list = field(default_factory=lambda: [
+        "image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
+        "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram"])
+    min_words: int = 4
+    max_words: int = 150
+    instances: bool = True              # generate instances (classification step + output/input-first)
+    max_instances: int = 5
+    max_tokens: int = 0                 # 0 = the recipe's reference value; small models/tests lower it
+    instance_max_tokens: int = 0
+    seed: int = 42
+
+
+@dataclass
+class FilterConfig:
+    threshold: float = 0.7
+    top_k: int = 10
+    tokenizer: str = choice("rouge", "rouge", "unicode")
+    with_mean: bool = False
+
+
+@dataclass
+class SFTConfig:
+    base_model: str = "bundled"         # "bundled", "tiny" (random tiny Llama, tests), or a local HF dir
+    style: str = choice("alpaca", "alpaca", "chat")
+    include_seed_instances: bool = True
+    eval_fraction: float = 0.1
+    max_length: int = 512
+    packing: bool = False
+    epochs: float = 1.0
+    max_steps: int = -1
+    learning_rate: float = 2e-5
+    batch_size: int = 4
+    grad_accum: int = 1
+    warmup_ratio: float = 0.03
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    qlora: bool = False
+    gradient_checkpointing: bool = False
+    precision: str = choice("auto", "auto", "fp32", "bf16", "fp16")
+    eval_steps: int = 50
+    save_steps: int = 50
+    seed: int = 42
+
+
+@dataclass
+class PreferencesConfig:
+    prompts: int = 24                   # prompts to sample responses for
+    k: int = 2                          # responses per prompt (>= 2)
+    temperature: float = 1.0
+    top_p: float = 0.95
+    max_new_tokens: int = 96
+    prompt_source: str = choice("eval", "eval", "all")  # "eval": held out from SFT training
+    import_files: list = field(default_factory=list)   # JSONL preference files to import
+    seed: int = 42
+
+
+@dataclass
+class RewardConfig:
+    eval_fraction: float = 0.2
+    max_length: int = 512
+    epochs: float = 1.0
+    max_steps: int = -1
+    learning_rate: float = 1e-5
+    batch_size: int = 4
+    grad_accum: int = 1
+    center_rewards_coefficient: float = 0.01
+    lora: bool = False
+    gradient_checkpointing: bool = False
+    precision: str = choice("auto", "auto", "fp32", "bf16", "fp16")
+    eval_steps: int = 50
+    save_steps: int = 50
+    seed: int = 42
+
+
+@dataclass
+class PPOConfig:
+    prompts: int = 64
+    prompt_source: str = choice("eval", "eval", "all")
+    total_episodes: int = 64
+    batch_size: int = 8
+    grad_accum: int = 1
+    num_mini_batches: int = 1
+    num_ppo_epochs: int = 4
+    learning_rate: float = 3e-6
+    response_length: int = 53
+    temperature: float = 0.7
+    kl_coef: float = 0.05
+    cliprange: float = 0.2
+    vf_coef: float = 0.1
+    missing_eos_penalty: float = 1.0
+    max_prompt_length: int = 256
+    save_every_steps: int = 2
+    lora: bool = False
+    gradient_checkpointing: bool = False
+    precision: str = choice("auto", "auto", "fp32", "bf16", "fp16")
+    seed: int = 42
+
+
+@dataclass
+class EvaluateConfig:
+    prompts: int = 16
+    max_new_tokens: int = 64
+    judge: bool = True
+    seed: int = 7
+
+
+@dataclass
+class Config:
+    profile: str
+    source: str                          # the file the profile came from
+    seeds: list = field(default_factory=lambda: ["bundled"])   # files/dirs; "bundled" = the package's seeds/
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    preferences: PreferencesConfig = field(default_factory=PreferencesConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def section_hash(self, *names: str) -> str:
+        """Hash of the named sections (what a stage's output depends on). Never contains secrets."""
+        payload = {n: dataclasses.asdict(getattr(self, n)) if n != "seeds" else self.seeds for n in names}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+SECTIONS = {f.name: f for f in dataclasses.fields(Config) if f.name not in ("profile", "source")}
+
+
+def config_path(explicit: str | Path | None = None) -> tuple[str, str]:
+    """(label, text) of the config file to use."""
+    candidates = [explicit, os.environ.get("INSTRUCTFLOW_CONFIG"), "instructflow.toml"]
+    for i, candidate in enumerate(candidates):
+        if not candidate:
+            continue
+        path = Path(candidate)
+        if path.is_file():
+            return str(path), path.read_text(encoding="utf-8")
+        if i < 2:  # an explicitly named file that does not exist is an error, the cwd default is not
+            raise ConfigError(f"{path}: config file not found")
+    packaged = resources.files("instructflow.flows").joinpath(PACKAGED_CONFIG)
+    return f"<packaged {PACKAGED_CONFIG}>", packaged.read_text(encoding="utf-8")
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "prices":
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _resolve_profile(label: str, profiles: dict, name: str, chain: tuple[str, ...] = ()) -> dict:
+    if name not in profiles:
+        known = ", ".join(sorted(profiles)) or "none"
+        raise ConfigError(f"{label}: unknown profile {name!r} (profiles: {known})")
+    if name in chain:
+        raise ConfigError(f"{label}: profiles.{name}.inherits forms a cycle: {' -> '.join(chain + (name,))}")
+    body = dict(profiles[name])
+    parent = body.pop("inherits", None)
+    if parent is None:
+        return body
+    if not isinstance(parent, str):
+        raise ConfigError(f"{label}: profiles.{name}.inherits must be a profile name")
+    return _deep_merge(_resolve_profile(label, profiles, parent, chain + (name,)), body)
+
+
+def _coerce(label: str, where: str, value: Any, annotation: Any, meta: dict) -> Any:
+    origin = get_origin(annotation) or annotation
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        list: lambda v: isinstance(v, list),
+        dict: lambda v: isinstance(v, dict),
+    }[origin](value)
+    if not ok:
+        raise ConfigError(f"{label}: {where} must be {origin.__name__}, got {type(value).__name__} {value!r}")
+    if origin is float:
+        value = float(value)
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{label}: {where} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _build_section(label: str, prefix: str, cls: type, raw: Any):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{label}: {prefix} must be a table")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in fields:
+            near = [n for n in fields if n.startswith(key[:3])]
+            hint = f" (did you mean {near[0]}?)" if near else f" (known: {', '.join(fields)})"
+            raise ConfigError(f"{label}: {prefix}.{key}: unknown key{hint}")
+        values[key] = _coerce(label, f"{prefix}.{key}", value, hints[key], dict(fields[key].metadata))
+    return cls(**values)
+
+
+def _validate_ranges(label: str, prefix: str, cfg: Config) -> None:
+    checks = [
+        ("filter.threshold", 0.0 <= cfg.filter.threshold <= 1.0, "between 0 and 1"),
+        ("generate.target_kept", cfg.generate.target_kept >= 0, ">= 0"),
+        ("generate.n_machine_demos", 0 <= cfg.generate.n_machine_demos <= cfg.generate.n_demos, "between 0 and n_demos"),
+        ("teacher.max_concurrency", cfg.teacher.max_concurrency >= 1, ">= 1"),
+        ("teacher.max_retries", cfg.teacher.max_retries >= 0, ">= 0"),
+        ("preferences.k", cfg.preferences.k >= 2, ">= 2"),
+        ("sft.eval_fraction", 0.0 < cfg.sft.eval_fraction < 1.0, "between 0 and 1 (exclusive)"),
+        ("reward.eval_fraction", 0.0 < cfg.reward.eval_fraction < 1.0, "between 0 and 1 (exclusive)"),
+    ]
+    for where, ok, what in checks:
+        if not ok:
+            raise ConfigError(f"{label}: {prefix}.{where} must be {what}")
+
+
+def load_config(profile: str | None = None, path: str | Path | None = None) -> Config:
+    label, text = config_path(path)
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{label}: malformed TOML: {exc}") from None
+    profiles = document.get("profiles")
+    if not isinstance(profiles, dict) or not profiles:
+        raise ConfigError(f"{label}: no [profiles.NAME] tables found")
+    unknown_top = set(document) - {"profiles", "default_profile"}
+    if unknown_top:
+        raise ConfigError(f"{label}: unknown top-level key {sorted(unknown_top)[0]!r} (expected profiles, default_profile)")
+    name = profile or os.environ.get("INSTRUCTFLOW_PROFILE") or document.get("default_profile") or "cpu"
+    raw = _resolve_profile(label, profiles, name)
+    prefix = f"profiles.{name}"
+    sections: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in SECTIONS:
+            raise ConfigError(f"{label}: {prefix}.{key}: unknown section (known: {', '.join(SECTIONS)}, inherits)")
+        if key == "seeds":
+            if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise ConfigError(f"{label}: {prefix}.seeds must be a list of paths")
+            sections[key] = value
+        else:
+            sections[key] = _build_section(label, f"{prefix}.{key}", SECTIONS[key].default_factory().__class__, value)
+    cfg = Config(profile=name, source=label, **sections)
+    _apply_env_overrides(cfg)
+    _validate_ranges(label, prefix, cfg)
+    return cfg
+
+
+def _apply_env_overrides(cfg: Config) -> None:
+    endpoint = os.environ.get("INSTRUCTFLOW_TEACHER_ENDPOINT")
+    if endpoint:
+        cfg.teacher.endpoint = endpoint
+    model = os.environ.get("INSTRUCTFLOW_TEACHER_MODEL")
+    if model:
+        cfg.teacher.model = model
+    api = os.environ.get("INSTRUCTFLOW_TEACHER_API")
+    if api:
+        if api not in ("chat", "completions"):
+            raise ConfigError(f"INSTRUCTFLOW_TEACHER_API must be chat or completions, got {api!r}")
+        cfg.teacher.api = api
+
+
+def teacher_api_key(teacher: TeacherConfig) -> str:
+    """The key, from the environment only; 'none' for keyless local endpoints."""
+    return os.environ.get("INSTRUCTFLOW_TEACHER_API_KEY") or os.environ.get(teacher.api_key_env) or "none"
+
+
+def list_profiles(path: str | Path | None = None) -> list[str]:
+    label, text = config_path(path)
+    return sorted(tomllib.loads(text).get("profiles", {}))

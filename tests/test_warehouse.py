@@ -1,0 +1,86 @@
+"""The warehouse on a real DuckDB file: migrations, schema guard, lock handling, parameterised SQL."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import duckdb
+import pytest
+
+from instructflow.warehouse.store import WAREHOUSE_FILE, Warehouse, WarehouseError, migrations, open_warehouse
+
+
+def test_migrations_create_every_table_once(tmp_path):
+    wh = open_warehouse(tmp_path)
+    latest = migrations()[-1][0]
+    assert wh.schema_version() == latest
+    tables = set(wh.table_counts())
+    for needed in ("runs", "stage_runs", "seed_tasks", "teacher_requests", "candidates", "instances",
+                   "sft_examples", "responses", "preference_pairs", "checkpoints", "step_metrics"):
+        assert needed in tables
+    assert wh.scalar("SELECT count(*) FROM information_schema.tables WHERE table_name = 'kept_instructions'") == 1
+    wh.execute("INSERT INTO seed_tasks VALUES (?, ?, ?, ?, ?, ?, now())", ["s1", "n", "Say hi.", False, "x", "[]"])
+    wh.close()
+    # reopening applies nothing again and keeps the data
+    wh = open_warehouse(tmp_path)
+    assert wh.schema_version() == latest
+    assert wh.scalar("SELECT count(*) FROM schema_version") == len(migrations())
+    assert wh.scalar("SELECT instruction FROM seed_tasks WHERE seed_id = ?", ["s1"]) == "Say hi."
+    wh.close()
+
+
+def test_newer_schema_is_refused_without_touching_data(tmp_path):
+    wh = open_warehouse(tmp_path)
+    wh.execute("INSERT INTO schema_version VALUES (?, ?, now())", [999, "future"])
+    wh.execute("INSERT INTO seed_tasks VALUES (?, ?, ?, ?, ?, ?, now())", ["s1", "n", "Keep me.", False, "x", "[]"])
+    wh.close()
+    before = (tmp_path / WAREHOUSE_FILE).read_bytes()
+    with pytest.raises(WarehouseError, match="schema version 999, newer"):
+        open_warehouse(tmp_path)
+    assert (tmp_path / WAREHOUSE_FILE).read_bytes() == before
+    con = duckdb.connect(str(tmp_path / WAREHOUSE_FILE), read_only=True)
+    assert con.execute("SELECT instruction FROM seed_tasks").fetchone()[0] == "Keep me."
+    con.close()
+
+
+def test_second_writer_gets_one_line_error_naming_the_holder(tmp_path):
+    wh = open_warehouse(tmp_path)
+    script = textwrap.dedent(f"""
+        from instructflow.warehouse.store import open_warehouse, WarehouseError
+        try:
+            open_warehouse({str(tmp_path)!r})
+        except WarehouseError as exc:
+            print(exc)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60).stdout.strip()
+    assert "in use by process" in out and "wait for it" in out
+    assert len(out.splitlines()) == 1
+    wh.close()
+
+
+def test_values_are_parameters_not_sql(tmp_path):
+    wh = open_warehouse(tmp_path)
+    hostile = "x'); DROP TABLE seed_tasks; --"
+    wh.execute("INSERT INTO seed_tasks VALUES (?, ?, ?, ?, ?, ?, now())", [hostile, hostile, hostile, True, "x", "[]"])
+    assert wh.scalar("SELECT seed_id FROM seed_tasks") == hostile
+    assert "seed_tasks" in wh.table_counts()
+    wh.close()
+
+
+def test_stage_runs_record_and_interrupted_runs_become_failed(tmp_path):
+    wh = open_warehouse(tmp_path)
+    run_id = wh.start_run("tiny", "run")
+    sr = wh.start_stage_run(run_id, "generate", "c1", "h1", {"config": "c1"})
+    wh.add_step_metrics(sr, "generate", 1, {"kept": 3, "note": "not a number"})
+    assert wh.step_series(sr, "kept") == ([1], [3.0])
+    wh.close()  # as if the process died with the stage still 'running'
+    wh = Warehouse(tmp_path / WAREHOUSE_FILE)
+    assert wh.mark_interrupted_stage_runs() == 1
+    last = wh.last_stage_run("generate")
+    assert last.status == "failed" and "interrupted" in last.error
+    sr2 = wh.start_stage_run(run_id, "generate", "c1", "h2", {"config": "c1"})
+    wh.finish_stage_run(sr2, "success", {"kept": 5}, "out1")
+    ok = wh.last_stage_run("generate", status="success")
+    assert ok.metrics == {"kept": 5} and ok.output_hash == "out1" and ok.seconds is not None
+    wh.close()
