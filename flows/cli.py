@@ -28,13 +28,15 @@ def fail(message: str, code: int = 2) -> None:
 
 def _prepare(home: Optional[str], config: Optional[str], profile: Optional[str]):
     """Resolve config and home, point Prefect at the home (unless the user pointed it elsewhere)."""
-    from instructflow.flows.common import data_home
+    from instructflow.flows.common import data_home, warehouse_for
     from instructflow.tasks.config import ConfigError, load_config
     from instructflow.warehouse.store import WarehouseError
 
     try:
         cfg = load_config(profile, config)
         home_path = data_home(home)
+        # take the warehouse (and its lock) before Prefect starts: a locked or newer file fails in one line
+        warehouse_for(home_path)
     except (ConfigError, WarehouseError) as exc:
         fail(str(exc))
     os.environ["INSTRUCTFLOW_HOME"] = str(home_path)

@@ -49,6 +49,13 @@ def close_warehouses() -> None:
     _warehouses.clear()
 
 
+def seed_paths(cfg: Config) -> list[Path]:
+    """The configured seed files/dirs; "bundled" is the package's own seeds/ folder."""
+    from instructflow.tasks.seeds import bundled_seed_dir
+
+    return [bundled_seed_dir() if entry == "bundled" else Path(entry).expanduser() for entry in cfg.seeds]
+
+
 def stable_hash(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

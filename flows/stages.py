@@ -21,10 +21,10 @@ class StageSpec:
 
 
 def _registry() -> list[StageSpec]:
+    from instructflow.flows import evaluate, generate, ppo, preferences, reward, sft
     from instructflow.flows import filter as filter_stage
-    from instructflow.flows import generate
 
-    return [generate.STAGE, filter_stage.STAGE]
+    return [generate.STAGE, filter_stage.STAGE, sft.STAGE, preferences.STAGE, reward.STAGE, ppo.STAGE, evaluate.STAGE]
 
 
 _STAGES: list[StageSpec] | None = None

@@ -59,11 +59,6 @@ class GenerateConfig:
     alpaca_demos: int = 3
     alpaca_instructions: int = 20
     truncation: str = choice("recipe", "recipe", "drop_response", "drop_last")
-    blacklist: list = field(default_factory=lambda: [
-        "image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
-        "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram"])
-    min_words: int = 4
-    max_words: int = 150
     instances: bool = True              # generate instances (classification step + output/input-first)
     max_instances: int = 5
     max_tokens: int = 0                 # 0 = the recipe's reference value; small models/tests lower it
@@ -73,6 +68,13 @@ class GenerateConfig:
 
 @dataclass
 class FilterConfig:
+    # heuristic filters (applied inline by generate and re-derived by the filter stage)
+    blacklist: list = field(default_factory=lambda: [
+        "image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
+        "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram"])
+    min_words: int = 4                  # fewer words are rejected (the reference rejects <= 3)
+    max_words: int = 150                # more words are rejected
+    # ROUGE-L near-duplicate filter
     threshold: float = 0.7
     top_k: int = 10
     tokenizer: str = choice("rouge", "rouge", "unicode")

@@ -1,0 +1,84 @@
+"""Stage 1, generate: expand the seed tasks into new instructions and instances with the teacher."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from prefect import flow, task
+from prefect.cache_policies import NONE
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from instructflow.flows.common import StageContext, publish_artifacts, seed_paths, stage_context
+from instructflow.flows.stages import StageSpec
+from instructflow.flows.teacher import teacher_session
+from instructflow.tasks.generate import Generator, Tally
+from instructflow.tasks.plots import plot_bars
+from instructflow.tasks.seeds import load_seeds
+from instructflow.tasks.teacher import TeacherClient, TeacherSettings
+from instructflow.warehouse import queries
+
+
+@task(name="sync-seeds", cache_policy=NONE)
+def sync_seeds(ctx: StageContext) -> int:
+    """Mirror the seed files into the warehouse (all-or-nothing: a bad file changes nothing)."""
+    seeds = load_seeds(seed_paths(ctx.cfg))
+    queries.replace_seed_tasks(ctx.wh, seeds)
+    return len(seeds)
+
+
+@task(name="generate-instructions", cache_policy=NONE)
+def generate_instructions(ctx: StageContext, settings: TeacherSettings) -> Tally:
+    target = ctx.cfg.generate.target_kept
+    with Progress(TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}")) as progress:
+        bar = progress.add_task("", total=target)
+
+        def show(tally: Tally) -> None:
+            progress.update(bar, completed=min(tally.kept, target), description=tally.line(target))
+
+        async def go() -> Tally:
+            client = TeacherClient(settings)
+            try:
+                generator = Generator(ctx.wh, ctx.cfg, client, on_update=show)
+                show(generator.tally)
+                await generator.run()
+                return generator.tally
+            finally:
+                await client.aclose()
+
+        return asyncio.run(go())
+
+
+@flow(name="generate", log_prints=True)
+def generate_flow(profile: str = "cpu", home: str | None = None, config: str | None = None,
+                  run_id: str | None = None, force: bool = False) -> dict:
+    with stage_context("generate", profile, home, config, run_id, force) as ctx:
+        started = time.monotonic()
+        kept_before = queries.candidate_counts(ctx.wh)["kept"]
+        sync_seeds(ctx)
+        with teacher_session(ctx.cfg, ctx.home) as settings:
+            generate_instructions(ctx, settings)
+        minutes = (time.monotonic() - started) / 60
+        counts = queries.candidate_counts(ctx.wh)
+        totals = queries.teacher_totals(ctx.wh, "generate")
+        metrics = {
+            "requests": totals["requests"], "failed_requests": totals["failed_requests"], "retries": totals["retries"],
+            "candidates": counts["candidates"], "kept": counts["kept"],
+            "kept_with_instances": counts["kept_with_instances"], "rejected_by_reason": counts["rejected_by_reason"],
+            "prompt_tokens": totals["prompt_tokens"], "completion_tokens": totals["completion_tokens"],
+            "cost_usd": round(totals["cost_usd"], 6), "teacher_model": settings.model,
+            "kept_this_run": counts["kept"] - kept_before,
+            "kept_per_minute": round((counts["kept"] - kept_before) / minutes, 3) if minutes else 0.0,
+        }
+        ctx.finish(metrics, output_hash=queries.candidates_fingerprint(ctx.wh))
+        plot = plot_bars(ctx.out_dir / "rejections.png", "candidates by verdict",
+                         {"kept": counts["kept"], **counts["rejected_by_reason"]}, ylabel="candidates")
+        publish_artifacts(ctx, "generate", metrics, samples=queries.candidate_samples(ctx.wh),
+                          plots={"candidates by verdict": plot})
+    return metrics
+
+
+STAGE = StageSpec(
+    name="generate", flow=generate_flow, config_sections=("teacher", "generate"),
+    summary="Self-Instruct / Alpaca expansion of the seed tasks by the teacher",
+)

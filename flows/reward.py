@@ -1,0 +1,89 @@
+"""Stage 5, reward: TRL RewardTrainer on the kept preference pairs, a LlamaForSequenceClassification
+initialised from the SFT checkpoint (so it shares the actor's tokenizer, as PPO requires)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NONE
+
+from instructflow.flows.common import StageContext, publish_artifacts, stable_hash, stage_context
+from instructflow.flows.sft import format_prompt
+from instructflow.flows.stages import StageSpec
+from instructflow.tasks.config import Config
+from instructflow.tasks.preferences import hashed_order
+from instructflow.warehouse import queries
+from instructflow.warehouse.store import Warehouse
+
+
+def split_pairs(pairs: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    order = hashed_order([p["pair_key"] for p in pairs], seed)
+    n_eval = max(1, round(len(pairs) * eval_fraction)) if len(pairs) >= 2 else 0
+    held = set(order[:n_eval])
+    return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
+
+
+@task(name="train-reward", cache_policy=NONE)
+def train(ctx: StageContext, train_rows: list[dict], eval_rows: list[dict], sft_path: Path, output_dir: Path) -> dict:
+    from instructflow.models.reward import RewardSettings, train_reward
+
+    r = ctx.cfg.reward
+    settings = RewardSettings(sft_model=sft_path, output_dir=output_dir, max_length=r.max_length, epochs=r.epochs,
+                              max_steps=r.max_steps, learning_rate=r.learning_rate, batch_size=r.batch_size,
+                              grad_accum=r.grad_accum, center_rewards_coefficient=r.center_rewards_coefficient,
+                              lora=r.lora, gradient_checkpointing=r.gradient_checkpointing, precision=r.precision,
+                              eval_steps=r.eval_steps, save_steps=r.save_steps, seed=r.seed)
+    return train_reward(train_rows, eval_rows, settings, on_step=ctx.step)
+
+
+@flow(name="reward", log_prints=True)
+def reward_flow(profile: str = "cpu", home: str | None = None, config: str | None = None,
+                run_id: str | None = None, force: bool = False) -> dict:
+    from transformers import AutoTokenizer
+
+    with stage_context("reward", profile, home, config, run_id, force) as ctx:
+        sft = ctx.wh.latest_checkpoint("sft")
+        if sft is None:
+            raise ValueError("no SFT checkpoint yet: run `instructflow stage sft` first")
+        pairs = queries.training_pairs(ctx.wh)
+        if len(pairs) < 4:
+            raise ValueError(f"only {len(pairs)} usable preference pairs (need >= 4): judge more prompts "
+                             "(preferences.prompts) or import a file (preferences.import_files)")
+        tokenizer = AutoTokenizer.from_pretrained(sft["path"])
+        rows = [{"pair_key": p["pair_key"], "prompt": format_prompt(ctx.cfg, tokenizer, p["prompt"]),
+                 "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
+        train_rows, eval_rows = split_pairs(rows, ctx.cfg.reward.eval_fraction, ctx.cfg.reward.seed)
+        set_hash = stable_hash(sorted(p["pair_key"] for p in pairs))
+        output_dir = ctx.out_dir / f"run-{stable_hash([set_hash, sft['path'], ctx.inputs['config']])}"
+        if ctx.force and output_dir.exists():
+            shutil.rmtree(output_dir)
+        strip = [{k: v for k, v in r.items() if k != "pair_key"} for r in train_rows]
+        result = train(ctx, strip, [{k: v for k, v in r.items() if k != "pair_key"} for r in eval_rows],
+                       Path(sft["path"]), output_dir)
+        metrics = {"train_pairs": len(train_rows), "eval_pairs": len(eval_rows),
+                   "accuracy_before": result["accuracy_before"], "accuracy_after": result["accuracy_after"],
+                   "margin_before": result.get("margin_before"), "margin_after": result["margin_after"],
+                   "checkpoint": str(result["checkpoint"]), "preference_set_hash": set_hash,
+                   "wall_s": result.get("wall_s"), "resumed_from": result.get("resumed_from")}
+        ctx.wh.register_checkpoint(ctx.stage_run_id, "reward", str(result["checkpoint"]), sft["path"], set_hash,
+                                   {"reward": vars(ctx.cfg.reward)}, metrics)
+        ctx.finish(metrics, output_hash=stable_hash([str(result["checkpoint"]), set_hash, ctx.inputs["config"]]))
+        publish_artifacts(ctx, "reward", metrics, plots={"held-out rewards": result.get("plot")})
+    return metrics
+
+
+def reward_data_inputs(cfg: Config, wh: Warehouse) -> dict:
+    return {"pairs": queries.pairs_fingerprint(wh)}
+
+
+def reward_outputs_exist(cfg: Config, wh: Warehouse) -> bool:
+    last = wh.latest_checkpoint("reward")
+    return last is not None and (Path(last["path"]) / "config.json").exists()
+
+
+STAGE = StageSpec(
+    name="reward", flow=reward_flow, config_sections=("reward",), upstream=("sft", "preferences"),
+    data_inputs=reward_data_inputs, outputs_exist=reward_outputs_exist,
+    summary="reward model (TRL RewardTrainer) from the SFT checkpoint on the preference pairs",
+)

@@ -1,0 +1,81 @@
+"""The CLI through its installed entry point, as a user runs it."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from instructflow.warehouse.store import open_warehouse
+
+STAGES = ["generate", "filter", "sft", "preferences", "reward", "ppo", "evaluate"]
+
+
+def cli(*args: str, home: Path | None = None, cwd: Path | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    exe = shutil.which("instructflow") or str(Path(os.sys.executable).parent / "instructflow")
+    env = dict(os.environ)
+    if home is not None:
+        env["INSTRUCTFLOW_HOME"] = str(home)
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+
+
+def test_help_lists_commands():
+    out = cli("--help")
+    assert out.returncode == 0
+    for command in ("run", "stage", "status", "doctor"):
+        assert command in out.stdout
+
+
+def test_status_on_empty_home(tmp_path):
+    home = tmp_path / "fresh"
+    out = cli("status", "--json", home=home)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["home"] == str(home.resolve())
+    assert list(report["stages"]) == STAGES
+    for entry in report["stages"].values():
+        assert entry == {"state": "never", "last_run": None, "input_hash": None, "metrics": {}, "why": []}
+    text = cli("status", home=home)
+    assert text.returncode == 0 and "No runs yet" in text.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["status", "--profile", "nope"], "unknown profile 'nope'"),
+    (["run", "--profile", "nope"], "unknown profile 'nope'"),
+    (["stage", "nosuch", "--profile", "tiny"], "unknown stage 'nosuch'"),
+])
+def test_bad_arguments_one_line(tmp_path, args, message):
+    out = cli(*args, home=tmp_path / "h")
+    assert out.returncode != 0
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_malformed_config_names_file(tmp_path):
+    bad = tmp_path / "instructflow.toml"
+    bad.write_text("[profiles.cpu.sft]\nmax_stepz = 3\n")
+    out = cli("status", home=tmp_path / "h", cwd=tmp_path)
+    assert out.returncode != 0
+    assert "instructflow.toml: profiles.cpu.sft.max_stepz: unknown key" in out.stderr
+
+
+def test_unwritable_home(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    out = cli("status", home=blocker / "home")
+    assert out.returncode != 0 and "is not writable" in out.stderr
+
+
+def test_locked_and_newer_warehouse_are_refused_untouched(tmp_path):
+    home = tmp_path / "h"
+    home.mkdir()
+    wh = open_warehouse(home)
+    out = cli("status", home=home)
+    assert out.returncode != 0 and "in use by process" in out.stderr
+    wh.execute("INSERT INTO schema_version VALUES (?, ?, now())", [999, "future"])
+    wh.close()
+    out = cli("run", "--profile", "tiny", home=home)
+    assert out.returncode != 0 and "newer than this instructflow supports" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1

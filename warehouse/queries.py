@@ -1,0 +1,274 @@
+"""Typed reads and writes for the stages (all SQL parameterised). Grouped by the stage that writes."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+from instructflow.warehouse.store import Warehouse, now
+
+
+# --- seeds ------------------------------------------------------------------------------------
+def replace_seed_tasks(wh: Warehouse, tasks: Sequence[Any]) -> None:
+    """Mirror the current seed files: all-or-nothing, so a bad load never leaves half the seeds."""
+    ts = now()
+    rows = [[t.id, t.name, t.instruction, t.is_classification, t.source,
+             json.dumps([{"input": i.input, "output": i.output} for i in t.instances]), ts] for t in tasks]
+    with wh.transaction():
+        wh.con.execute("DELETE FROM seed_tasks")
+        if rows:
+            wh.con.executemany("INSERT INTO seed_tasks VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
+
+def seed_rows(wh: Warehouse) -> list[dict]:
+    found = wh.rows("SELECT seed_id, name, instruction, is_classification, instances FROM seed_tasks ORDER BY seed_id")
+    for row in found:
+        row["instances"] = json.loads(row["instances"])
+    return found
+
+
+# --- teacher requests ---------------------------------------------------------------------------
+def teacher_request_row(result: Any, stage: str, purpose: str, prompt: str) -> list:
+    return [result.key, stage, purpose, result.prompt_hash, result.model, json.dumps(dict(result.params), default=str),
+            prompt, json.dumps(list(result.texts)), result.finish_reason, result.prompt_tokens,
+            result.completion_tokens, result.latency_s, result.attempts, result.error, result.cost_usd, now()]
+
+
+TEACHER_INSERT = "INSERT INTO teacher_requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+
+
+def record_teacher_result(wh: Warehouse, result: Any, stage: str, purpose: str, prompt: str) -> None:
+    wh.execute(TEACHER_INSERT, teacher_request_row(result, stage, purpose, prompt))
+
+
+def stored_request(wh: Warehouse, key: str) -> dict | None:
+    found = wh.rows("SELECT * FROM teacher_requests WHERE request_key = ?", [key])
+    if not found:
+        return None
+    row = found[0]
+    row["texts"] = json.loads(row["texts"] or "[]")
+    return row
+
+
+def count_requests(wh: Warehouse, stage: str, purpose: str) -> int:
+    return wh.scalar("SELECT count(*) FROM teacher_requests WHERE stage = ? AND purpose = ?", [stage, purpose])
+
+
+def teacher_totals(wh: Warehouse, stage: str) -> dict:
+    row = wh.rows("SELECT count(*) AS requests, count(error) AS failed_requests, "
+                  "coalesce(sum(attempts - 1), 0) AS retries, coalesce(sum(prompt_tokens), 0) AS prompt_tokens, "
+                  "coalesce(sum(completion_tokens), 0) AS completion_tokens, coalesce(sum(cost_usd), 0) AS cost_usd, "
+                  "coalesce(sum(latency_s), 0) AS latency_s FROM teacher_requests WHERE stage = ?", [stage])[0]
+    return {k: (float(v) if k in ("cost_usd", "latency_s") else int(v)) for k, v in row.items()}
+
+
+# --- candidates and instances -------------------------------------------------------------------
+@dataclass
+class CandidateRow:
+    request_key: str
+    position: int
+    instruction: str
+    input: str | None
+    output: str | None
+    heuristic_reason: str | None
+    verdict: str
+    reason: str | None
+    max_score: float | None
+    most_similar: str | None
+    top_k: list | None
+    mean_score: float | None
+
+
+def insert_request_with_candidates(wh: Warehouse, result: Any, stage: str, prompt: str,
+                                   candidates: Sequence[CandidateRow], ids: Sequence[int]) -> None:
+    """The request row and its parsed candidates land together or not at all (kill-safe resume).
+    `ids` come from `wh.next_ids` beforehand, because the filter names pool entries by id."""
+    ts = now()
+    with wh.transaction():
+        wh.con.execute(TEACHER_INSERT, teacher_request_row(result, stage, "instructions", prompt))
+        if candidates:
+            wh.con.executemany(
+                "INSERT INTO candidates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+                [[cid, c.request_key, c.position, c.instruction, c.input, c.output, c.heuristic_reason, c.verdict,
+                  c.reason, c.max_score, c.most_similar, json.dumps(c.top_k) if c.top_k is not None else None,
+                  c.mean_score, ts] for cid, c in zip(ids, candidates)])
+
+
+def insert_instances_result(wh: Warehouse, candidate_id: int, is_classification: bool | None,
+                            instances: Sequence[tuple[str, str]], results: Sequence[tuple[Any, str, str]]) -> None:
+    """Classification verdict, instances and the teacher requests that produced them, atomically."""
+    with wh.transaction():
+        for result, purpose, prompt in results:
+            wh.con.execute(TEACHER_INSERT, teacher_request_row(result, "generate", purpose, prompt))
+        wh.con.execute("UPDATE candidates SET is_classification = ? WHERE candidate_id = ?",
+                       [is_classification, candidate_id])
+        wh.con.execute("DELETE FROM instances WHERE candidate_id = ?", [candidate_id])
+        if instances:
+            wh.con.executemany("INSERT INTO instances VALUES (?, ?, ?, ?)",
+                               [[candidate_id, i, inp, out] for i, (inp, out) in enumerate(instances)])
+
+
+def candidates_in_order(wh: Warehouse) -> list[dict]:
+    return wh.rows("SELECT candidate_id, instruction, input, output, heuristic_reason, verdict FROM candidates "
+                   "ORDER BY candidate_id")
+
+
+def kept_candidates(wh: Warehouse) -> list[dict]:
+    return wh.rows("SELECT candidate_id, instruction FROM candidates WHERE verdict = 'kept' ORDER BY candidate_id")
+
+
+def kept_without_instances(wh: Warehouse) -> list[dict]:
+    """Kept instructions whose instance step has not been stored yet (resume point)."""
+    return wh.rows("SELECT c.candidate_id, c.instruction FROM candidates c WHERE c.verdict = 'kept' "
+                   "AND c.is_classification IS NULL AND NOT EXISTS "
+                   "(SELECT 1 FROM teacher_requests r WHERE r.request_key = 'instances:' || c.candidate_id::VARCHAR) "
+                   "ORDER BY c.candidate_id")
+
+
+def update_verdicts(wh: Warehouse, verdicts: Iterable[Sequence[Any]]) -> None:
+    """[(verdict, reason, heuristic_reason, max_score, most_similar, top_k, mean_score, candidate_id)], atomically."""
+    rows = [[v[0], v[1], v[2], v[3], v[4], json.dumps(v[5]) if v[5] is not None else None, v[6], v[7]]
+            for v in verdicts]
+    with wh.transaction():
+        wh.con.executemany("UPDATE candidates SET verdict = ?, reason = ?, heuristic_reason = ?, max_score = ?, "
+                           "most_similar = ?, top_k = ?, mean_score = ? WHERE candidate_id = ?", rows)
+
+
+def candidate_counts(wh: Warehouse) -> dict:
+    total = wh.scalar("SELECT count(*) FROM candidates")
+    kept = wh.scalar("SELECT count(*) FROM candidates WHERE verdict = 'kept'")
+    by_reason = {r["reason"]: r["n"] for r in wh.rows(
+        "SELECT reason, count(*) AS n FROM candidates WHERE verdict = 'rejected' GROUP BY reason ORDER BY n DESC")}
+    with_instances = wh.scalar("SELECT count(DISTINCT candidate_id) FROM instances")
+    return {"candidates": total, "kept": kept, "rejected_by_reason": by_reason, "kept_with_instances": with_instances}
+
+
+def candidates_fingerprint(wh: Warehouse) -> str:
+    """Content fingerprint of every stored candidate (what the filter stage consumes)."""
+    row = wh.rows("SELECT count(*) AS n, coalesce(bit_xor(hash(candidate_id, instruction, input, output)), 0) AS h "
+                  "FROM candidates")[0]
+    return f"{row['n']}:{row['h']}"
+
+
+def kept_fingerprint(wh: Warehouse) -> str:
+    """Content fingerprint of the kept set and its instances (what SFT consumes)."""
+    row = wh.rows("SELECT count(*) AS n, coalesce(bit_xor(hash(c.candidate_id, c.instruction, i.idx, i.input, i.output)), 0) AS h "
+                  "FROM candidates c LEFT JOIN instances i USING (candidate_id) WHERE c.verdict = 'kept'")[0]
+    return f"{row['n']}:{row['h']}"
+
+
+def candidate_samples(wh: Warehouse, limit: int = 100) -> list[dict]:
+    """Kept and rejected examples side by side, for the dashboard table."""
+    return wh.rows("(SELECT candidate_id, verdict, reason, round(max_score, 3) AS max_score, most_similar, instruction "
+                   " FROM candidates WHERE verdict = 'kept' ORDER BY candidate_id DESC LIMIT ?) UNION ALL "
+                   "(SELECT candidate_id, verdict, reason, round(max_score, 3), most_similar, instruction "
+                   " FROM candidates WHERE verdict = 'rejected' ORDER BY candidate_id DESC LIMIT ?)",
+                   [limit // 2, limit // 2])
+
+
+# --- sft ----------------------------------------------------------------------------------------
+def kept_instances(wh: Warehouse) -> list[dict]:
+    """Kept generated instructions x their instances, in arrival order."""
+    return wh.rows("SELECT c.candidate_id, c.instruction, i.idx, i.input, i.output FROM candidates c "
+                   "JOIN instances i USING (candidate_id) WHERE c.verdict = 'kept' ORDER BY c.candidate_id, i.idx")
+
+
+def store_sft_examples(wh: Warehouse, dataset_hash: str, split_rows: Sequence[tuple[str, Any]]) -> None:
+    """The exact set a checkpoint was trained on, by dataset hash (idempotent per hash)."""
+    with wh.transaction():
+        wh.con.execute("DELETE FROM sft_examples WHERE dataset_hash = ?", [dataset_hash])
+        if split_rows:
+            wh.con.executemany("INSERT INTO sft_examples VALUES (?, ?, ?, ?, ?, ?)",
+                               [[dataset_hash, split, ex.instruction, ex.input, ex.output, ex.source]
+                                for split, ex in split_rows])
+
+
+def sft_examples(wh: Warehouse, dataset_hash: str, split: str | None = None) -> list[dict]:
+    sql = "SELECT * FROM sft_examples WHERE dataset_hash = ?"
+    params: list[Any] = [dataset_hash]
+    if split:
+        sql += " AND split = ?"
+        params.append(split)
+    return wh.rows(sql + " ORDER BY instruction, input", params)
+
+
+# --- preferences --------------------------------------------------------------------------------
+def stored_responses(wh: Warehouse, stage: str, model_path: str, prompts: Sequence[str]) -> dict[str, list[str]]:
+    """prompt -> responses in sample order, for prompts already sampled from this model."""
+    found = wh.rows("SELECT prompt, sample_idx, response FROM responses WHERE stage = ? AND model_path = ? "
+                    "AND list_contains(?, prompt) ORDER BY prompt, sample_idx", [stage, model_path, list(prompts)])
+    out: dict[str, list[str]] = {}
+    for row in found:
+        out.setdefault(row["prompt"], []).append(row["response"])
+    return out
+
+
+def insert_responses(wh: Warehouse, stage: str, model_path: str, by_prompt: dict[str, list[str]]) -> None:
+    rows = [(prompt, i, text) for prompt, texts in by_prompt.items() for i, text in enumerate(texts)]
+    ids = wh.next_ids(len(rows))
+    ts = now()
+    with wh.transaction():
+        wh.con.executemany(
+            "INSERT INTO responses (response_id, stage, model_path, prompt, sample_idx, response, created_at, "
+            "response_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            [[rid, stage, model_path, p, i, t, ts, f"{stage}:{model_path}:{i}:{p}"] for rid, (p, i, t) in zip(ids, rows)])
+
+
+def insert_pairs(wh: Warehouse, rows: Sequence[dict]) -> int:
+    """Insert pairs whose pair_key is new; returns how many were new. Keys make reruns idempotent."""
+    if not rows:
+        return 0
+    before = wh.scalar("SELECT count(*) FROM preference_pairs")
+    ids = wh.next_ids(len(rows))
+    ts = now()
+    cols = ["source", "prompt", "response_a", "response_b", "verdict_ab", "verdict_ba", "outcome", "chosen",
+            "rejected", "judge_model", "judge_text_ab", "judge_text_ba", "origin", "pair_key"]
+    with wh.transaction():
+        wh.con.executemany(
+            f"INSERT INTO preference_pairs (pair_id, {', '.join(cols)}, created_at) VALUES "
+            f"(?, {', '.join('?' for _ in cols)}, ?) ON CONFLICT DO NOTHING",
+            [[pid] + [row.get(c) for c in cols] + [ts] for pid, row in zip(ids, rows)])
+    return wh.scalar("SELECT count(*) FROM preference_pairs") - before
+
+
+def preference_counts(wh: Warehouse) -> dict:
+    row = wh.rows("SELECT count(*) FILTER (WHERE source = 'judged') AS pairs_judged, "
+                  "count(*) FILTER (WHERE source = 'judged' AND chosen IS NOT NULL) AS pairs_kept, "
+                  "count(*) FILTER (WHERE outcome = 'tie') AS ties, "
+                  "count(*) FILTER (WHERE outcome = 'disagree') AS order_disagreements, "
+                  "count(*) FILTER (WHERE outcome = 'invalid') AS invalid_verdicts, "
+                  "count(*) FILTER (WHERE source = 'imported') AS imported FROM preference_pairs")[0]
+    return {k: int(v) for k, v in row.items()}
+
+
+def training_pairs(wh: Warehouse) -> list[dict]:
+    """Every usable pair (judged with agreeing verdicts, or imported), in a stable order."""
+    return wh.rows("SELECT pair_key, source, prompt, chosen, rejected FROM preference_pairs "
+                   "WHERE chosen IS NOT NULL AND rejected IS NOT NULL ORDER BY pair_key")
+
+
+def pairs_fingerprint(wh: Warehouse) -> str:
+    row = wh.rows("SELECT count(*) AS n, coalesce(bit_xor(hash(pair_key)), 0) AS h FROM preference_pairs "
+                  "WHERE chosen IS NOT NULL")[0]
+    return f"{row['n']}:{row['h']}"
+
+
+def pair_samples(wh: Warehouse, limit: int = 60) -> list[dict]:
+    return wh.rows("SELECT source, outcome, verdict_ab, verdict_ba, left(prompt, 200) AS prompt, "
+                   "left(response_a, 200) AS response_a, left(response_b, 200) AS response_b, origin "
+                   "FROM preference_pairs ORDER BY created_at DESC LIMIT ?", [limit])
+
+
+# --- evaluate -----------------------------------------------------------------------------------
+def insert_eval_results(wh: Warehouse, stage_run_id: str, rows: Sequence[dict]) -> None:
+    ts = now()
+    wh.executemany("INSERT INTO eval_results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   [[stage_run_id, r["prompt"], r["sft_response"], r["ppo_response"], r["rm_score_sft"],
+                     r["rm_score_ppo"], r["kl_ppo"], r["judge_outcome"], ts] for r in rows])
+
+
+def eval_rows(wh: Warehouse, stage_run_id: str) -> list[dict]:
+    return wh.rows("SELECT left(prompt, 200) AS prompt, left(sft_response, 200) AS sft_response, "
+                   "left(ppo_response, 200) AS ppo_response, round(rm_score_sft, 4) AS rm_score_sft, "
+                   "round(rm_score_ppo, 4) AS rm_score_ppo, round(kl_ppo, 4) AS kl_ppo, judge_outcome "
+                   "FROM eval_results WHERE stage_run_id = ?", [stage_run_id])
