@@ -1,0 +1,227 @@
+"""The embedded teacher: `transformers serve` on a local HF model dir, as a child process.
+
+    with TeacherServer(model_dir) as server:
+        client = openai.AsyncOpenAI(base_url=server.base_url, api_key="none")
+        await client.chat.completions.create(model=server.model_name, messages=[...])
+
+The server is started with the model dir as its FORCE_MODEL argument: it loads the model before
+it starts listening (so /health answering means "ready to generate"), and it rejects any request
+whose `model` differs from that exact string, which is why `model_name` is the dir path itself.
+
+Lifetime: the child runs in its own process group (so Ctrl-C in a terminal reaches only us, and
+stop() can kill the whole group), and asks the kernel to SIGKILL it when its parent dies
+(PR_SET_PDEATHSIG), so a SIGKILLed pipeline run leaves no orphan server holding RAM and a port.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Sequence
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+STOP_GRACE_S = 5.0  # SIGTERM first (uvicorn shuts down cleanly), SIGKILL after this
+LOG_TAIL_LINES = 20
+
+# The child is pointed at a local dir: it never needs the network. The update check would
+# otherwise call PyPI once a day from every fresh HOME; the progress bars only clutter the log.
+CHILD_ENV_DEFAULTS = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_UPDATE_CHECK": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONUNBUFFERED": "1",
+}
+
+# `python -m transformers.cli.transformers` works too; calling main() keeps us on this venv's
+# interpreter even when the console script is not on PATH.
+SERVE_LAUNCHER = "import sys; from transformers.cli.transformers import main; sys.argv[0] = 'transformers'; main()"
+
+
+class TeacherServerError(RuntimeError):
+    pass
+
+
+def _free_loopback_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """preexec_fn: runs in the child between fork and exec."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent_pid:  # parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class TeacherServer:
+    """A `transformers serve` child process for one model dir; a context manager that always stops it.
+
+    Note: PR_SET_PDEATHSIG fires when the *thread* that started the child exits, so call start()
+    and stop() from the same long-lived thread (the `with` block guarantees this).
+    """
+
+    def __init__(self, model_dir: Path, *, host: str = "127.0.0.1", port: int | None = None,
+                 startup_timeout_s: float = 120, log_path: Path | None = None, extra_args: Sequence[str] = ()):
+        self.model_dir = Path(model_dir).expanduser().resolve()
+        self.host = host
+        self.port = port
+        self.startup_timeout_s = startup_timeout_s
+        self.log_path = Path(log_path) if log_path is not None else None
+        self.extra_args = list(extra_args)
+        self.model_name = str(self.model_dir)  # the server accepts only its FORCE_MODEL string
+        self.startup_s: float | None = None  # seconds from launch to a healthy /health
+        self._process: subprocess.Popen | None = None
+        self._launched_at = 0.0
+        self._log_file = None
+        self._log_start = 0  # this run's first byte in the (appended) log
+        self._own_log: Path | None = None  # temp log we created and delete on stop
+
+    @property
+    def base_url(self) -> str:
+        if self.port is None:
+            raise TeacherServerError("TeacherServer.base_url: the server has no port yet; call start() first")
+        return f"http://{self.host}:{self.port}/v1"
+
+    @property
+    def health_url(self) -> str:
+        return f"http://{self.host}:{self.port}/health"
+
+    # ------------------------------------------------------------------------------------------
+
+    def start(self) -> "TeacherServer":
+        if self._process is not None:
+            raise TeacherServerError(f"TeacherServer for {self.model_dir} is already running (pid {self._process.pid})")
+        if "@" in self.model_name:  # the server would read what follows "@" as a hub revision
+            raise TeacherServerError(f"teacher model dir {self.model_dir} contains '@'; move it to a path without one")
+        if not (self.model_dir / "config.json").is_file():
+            raise TeacherServerError(f"teacher model dir {self.model_dir} has no config.json; "
+                                     "expected a saved Hugging Face model directory")
+        pick_port = self.port is None
+        for attempt in range(3):  # a picked port can be taken by someone else before the child binds it
+            if pick_port:
+                self.port = _free_loopback_port(self.host)
+            try:
+                self._launch()
+                self._wait_healthy()
+                return self
+            except TeacherServerError as error:
+                self.stop()
+                if pick_port and attempt < 2 and "address already in use" in str(error).lower():
+                    continue
+                raise
+            except BaseException:  # Ctrl-C while waiting: __exit__ will not run, so clean up here
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
+
+    def _launch(self) -> None:
+        if self.log_path is None:
+            fd, name = tempfile.mkstemp(prefix="teacher-server-", suffix=".log")
+            os.close(fd)
+            self._own_log = Path(name)
+        log_path = self.log_path or self._own_log
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_file = open(log_path, "ab")
+        self._log_start = self._log_file.tell()
+        command = [sys.executable, "-c", SERVE_LAUNCHER, "serve", self.model_name,
+                   "--host", self.host, "--port", str(self.port), *self.extra_args]
+        self._log_file.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(command)}\n".encode())
+        self._log_file.flush()
+        env = {**CHILD_ENV_DEFAULTS, **os.environ}  # the caller's environment wins
+        parent_pid = os.getpid()
+        self._launched_at = time.monotonic()
+        self._process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True, preexec_fn=lambda: _die_with_parent(parent_pid),
+        )
+
+    def _wait_healthy(self) -> None:
+        deadline = self._launched_at + self.startup_timeout_s
+        while True:
+            code = self._process.poll()
+            if code is not None:
+                tail = self.log_tail()
+                reason = tail.splitlines()[-1].strip() if tail.strip() else "no output"
+                raise TeacherServerError(f"teacher server for {self.model_dir} exited with code {code} during startup: "
+                                         f"{reason}\nlast log lines:\n{tail}")
+            try:
+                with urllib.request.urlopen(self.health_url, timeout=2) as response:
+                    if response.status == 200:
+                        self.startup_s = time.monotonic() - self._launched_at
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass  # not listening yet (the model loads before the socket opens)
+            if time.monotonic() > deadline:
+                raise TeacherServerError(f"teacher server for {self.model_dir} not healthy at {self.health_url} after "
+                                         f"{self.startup_timeout_s:.0f}s; last log lines:\n{self.log_tail()}")
+            time.sleep(0.25)
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        """The last lines this run wrote to the server log (for error messages)."""
+        log_path = self.log_path or self._own_log
+        try:
+            with open(log_path, "rb") as handle:
+                handle.seek(self._log_start)
+                text = handle.read().decode(errors="replace")
+        except (OSError, TypeError):
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+    # ------------------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """SIGTERM the server's process group, SIGKILL it if still alive after a grace period. Idempotent."""
+        process, self._process = self._process, None
+        if process is not None:
+            self._signal_group(process, signal.SIGTERM)
+            try:
+                process.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                self._signal_group(process, signal.SIGKILL)
+                process.wait()
+            self._signal_group(process, signal.SIGKILL)  # anything the server itself spawned
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        if self._own_log is not None:
+            self._own_log.unlink(missing_ok=True)
+            self._own_log = None
+
+    @staticmethod
+    def _signal_group(process: subprocess.Popen, sig: signal.Signals) -> None:
+        try:
+            os.killpg(process.pid, sig)  # start_new_session: the group id is the child's pid
+        except ProcessLookupError:
+            pass
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def __enter__(self) -> "TeacherServer":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:  # also runs on KeyboardInterrupt
+        self.stop()
+
+    def __del__(self) -> None:
+        if getattr(self, "_process", None) is not None:
+            self.stop()
