@@ -44,9 +44,13 @@ def _prepare(home: Optional[str], config: Optional[str], profile: Optional[str])
         os.environ["INSTRUCTFLOW_CONFIG"] = str(Path(config).resolve())
     # Ephemeral flow runs land in the home's own Prefect database, so `instructflow dashboard`
     # later shows their history and artifacts.
-    os.environ.setdefault("PREFECT_HOME", str(home_path / "prefect"))
+    if "PREFECT_HOME" not in os.environ:
+        (home_path / "prefect").mkdir(exist_ok=True)  # Prefect does not create missing parents
+        os.environ["PREFECT_HOME"] = str(home_path / "prefect")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # the ephemeral API's first start migrates a new SQLite file: slow on a busy 2-core machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     return cfg, home_path
 
 

@@ -3,6 +3,7 @@ records a stage run (input hash, status, metrics, timings) around the stage's ow
 publishes its Prefect artifacts. Flows hold no business logic; this holds no stage logic."""
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -37,6 +38,8 @@ def warehouse_for(home: Path) -> Warehouse:
     """One writing connection per process and home: it holds DuckDB's lock for the whole run."""
     home = Path(home)
     if home not in _warehouses:
+        if not _warehouses:
+            atexit.register(close_warehouses)  # a clean close at exit: no WAL replay, no binding noise
         wh = open_warehouse(home)
         wh.mark_interrupted_stage_runs()
         _warehouses[home] = wh
@@ -53,7 +56,9 @@ def seed_paths(cfg: Config) -> list[Path]:
     """The configured seed files/dirs; "bundled" is the package's own seeds/ folder."""
     from instructflow.tasks.seeds import bundled_seed_dir
 
-    return [bundled_seed_dir() if entry == "bundled" else Path(entry).expanduser() for entry in cfg.seeds]
+    # the file, not the folder: the folder also ships other data (preference samples)
+    return [bundled_seed_dir() / "seed_tasks.jsonl" if entry == "bundled" else Path(entry).expanduser()
+            for entry in cfg.seeds]
 
 
 def stable_hash(value: Any) -> str:

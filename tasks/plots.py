@@ -25,7 +25,7 @@ def plot_lines(path: Path, title: str, series: Mapping[str, tuple[Sequence[float
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    if series:
+    if any(len(xs) for xs, _ in series.values()):
         ax.legend()
     fig.tight_layout()
     fig.savefig(path)
@@ -46,7 +46,7 @@ def plot_histograms(path: Path, title: str, groups: Mapping[str, Sequence[float]
     ax.set_xlabel(xlabel)
     ax.set_ylabel("count")
     ax.grid(alpha=0.3)
-    if groups:
+    if any(len(v) for v in groups.values()):
         ax.legend()
     fig.tight_layout()
     fig.savefig(path)

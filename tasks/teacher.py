@@ -1,0 +1,409 @@
+"""The teacher client: many prompts to one OpenAI-compatible endpoint, each answered exactly once.
+
+    client = TeacherClient(TeacherSettings(base_url="http://127.0.0.1:8000/v1", model="m"))
+    results = await client.complete_all(requests, on_result=store_row)   # same order as `requests`
+    await client.aclose()
+
+One code path for every endpoint (OpenAI, vLLM, `transformers serve`, ...): the `openai` package's
+AsyncOpenAI with its own retries off, because we retry ourselves, per request, with accounting:
+  - at most `max_concurrency` HTTP requests in flight (a semaphore held only while a request is on
+    the wire, so a request sleeping in backoff does not block the others);
+  - 429, 408, 409, 5xx, timeouts and connection errors are retried with exponential backoff and
+    full jitter (a Retry-After header, when sent, replaces the jitter, capped at backoff_max_s);
+    400/401/403/404/422 and anything else fail at once;
+  - after `max_retries` retries the request is returned with its error string: never raised, never
+    dropped, never retried forever.
+Every result carries its accounting (prompt hash, params, tokens, latency, attempts, cost), and the
+API key is kept out of every repr, error string, log line and record.
+"""
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import hashlib
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import openai
+
+logger = logging.getLogger(__name__)
+
+APIS = ("chat", "completions")
+RETRYABLE_STATUS = frozenset({408, 409, 429})  # plus every 5xx
+# Request fields the client sets itself; a caller passing them in params is a bug.
+RESERVED_PARAMS = frozenset({"model", "messages", "prompt", "stream", "stream_options", "timeout",
+                             "extra_body", "extra_headers", "extra_query"})
+# Sampling params the openai methods take as keyword arguments; anything else goes in extra_body
+# (so a server-specific field like top_k is still sent as the caller gave it).
+OPENAI_KWARGS = {
+    "chat": frozenset({"frequency_penalty", "logit_bias", "logprobs", "max_completion_tokens", "max_tokens", "n",
+                       "presence_penalty", "response_format", "seed", "stop", "temperature", "top_logprobs",
+                       "top_p", "user"}),
+    "completions": frozenset({"best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "n",
+                              "presence_penalty", "seed", "stop", "suffix", "temperature", "top_p", "user"}),
+}
+MAX_ERROR_CHARS = 500
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings, requests, results
+
+@dataclass(frozen=True)
+class TeacherSettings:
+    base_url: str
+    model: str
+    api_key: str = field(repr=False, default="none")
+    api: str = "chat"  # "chat" | "completions"
+    max_concurrency: int = 4
+    max_retries: int = 5
+    timeout_s: float = 120.0
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 30.0
+    prices: Mapping[str, tuple[float, float]] = field(default_factory=dict)  # model -> USD per 1M (prompt, completion) tokens
+    system_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, name: str, expected: str) -> None:
+            if not ok:
+                raise ValueError(f"TeacherSettings.{name} must be {expected}, got {getattr(self, name)!r}")
+
+        check(isinstance(self.base_url, str) and self.base_url.startswith(("http://", "https://")), "base_url",
+              "an http(s) URL")
+        check(isinstance(self.model, str) and bool(self.model), "model", "a non-empty model name")
+        check(self.api in APIS, "api", "'chat' or 'completions'")
+        check(isinstance(self.max_concurrency, int) and self.max_concurrency >= 1, "max_concurrency", "an int >= 1")
+        check(isinstance(self.max_retries, int) and self.max_retries >= 0, "max_retries", "an int >= 0")
+        check(self.timeout_s > 0, "timeout_s", "> 0")
+        check(self.backoff_base_s >= 0, "backoff_base_s", ">= 0")
+        check(self.backoff_max_s >= self.backoff_base_s, "backoff_max_s", ">= backoff_base_s")
+        for model, price in self.prices.items():
+            if len(price) != 2 or any(not isinstance(p, (int, float)) or p < 0 for p in price):
+                raise ValueError(f"TeacherSettings.prices[{model!r}] must be (usd per 1M prompt tokens, "
+                                 f"usd per 1M completion tokens), both >= 0, got {price!r}")
+
+
+@dataclass(frozen=True)
+class TeacherRequest:
+    key: str  # the caller's id for this request (unique within a run; results come back with it)
+    prompt: str
+    params: Mapping[str, Any] = field(default_factory=dict)  # temperature, top_p, max_tokens, stop, n, seed, ...
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str):
+            raise TypeError(f"TeacherRequest {self.key!r}: prompt must be a str, got {type(self.prompt).__name__}")
+        if not isinstance(self.params, Mapping):
+            raise TypeError(f"TeacherRequest {self.key!r}: params must be a mapping, got {type(self.params).__name__}")
+        reserved = sorted(RESERVED_PARAMS & set(self.params))
+        if reserved:
+            raise ValueError(f"TeacherRequest {self.key!r}: params must not set {reserved} (the client sets them)")
+
+
+@dataclass
+class TeacherResult:
+    key: str
+    prompt_hash: str
+    model: str
+    params: dict
+    texts: list[str]  # one per returned choice ("" for a choice with no content)
+    finish_reasons: list[str | None]
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float  # duration of the last attempt's HTTP round trip (not queueing or backoff)
+    attempts: int  # HTTP requests sent; retries = attempts - 1
+    error: str | None  # None when ok; else e.g. "HTTP 503: ... (gave up after 6 attempts)"
+    cost_usd: float
+    price_known: bool = True  # False: model missing from the price table, cost_usd is 0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def text(self) -> str | None:
+        return self.texts[0] if self.texts else None
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.finish_reasons[0] if self.finish_reasons else None
+
+
+def strip_stop_suffix(text: str, stop: Any, finish_reason: str | None) -> str:
+    """OpenAI drops the stop string from the text; some servers (transformers serve) keep it.
+    Cut it so every endpoint returns the same text."""
+    if finish_reason != "stop" or not stop:
+        return text
+    for marker in sorted([stop] if isinstance(stop, str) else list(stop), key=len, reverse=True):
+        if marker and text.endswith(marker):
+            return text[: -len(marker)]
+    return text
+
+
+def prompt_hash(model: str, prompt: str, params: Mapping) -> str:
+    """sha256 of the canonical JSON of (model, prompt, params): equal for equal requests, key order ignored."""
+    canonical = json.dumps({"model": model, "prompt": prompt, "params": dict(params)}, sort_keys=True,
+                           separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def cost_usd(prices: Mapping[str, tuple[float, float]], model: str, prompt_tokens: int,
+             completion_tokens: int) -> tuple[float, bool]:
+    """(cost, price_known) for one request; a model missing from the table costs 0 and is flagged."""
+    if model not in prices:
+        return 0.0, False
+    per_prompt, per_completion = prices[model]
+    return (prompt_tokens * per_prompt + completion_tokens * per_completion) / 1_000_000, True
+
+
+# ---------------------------------------------------------------------------------------------
+# Backoff
+
+def backoff_delay(retry: int, base_s: float, max_s: float, rng: random.Random,
+                  retry_after_s: float | None = None) -> float:
+    """Seconds to sleep before retry number `retry` (1 = first retry).
+
+    Full jitter (uniform in [0, min(max_s, base_s * 2**(retry-1))]) spreads clients that failed
+    together; a server's Retry-After replaces it, capped at max_s so a hostile header cannot stall us.
+    """
+    if retry < 1:
+        raise ValueError(f"backoff_delay: retry must be >= 1, got {retry}")
+    if retry_after_s is not None:
+        return min(max(retry_after_s, 0.0), max_s)
+    ceiling = min(max_s, base_s * 2 ** min(retry - 1, 62))  # exponent capped: 2**1000 would overflow the float
+    return rng.uniform(0.0, ceiling)
+
+
+def parse_retry_after(headers: Mapping[str, str] | None, now: float | None = None) -> float | None:
+    """Seconds from `retry-after-ms` or `retry-after` (seconds or an HTTP date); None if absent/unreadable."""
+    if not headers:
+        return None
+    value = headers.get("retry-after-ms")
+    if value is not None:
+        try:
+            return float(value) / 1000
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _status_detail(exc: openai.APIStatusError) -> str:
+    """The server's own words: OpenAI-style {"error": {"message"}}, FastAPI-style {"detail"}, or the raw body."""
+    body = exc.body
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        for key in ("detail", "message", "error"):
+            if body.get(key):
+                return body[key] if isinstance(body[key], str) else json.dumps(body[key], default=str)
+    if isinstance(body, str) and body.strip():
+        return body
+    return exc.message
+
+
+# ---------------------------------------------------------------------------------------------
+# The client
+
+@dataclass
+class _Attempt:
+    """What one HTTP attempt produced: a parsed response, or an error and whether to retry it."""
+    response: Any = None
+    error: str | None = None
+    retryable: bool = False
+    retry_after_s: float | None = None
+
+
+class TeacherClient:
+    def __init__(self, settings: TeacherSettings, *, rng: random.Random | None = None):
+        self.settings = settings
+        self.rng = rng or random.Random()
+        self.stats: dict[str, float] = {"requests": 0, "failed": 0, "retries": 0, "prompt_tokens": 0,
+                                        "completion_tokens": 0, "cost_usd": 0.0, "unpriced": 0}
+        # The openai client (its connection pool) and the semaphore belong to one event loop; both
+        # are made on first use in the running loop, so run_all() can be called more than once.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._openai: openai.AsyncOpenAI | None = None
+        self._semaphore: asyncio.Semaphore | None = None
+        self._warned: set[str] = set()
+
+    def __repr__(self) -> str:  # settings' repr already leaves the key out
+        return f"TeacherClient({self.settings!r})"
+
+    def _session(self) -> tuple[openai.AsyncOpenAI, asyncio.Semaphore]:
+        loop = asyncio.get_running_loop()
+        if self._openai is None or self._loop is not loop:
+            s = self.settings
+            self._openai = openai.AsyncOpenAI(base_url=s.base_url, api_key=s.api_key, max_retries=0,
+                                              timeout=s.timeout_s)
+            self._semaphore = asyncio.Semaphore(s.max_concurrency)
+            self._loop = loop
+        return self._openai, self._semaphore
+
+    async def aclose(self) -> None:
+        client, self._openai, self._semaphore, self._loop = self._openai, None, None, None
+        if client is not None:
+            await client.close()
+
+    # --- one request ---------------------------------------------------------------------------
+    async def complete(self, request: TeacherRequest,
+                       on_retry: Callable[[TeacherRequest, int, str], None] | None = None) -> TeacherResult:
+        """Send one request, retrying transient failures; returns a result for API/network errors, never raises."""
+        s = self.settings
+        params = dict(request.params)
+        attempts, latency = 0, 0.0
+        while True:
+            attempts += 1
+            client, semaphore = self._session()
+            async with semaphore:
+                started = time.monotonic()
+                outcome = await self._send(client, request.prompt, params)
+                latency = time.monotonic() - started
+            if outcome.error is None or not outcome.retryable or attempts > s.max_retries:
+                break
+            delay = backoff_delay(attempts, s.backoff_base_s, s.backoff_max_s, self.rng, outcome.retry_after_s)
+            self.stats["retries"] += 1
+            logger.info("teacher request %s attempt %d failed (%s); retrying in %.2fs",
+                        request.key, attempts, outcome.error, delay)
+            if on_retry is not None:
+                on_retry(request, attempts, outcome.error)
+            await asyncio.sleep(delay)
+
+        error = outcome.error
+        if error is not None and outcome.retryable:
+            error = f"{error} (gave up after {attempts} attempts)"
+        result = self._result(request, params, outcome.response, error, attempts, latency)
+        self._account(result)
+        return result
+
+    async def _send(self, client: openai.AsyncOpenAI, prompt: str, params: dict) -> _Attempt:
+        s = self.settings
+        kwargs = {k: v for k, v in params.items() if k in OPENAI_KWARGS[s.api]}
+        extra = {k: v for k, v in params.items() if k not in OPENAI_KWARGS[s.api]}
+        if extra:
+            kwargs["extra_body"] = extra
+        try:
+            if s.api == "chat":
+                messages = [{"role": "user", "content": prompt}]
+                if s.system_prompt is not None:
+                    messages.insert(0, {"role": "system", "content": s.system_prompt})
+                response = await client.chat.completions.create(model=s.model, messages=messages, **kwargs)
+            else:
+                response = await client.completions.create(model=s.model, prompt=prompt, **kwargs)
+        except openai.APIStatusError as exc:
+            status = exc.status_code
+            return _Attempt(error=self._redact(f"HTTP {status}: {_status_detail(exc)}"),
+                            retryable=status in RETRYABLE_STATUS or status >= 500,
+                            retry_after_s=parse_retry_after(exc.response.headers))
+        except openai.APITimeoutError:
+            return _Attempt(error=f"timeout after {s.timeout_s:g}s", retryable=True)
+        except openai.APIConnectionError as exc:
+            cause = exc.__cause__ or exc.__context__
+            detail = f"{type(cause).__name__}: {cause}" if cause is not None else exc.message
+            return _Attempt(error=self._redact(f"connection error: {detail}"), retryable=True)
+        except Exception as exc:  # a malformed response, an unusable param: this request fails, the run goes on
+            return _Attempt(error=self._redact(f"{type(exc).__name__}: {exc}"))
+        return _Attempt(response=response)
+
+    def _redact(self, message: str) -> str:
+        """One line, bounded, and without the API key (a server may echo the Authorization header)."""
+        key = self.settings.api_key
+        if key and key != "none":
+            message = message.replace(key, "***")
+        message = " ".join(message.split())
+        return message if len(message) <= MAX_ERROR_CHARS else message[:MAX_ERROR_CHARS] + "..."
+
+    def _result(self, request: TeacherRequest, params: dict, response: Any, error: str | None, attempts: int,
+                latency: float) -> TeacherResult:
+        s = self.settings
+        texts: list[str] = []
+        finish_reasons: list[str | None] = []
+        prompt_tokens = completion_tokens = 0
+        if response is not None:
+            for choice in response.choices or []:
+                text = choice.message.content if s.api == "chat" else choice.text
+                texts.append(strip_stop_suffix(text or "", params.get("stop"), choice.finish_reason))
+                finish_reasons.append(choice.finish_reason)
+            usage = getattr(response, "usage", None)
+            prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
+            completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+            wanted = int(params.get("n", 1) or 1)
+            if len(texts) < wanted:
+                self._warn_once(f"n:{len(texts)}", f"teacher returned {len(texts)} choice(s) for n={wanted} "
+                                                   f"(the endpoint ignores n; send n separate requests instead)")
+            if not texts and error is None:
+                error = "response has no choices"
+        cost, known = cost_usd(s.prices, s.model, prompt_tokens, completion_tokens)
+        if not known:
+            self._warn_once(f"price:{s.model}", f"no price for teacher model {s.model!r}: cost counted as 0")
+        return TeacherResult(key=request.key, prompt_hash=prompt_hash(s.model, request.prompt, params), model=s.model,
+                             params=params, texts=texts, finish_reasons=finish_reasons, prompt_tokens=prompt_tokens,
+                             completion_tokens=completion_tokens, latency_s=latency, attempts=attempts, error=error,
+                             cost_usd=cost, price_known=known)
+
+    def _warn_once(self, tag: str, message: str) -> None:
+        if tag not in self._warned:
+            self._warned.add(tag)
+            logger.warning(message)
+
+    def _account(self, result: TeacherResult) -> None:
+        self.stats["requests"] += 1
+        self.stats["failed"] += 0 if result.ok else 1
+        self.stats["prompt_tokens"] += result.prompt_tokens
+        self.stats["completion_tokens"] += result.completion_tokens
+        self.stats["cost_usd"] += result.cost_usd
+        self.stats["unpriced"] += 0 if result.price_known else 1
+        if not result.ok:
+            logger.warning("teacher request %s failed: %s", result.key, result.error)
+
+    # --- many requests ---------------------------------------------------------------------------
+    async def complete_all(self, requests: Iterable[TeacherRequest],
+                           on_result: Callable[[TeacherResult], None] | None = None,
+                           on_retry: Callable[[TeacherRequest, int, str], None] | None = None) -> list[TeacherResult]:
+        """All requests concurrently (bounded by max_concurrency); results in input order.
+
+        `on_result` runs for each result the moment it is done (in the event loop thread), so the
+        caller can persist it at once. If a callback raises, the remaining requests are cancelled
+        and the exception propagates: a failing store must not be papered over.
+        """
+        requests = list(requests)
+        results: list[TeacherResult | None] = [None] * len(requests)
+
+        async def one(index: int, request: TeacherRequest) -> None:
+            result = await self.complete(request, on_retry=on_retry)
+            results[index] = result
+            if on_result is not None:
+                on_result(result)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for index, request in enumerate(requests):
+                    group.create_task(one(index, request))
+        except BaseExceptionGroup as group_error:  # the caller's own exception, not a group wrapper
+            raise group_error.exceptions[0] from None
+        return results  # type: ignore[return-value]  # every slot was filled (or the group raised)
+
+    def run_all(self, requests: Iterable[TeacherRequest],
+                on_result: Callable[[TeacherResult], None] | None = None,
+                on_retry: Callable[[TeacherRequest, int, str], None] | None = None) -> list[TeacherResult]:
+        """complete_all() from synchronous code (its own event loop; the connection pool is closed after)."""
+        async def go() -> list[TeacherResult]:
+            try:
+                return await self.complete_all(requests, on_result=on_result, on_retry=on_retry)
+            finally:
+                await self.aclose()
+
+        return asyncio.run(go())
