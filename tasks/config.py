@@ -191,6 +191,10 @@ class Config:
 SECTIONS = {f.name: f for f in dataclasses.fields(Config) if f.name not in ("profile", "source")}
 
 
+def packaged_text() -> str:
+    return resources.files("instructflow.flows").joinpath(PACKAGED_CONFIG).read_text(encoding="utf-8")
+
+
 def config_path(explicit: str | Path | None = None) -> tuple[str, str]:
     """(label, text) of the config file to use."""
     candidates = [explicit, os.environ.get("INSTRUCTFLOW_CONFIG"), "instructflow.toml"]
@@ -202,8 +206,7 @@ def config_path(explicit: str | Path | None = None) -> tuple[str, str]:
             return str(path), path.read_text(encoding="utf-8")
         if i < 2:  # an explicitly named file that does not exist is an error, the cwd default is not
             raise ConfigError(f"{path}: config file not found")
-    packaged = resources.files("instructflow.flows").joinpath(PACKAGED_CONFIG)
-    return f"<packaged {PACKAGED_CONFIG}>", packaged.read_text(encoding="utf-8")
+    return f"<packaged {PACKAGED_CONFIG}>", packaged_text()
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -294,6 +297,11 @@ def load_config(profile: str | None = None, path: str | Path | None = None) -> C
     unknown_top = set(document) - {"profiles", "default_profile"}
     if unknown_top:
         raise ConfigError(f"{label}: unknown top-level key {sorted(unknown_top)[0]!r} (expected profiles, default_profile)")
+    if not label.startswith("<packaged"):
+        # a user file is an overlay: packaged profiles stay available (to inherit) and same-named ones merge
+        base = tomllib.loads(packaged_text())["profiles"]
+        profiles = {name: _deep_merge(base.get(name, {}), body) if isinstance(body, dict) else body
+                    for name, body in {**base, **profiles}.items()}
     name = profile or os.environ.get("INSTRUCTFLOW_PROFILE") or document.get("default_profile") or "cpu"
     raw = _resolve_profile(label, profiles, name)
     prefix = f"profiles.{name}"
@@ -334,4 +342,5 @@ def teacher_api_key(teacher: TeacherConfig) -> str:
 
 def list_profiles(path: str | Path | None = None) -> list[str]:
     label, text = config_path(path)
-    return sorted(tomllib.loads(text).get("profiles", {}))
+    names = set(tomllib.loads(text).get("profiles", {}))
+    return sorted(names | set(tomllib.loads(packaged_text())["profiles"]))

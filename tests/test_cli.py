@@ -2,24 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 
 from instructflow.warehouse.store import open_warehouse
 
+from cliutil import cli
+
 STAGES = ["generate", "filter", "sft", "preferences", "reward", "ppo", "evaluate"]
-
-
-def cli(*args: str, home: Path | None = None, cwd: Path | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
-    exe = shutil.which("instructflow") or str(Path(os.sys.executable).parent / "instructflow")
-    env = dict(os.environ)
-    if home is not None:
-        env["INSTRUCTFLOW_HOME"] = str(home)
-    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
 
 
 def test_help_lists_commands():

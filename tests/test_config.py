@@ -41,8 +41,17 @@ def test_bad_config_names_file_and_key(tmp_path, body, message):
 
 def test_unknown_profile_lists_known(tmp_path):
     path = write(tmp_path, "[profiles.x]\n[profiles.y]\n")
-    with pytest.raises(ConfigError, match=r"unknown profile 'z' \(profiles: x, y\)"):
+    with pytest.raises(ConfigError, match=r"unknown profile 'z' \(profiles: cpu, gpu, tiny, x, y\)"):
         load_config("z", path)
+
+
+def test_user_file_overlays_packaged_profiles(tmp_path):
+    path = write(tmp_path, "[profiles.mine]\ninherits = 'tiny'\n[profiles.mine.generate]\ntarget_kept = 99\n"
+                           "[profiles.cpu.filter]\nthreshold = 0.5\n")
+    mine = load_config("mine", path)
+    assert mine.generate.target_kept == 99 and mine.sft.base_model == "tiny"
+    cpu = load_config("cpu", path)
+    assert cpu.filter.threshold == 0.5 and cpu.sft.max_steps == load_config("cpu").sft.max_steps
 
 
 def test_env_overrides_and_key_never_in_config(tmp_path, monkeypatch):

@@ -1,0 +1,32 @@
+"""Run the installed `instructflow` entry point the way a user does."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+
+def exe() -> str:
+    return shutil.which("instructflow") or str(Path(sys.executable).parent / "instructflow")
+
+
+def cli_env(home: Path | None = None, **extra: str) -> dict:
+    env = dict(os.environ)
+    env.pop("PREFECT_HOME", None)  # each home gets its own Prefect database, as for a user
+    if home is not None:
+        env["INSTRUCTFLOW_HOME"] = str(home)
+    env.update(extra)
+    return env
+
+
+def cli(*args: str, home: Path | None = None, cwd: Path | None = None, timeout: int = 300,
+        **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([exe(), *args], capture_output=True, text=True, timeout=timeout,
+                          env=cli_env(home, **env), cwd=cwd)
+
+
+def cli_popen(*args: str, home: Path | None = None, cwd: Path | None = None, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([exe(), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=cli_env(home, **env), cwd=cwd)
