@@ -49,6 +49,11 @@ def _prepare(home: Optional[str], config: Optional[str], profile: Optional[str])
         os.environ["PREFECT_HOME"] = str(home_path / "prefect")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from instructflow.flows.server import running_dashboard
+
+    dashboard_api = running_dashboard(home_path)
+    if dashboard_api and "PREFECT_API_URL" not in os.environ:
+        os.environ["PREFECT_API_URL"] = dashboard_api  # runs show up live in `instructflow dashboard`
     # the ephemeral API's first start migrates a new SQLite file: slow on a busy 2-core machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     return cfg, home_path
@@ -211,6 +216,137 @@ def _teacher_check(cfg) -> tuple[str, str, bool]:
         return ("teacher", f"{teacher.endpoint} answered {response.status_code}", response.status_code < 400)
     except httpx.HTTPError as exc:
         return ("teacher", f"{teacher.endpoint} unreachable: {type(exc).__name__}", False)
+
+
+export_app = typer.Typer(help="Write the filtered instruction set in the formats the field shares.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+def _export_rows(home: Optional[str], with_seeds: bool):
+    from instructflow.flows.common import data_home
+    from instructflow.flows.status import warehouse_exists
+    from instructflow.warehouse.queries import export_rows
+    from instructflow.warehouse.store import WarehouseError, open_warehouse
+
+    try:
+        home_path = data_home(home)
+        if not warehouse_exists(home_path):
+            fail(f"no warehouse in {home_path} yet: run `instructflow run` first", code=1)
+        wh = open_warehouse(home_path, read_only=True)
+    except WarehouseError as exc:
+        fail(str(exc), code=1)
+    try:
+        return export_rows(wh, with_seeds)
+    finally:
+        wh.close()
+
+
+@export_app.command("alpaca")
+def export_alpaca(out: Path = typer.Option(..., "--out", help="Output JSON file."), home: Optional[str] = HomeOpt,
+                  with_seeds: bool = typer.Option(False, "--with-seeds", help="Include the seed tasks' instances.")):
+    """Alpaca JSON: a list of {"instruction", "input", "output"} (kept instructions x instances)."""
+    rows = _export_rows(home, with_seeds)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    console.print(f"wrote {len(rows)} records to {out}")
+
+
+@export_app.command("jsonl")
+def export_jsonl(out: Path = typer.Option(..., "--out", help="Output JSONL file."), home: Optional[str] = HomeOpt,
+                 with_seeds: bool = typer.Option(False, "--with-seeds", help="Include the seed tasks' instances.")):
+    """One {"prompt", "completion"} line per example, the prompt in the Alpaca format (TRL's prompt-completion form)."""
+    from instructflow.tasks.sft_data import alpaca_prompt
+
+    rows = _export_rows(home, with_seeds)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps({"prompt": alpaca_prompt(row["instruction"], row["input"]),
+                                     "completion": row["output"]}, ensure_ascii=False) + "\n")
+    console.print(f"wrote {len(rows)} records to {out}")
+
+
+@app.command()
+def report(home: Optional[str] = HomeOpt,
+           out: Optional[Path] = typer.Option(None, "--out", help="HTML file (default: HOME/report.html).")):
+    """A self-contained HTML report (metrics and plots inlined) of each stage's latest successful run."""
+    from instructflow.flows.common import data_home
+    from instructflow.flows.report import write_report
+    from instructflow.flows.status import warehouse_exists
+    from instructflow.warehouse.store import WarehouseError, open_warehouse
+
+    try:
+        home_path = data_home(home)
+        if not warehouse_exists(home_path):
+            fail(f"no warehouse in {home_path} yet: run `instructflow run` first", code=1)
+        wh = open_warehouse(home_path, read_only=True)
+    except WarehouseError as exc:
+        fail(str(exc), code=1)
+    try:
+        path = write_report(wh, home_path, out or home_path / "report.html")
+    finally:
+        wh.close()
+    console.print(f"report: {path}")
+
+
+@app.command()
+def dashboard(home: Optional[str] = HomeOpt, port: int = typer.Option(4200, "--port")):
+    """Start a local Prefect server with its UI (SQLite in the data home, loopback only) until Ctrl-C.
+    While it runs, `instructflow run`/`stage` in other terminals send their flow runs to it."""
+    from instructflow.flows.common import data_home
+    from instructflow.flows.server import local_prefect_server
+
+    home_path = data_home(home)
+    try:
+        with local_prefect_server(home_path, port) as api_url:
+            ui = api_url[: -len("/api")]
+            console.print(f"Prefect dashboard: [bold]{ui}[/] (flow runs, and each stage's artifacts under {ui}/artifacts)")
+            console.print("Ctrl-C stops it.")
+            while True:
+                import time
+
+                time.sleep(3600)
+    except RuntimeError as exc:
+        fail(str(exc), code=1)
+    except KeyboardInterrupt:
+        console.print("dashboard stopped")
+
+
+@app.command()
+def deploy(cron: Optional[str] = typer.Option(None, "--cron", help='Cron schedule, e.g. "0 3 * * *".'),
+           interval: Optional[int] = typer.Option(None, "--interval", help="Or: seconds between runs."),
+           name: str = typer.Option("instructflow", "--name", help="Deployment name."),
+           stages: Optional[str] = typer.Option(None, "--stages", help="Comma-separated subset of stages."),
+           profile: Optional[str] = ProfileOpt, home: Optional[str] = HomeOpt, config: Optional[str] = ConfigOpt,
+           port: int = typer.Option(4200, "--port", help="Port of the local Prefect server, if one is started.")):
+    """Register the pipeline as a scheduled Prefect deployment and serve it (runs happen here) until Ctrl-C.
+    Uses $PREFECT_API_URL, a running `instructflow dashboard`, or starts a local server."""
+    if (cron is None) == (interval is None):
+        fail("give exactly one of --cron or --interval")
+    cfg, home_path = _prepare(home, config, profile)
+    from contextlib import nullcontext
+
+    from instructflow.flows.common import close_warehouses
+
+    close_warehouses()  # the served runs are subprocesses: they need the DuckDB lock, not this process
+
+    from instructflow.flows.server import local_prefect_server
+
+    api = os.environ.get("PREFECT_API_URL")
+    try:
+        with (nullcontext(api) if api else local_prefect_server(home_path, port)) as api_url:
+            os.environ["PREFECT_API_URL"] = api_url
+            from instructflow.flows.pipeline import pipeline
+
+            parameters = {"profile": cfg.profile, "home": str(home_path),
+                          "config": str(Path(config).resolve()) if config else None,
+                          "stages_to_run": [s.strip() for s in stages.split(",")] if stages else None}
+            console.print(f"serving deployment pipeline/{name} ({'cron ' + cron if cron else f'every {interval} s'}) "
+                          f"against {api_url}; Ctrl-C stops it")
+            pipeline.serve(name=name, cron=cron, interval=interval, parameters=parameters,
+                           tags=["instructflow", cfg.profile], print_starting_message=False)
+    except RuntimeError as exc:
+        fail(str(exc), code=1)
 
 
 def _print_summary(cfg, home_path: Path, results: dict) -> None:

@@ -272,3 +272,20 @@ def eval_rows(wh: Warehouse, stage_run_id: str) -> list[dict]:
                    "left(ppo_response, 200) AS ppo_response, round(rm_score_sft, 4) AS rm_score_sft, "
                    "round(rm_score_ppo, 4) AS rm_score_ppo, round(kl_ppo, 4) AS kl_ppo, judge_outcome "
                    "FROM eval_results WHERE stage_run_id = ?", [stage_run_id])
+
+
+# --- export and report ----------------------------------------------------------------------------
+def export_rows(wh: Warehouse, with_seeds: bool) -> list[dict]:
+    """The filtered set as instruction/input/output records (kept instructions x instances)."""
+    rows = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]} for r in kept_instances(wh)]
+    if with_seeds:
+        for seed in seed_rows(wh):
+            rows += [{"instruction": seed["instruction"], "input": i["input"], "output": i["output"]}
+                     for i in seed["instances"]]
+    return rows
+
+
+def last_successful_stage_runs(wh: Warehouse) -> list[dict]:
+    return wh.rows("SELECT s.* FROM stage_runs s JOIN (SELECT stage, max(started_at) AS t FROM stage_runs "
+                   "WHERE status = 'success' GROUP BY stage) l ON s.stage = l.stage AND s.started_at = l.t "
+                   "ORDER BY s.started_at")
