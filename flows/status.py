@@ -42,6 +42,11 @@ def stage_status(cfg: Config, home: Path, wh: Warehouse | None) -> dict:
                              why=[last_any.error or "failed"])
                 if last_ok is None:
                     entry["input_hash"] = last_any.input_hash
+        # a stage after a stale, failed or never-run stage will rerun too: say so
+        behind = [(u, report["stages"][u]["state"]) for u in spec.upstream if u in report["stages"]]
+        behind = [(u, state) for u, state in behind if state != "fresh"]
+        if entry["state"] == "fresh" and behind:
+            entry.update(state="stale", why=[f"upstream {u} is {state}" for u, state in behind])
         report["stages"][spec.name] = entry
     return report
 

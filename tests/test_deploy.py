@@ -1,0 +1,53 @@
+"""`instructflow deploy` registers a scheduled deployment on a real Prefect API, serves it, and a
+triggered run of it completes (and really ran the stage against the data home)."""
+from __future__ import annotations
+
+import shutil
+import signal
+import time
+
+import duckdb
+
+from cliutil import cli_popen
+from instructflow.tasks.seeds import bundled_seed_dir
+
+
+def test_scheduled_deployment_runs_to_completion(tmp_path, prefect_api):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL
+
+    seeds = tmp_path / "seeds.jsonl"
+    shutil.copy(bundled_seed_dir() / "seed_tasks.jsonl", seeds)
+    config = tmp_path / "instructflow.toml"
+    config.write_text(f"[profiles.t]\ninherits = 'tiny'\nseeds = ['{seeds}']\n")
+    home = tmp_path / "home"
+    served = cli_popen("deploy", "--cron", "0 3 * * *", "--name", "nightly", "--stages", "filter",
+                       "--profile", "t", "--config", str(config), home=home, PREFECT_API_URL=PREFECT_API_URL.value(),
+                       PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    try:
+        deployment = None
+        deadline = time.monotonic() + 120
+        with get_client(sync_client=True) as client:
+            while deployment is None and time.monotonic() < deadline:
+                assert served.poll() is None, served.stderr.read()[-3000:]
+                try:
+                    deployment = client.read_deployment_by_name("pipeline/nightly")
+                except Exception:
+                    time.sleep(1)
+        assert deployment is not None, "deployment never registered"
+        assert deployment.parameters["profile"] == "t" and deployment.parameters["stages_to_run"] == ["filter"]
+        assert any(getattr(s.schedule, "cron", None) == "0 3 * * *" for s in deployment.schedules)
+        flow_run = run_deployment("pipeline/nightly", timeout=240)
+        assert flow_run.state.is_completed(), flow_run.state
+    finally:
+        served.send_signal(signal.SIGINT)
+        try:
+            served.wait(timeout=30)
+        except Exception:
+            served.kill()
+    con = duckdb.connect(str(home / "warehouse.duckdb"), read_only=True)
+    try:
+        assert con.execute("SELECT status FROM stage_runs WHERE stage = 'filter'").fetchall() == [("success",)]
+    finally:
+        con.close()

@@ -1,0 +1,221 @@
+"""train_ppo with real TRL PPO on tiny Llamas: saved (policy, value) rounds, exact resume, learning, bad input.
+
+The models are built by hand so that a few CPU updates show learning:
+
+* reward: a LlamaForSequenceClassification from the tiny Llama whose attention and MLP output
+  projections are zeroed, so the last hidden state is norm(embedding of the last token), and whose
+  score head is that of the token " yes": the score is 4.0 when a reply ends in " yes" and about
+  +-0.5 for the other candidate words.
+* policy: the tiny Llama with an untied output head that puts nearly all probability on eight
+  candidate words (" yes", " no", " red", ...). A random tiny Llama spreads over 49k tokens and
+  would almost never sample " yes"; this one samples it about one time in eight, so PPO sees the
+  reward and can move probability towards it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, LlamaForSequenceClassification
+
+from instructflow.models.bundled import ensure_bundled_hf_dir
+from instructflow.models.ppo import METRIC_NAMES, PPOInputError, PPOSettings, last_complete_round, train_ppo
+from instructflow.models.sampling import generate_responses
+from instructflow.models.tiny import build_tiny_llama
+
+WORDS = [" yes", " no", " red", " blue", " cat", " dog", " one", " two"]
+PROMPTS = [f"<|im_start|>user\nQuestion {i}: pick a word.<|im_end|>\n<|im_start|>assistant\n" for i in range(16)]
+STEP_KEYS = {"reward", "rlhf_reward", "kl", "entropy", "policy_loss", "value_loss", "clipfrac", "ratio", "approxkl",
+             "episodes"}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> tuple[Path, Path]:
+    """(policy dir, reward dir) as described in the module docstring."""
+    cache = Path(os.environ.get("INSTRUCTFLOW_CACHE") or Path.home() / ".cache" / "instructflow")
+    root = tmp_path_factory.mktemp("ppo-models")
+    tiny = build_tiny_llama(root / "tiny", tokenizer_dir=ensure_bundled_hf_dir(cache), seed=0)
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    words = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in WORDS]
+    assert all(len(ids) == 1 for ids in words)
+    words = [ids[0] for ids in words]
+
+    reward = LlamaForSequenceClassification.from_pretrained(tiny, num_labels=1)
+    reward.config.pad_token_id = tokenizer.pad_token_id
+    with torch.no_grad():
+        for layer in reward.model.layers:  # residual stream = the token embedding, untouched by context
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        yes = reward.model.embed_tokens.weight[words[0]]
+        reward.score.weight.copy_(0.5 * yes / yes.norm())  # |norm(e)| = sqrt(64): score(" yes") = 4
+    reward.save_pretrained(root / "reward")
+    tokenizer.save_pretrained(root / "reward")
+
+    policy = LlamaForCausalLM.from_pretrained(tiny)
+    policy.config.tie_word_embeddings = False
+    with torch.no_grad():
+        policy.lm_head.weight = torch.nn.Parameter(policy.model.embed_tokens.weight.detach().clone())
+        policy.model.embed_tokens.weight[:, 0] = 1.0  # a constant feature in every hidden state ...
+        policy.lm_head.weight[:, 0] = 0.0
+        policy.lm_head.weight[words, 0] = 1.5  # ... that only the candidate words' logits read (+12 nats)
+    policy.save_pretrained(root / "policy")
+    tokenizer.save_pretrained(root / "policy")
+    return root / "policy", root / "reward"
+
+
+def settings(policy: Path, reward: Path, out: Path, **overrides) -> PPOSettings:
+    base = dict(total_episodes=16, batch_size=4, num_ppo_epochs=1, response_length=4, learning_rate=1e-3,
+                save_every_steps=2, seed=7)
+    return PPOSettings(policy_model=policy, reward_model=reward, output_dir=out, **{**base, **overrides})
+
+
+def weights(model) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_rounds_save_policy_and_value_and_a_crashed_run_resumes_exactly(models, tmp_path):
+    policy_dir, reward_dir = models
+
+    # 1. uninterrupted: 4 updates of 4 episodes, a round every 2 updates
+    seen: list[tuple[int, dict]] = []
+    result = train_ppo(PROMPTS, settings(policy_dir, reward_dir, tmp_path / "a"), on_step=lambda s, m: seen.append((s, m)))
+    assert [s for s, _ in seen] == [1, 2, 3, 4]
+    assert all(STEP_KEYS <= m.keys() and all(isinstance(v, float) for v in m.values()) for _, m in seen)
+    assert [m["episodes"] for _, m in seen] == [4.0, 8.0, 12.0, 16.0]
+    assert all(0.5 < m["ratio"] < 1.5 for _, m in seen)
+    assert result["steps"] == 4 and result["episodes"] == 16 and result["resumed_from"] is None
+    assert result["reward_first"] == seen[0][1]["reward"] and result["reward_last"] == seen[-1][1]["reward"]
+    assert result["kl_last"] == seen[-1][1]["kl"] and result["skipped_prompts"] == 0
+    assert result["episodes_per_s"] > 0 and result["wall_s"] > 0 and Path(result["plot"]).stat().st_size > 0
+
+    rounds = tmp_path / "a" / "rounds"
+    assert sorted(p.name for p in rounds.iterdir()) == ["round-000002", "round-000004"]  # no temp dirs left
+    state = json.loads((rounds / "round-000002" / "state.json").read_text())
+    assert state["global_step"] == 2 and state["episodes"] == 8 and state["seed"] == 7
+    assert [h["step"] for h in state["history"]] == [1, 2]
+
+    final_policy = AutoModelForCausalLM.from_pretrained(result["policy_checkpoint"])
+    final_value = LlamaForSequenceClassification.from_pretrained(result["value_checkpoint"])
+    assert AutoTokenizer.from_pretrained(result["policy_checkpoint"]).pad_token == "<|endoftext|>"
+    assert not torch.equal(weights(final_policy), weights(AutoModelForCausalLM.from_pretrained(policy_dir)))
+    assert not torch.equal(weights(final_value), weights(LlamaForSequenceClassification.from_pretrained(reward_dir)))
+    round_2 = LlamaForSequenceClassification.from_pretrained(rounds / "round-000002" / "value")
+    assert not torch.equal(weights(round_2), weights(final_value))  # each round is its own snapshot
+
+    # 2. the same run crashing during update 3 (after round 2 was saved) ...
+    def crash_at_3(step: int, metrics: dict) -> None:
+        if step == 3:
+            raise KeyboardInterrupt("simulated crash")
+
+    with pytest.raises(KeyboardInterrupt):
+        train_ppo(PROMPTS, settings(policy_dir, reward_dir, tmp_path / "b"), on_step=crash_at_3)
+    assert [p.name for p in (tmp_path / "b" / "rounds").iterdir()] == ["round-000002"]
+    assert not (tmp_path / "b" / "final").exists()
+
+    # 3. ... and rerun: continues at step 3 from round 2, replaying exactly what the uninterrupted run did
+    resumed: list[tuple[int, dict]] = []
+    again = train_ppo(PROMPTS, settings(policy_dir, reward_dir, tmp_path / "b"),
+                      on_step=lambda s, m: resumed.append((s, m)))
+    assert again["resumed_from"] == str(tmp_path / "b" / "rounds" / "round-000002")
+    assert [s for s, _ in resumed] == [3, 4]
+    assert again["steps"] == 4 and again["episodes"] == 16 and again["updates_this_run"] == 2
+    assert again["reward_first"] == seen[0][1]["reward"]  # history survives in state.json
+    for (_, want), (_, got) in zip(seen[2:], resumed):
+        want, got = (dict(m, episodes_per_s=0.0) for m in (want, got))  # wall-clock, not training
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
+    assert torch.allclose(weights(AutoModelForCausalLM.from_pretrained(again["policy_checkpoint"])),
+                          weights(final_policy), atol=1e-6)
+
+    # 4. a third call has nothing left to do
+    done = train_ppo(PROMPTS, settings(policy_dir, reward_dir, tmp_path / "b"), on_step=crash_at_3)
+    assert done["updates_this_run"] == 0 and done["steps"] == 4 and done["episodes"] == 16
+    assert done["resumed_from"].endswith("round-000004")
+
+
+def test_policy_learns_to_end_with_the_rewarded_word(models, tmp_path):
+    policy_dir, reward_dir = models
+    rewards: list[float] = []
+    result = train_ppo(PROMPTS, settings(policy_dir, reward_dir, tmp_path / "run", total_episodes=48, batch_size=8,
+                                         num_ppo_epochs=4, response_length=2, learning_rate=3e-3,
+                                         save_every_steps=3, seed=3),
+                       on_step=lambda s, m: rewards.append(m["reward"]))
+    assert len(rewards) == 6
+    # reward ~ -0.4 at the start (1 in 8 replies ends in " yes"; -1 missing-eos penalty), 3.0 at best
+    assert statistics.fmean(rewards[-2:]) > statistics.fmean(rewards[:2]) + 0.5, rewards
+
+    def yes_rate(model_dir) -> float:
+        replies = [r for rs in generate_responses(model_dir, PROMPTS[:4], k=16, max_new_tokens=2, seed=0) for r in rs]
+        return sum(r.endswith("yes") for r in replies) / len(replies)
+
+    assert yes_rate(result["policy_checkpoint"]) > yes_rate(policy_dir) + 0.1
+
+
+def test_lora_with_gradient_checkpointing_saves_merged_plain_models(models, tmp_path):
+    policy_dir, reward_dir = models
+    result = train_ppo(PROMPTS[:3], settings(policy_dir, reward_dir, tmp_path / "lora", total_episodes=8,
+                                             save_every_steps=1, lora=True, lora_r=4, gradient_checkpointing=True))
+    assert result["steps"] == 2 and result["prompts_used"] == 3  # 3 prompts are repeated to fill a batch of 4
+    for kind, cls, initial in (("policy", LlamaForCausalLM, policy_dir), ("value", LlamaForSequenceClassification,
+                                                                         reward_dir)):
+        saved = Path(result[f"{kind}_checkpoint"])
+        assert not (saved / "adapter_config.json").exists()
+        assert not any("lora" in key for key in json.dumps(json.loads((saved / "config.json").read_text())))
+        trained, before = cls.from_pretrained(saved), cls.from_pretrained(initial)
+        assert weights(trained).shape == weights(before).shape and not torch.equal(weights(trained), weights(before))
+
+
+def test_last_complete_round_ignores_partial_rounds(tmp_path):
+    def fake_round(name: str, step: int, complete: bool = True) -> None:
+        for part in ("policy", "value"):
+            (tmp_path / name / part).mkdir(parents=True)
+            (tmp_path / name / part / "config.json").write_text("{}")
+        if complete:
+            (tmp_path / name / "state.json").write_text(json.dumps({"global_step": step, "episodes": step * 4}))
+
+    assert last_complete_round(tmp_path) is None
+    fake_round("round-000002", 2)
+    fake_round("round-000004", 4)
+    fake_round("round-000006", 6, complete=False)  # crashed before state.json
+    fake_round(".round-000008.tmp-x", 8)  # crashed before the rename
+    found = last_complete_round(tmp_path)
+    assert found.step == 4 and found.episodes == 16 and found.path == tmp_path / "round-000004"
+
+
+def test_bad_input_raises_ppo_input_error_naming_the_field(models, tmp_path):
+    policy_dir, reward_dir = models
+    with pytest.raises(PPOInputError, match="PPOSettings.reward_model: .* not a model dir"):
+        train_ppo(PROMPTS, settings(policy_dir, tmp_path / "missing", tmp_path / "out"))
+    with pytest.raises(PPOInputError, match="none of the 0 prompts"):
+        train_ppo([], settings(policy_dir, reward_dir, tmp_path / "out"))
+    with pytest.raises(PPOInputError, match="none of the 2 prompts .*max_prompt_length=3"):
+        train_ppo(PROMPTS[:2], settings(policy_dir, reward_dir, tmp_path / "out", max_prompt_length=3))
+    with pytest.raises(PPOInputError, match="total_episodes: 10 is not a multiple .* 4"):
+        train_ppo(PROMPTS, settings(policy_dir, reward_dir, tmp_path / "out", total_episodes=10))
+    with pytest.raises(PPOInputError, match="PPOSettings.precision"):
+        train_ppo(PROMPTS, settings(policy_dir, reward_dir, tmp_path / "out", precision="fp8"))
+
+    pads_with_eos = tmp_path / "pads-with-eos"
+    shutil.copytree(policy_dir, pads_with_eos)
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.save_pretrained(pads_with_eos)
+    with pytest.raises(PPOInputError, match="pads with eos"):
+        train_ppo(PROMPTS, settings(pads_with_eos, reward_dir, tmp_path / "out"))
+
+    other_vocab = tmp_path / "other-vocab"
+    shutil.copytree(reward_dir, other_vocab)
+    tokenizer = AutoTokenizer.from_pretrained(reward_dir)
+    tokenizer.add_tokens(["<|brand-new|>"])
+    tokenizer.save_pretrained(other_vocab)
+    with pytest.raises(PPOInputError, match="PPOSettings.reward_model: .* tokenizer differs"):
+        train_ppo(PROMPTS, settings(policy_dir, other_vocab, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()  # nothing was started
+
+
+def test_metric_names_cover_the_step_keys():
+    assert STEP_KEYS - {"episodes"} <= METRIC_NAMES.keys()
