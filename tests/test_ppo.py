@@ -146,13 +146,14 @@ def test_policy_learns_to_end_with_the_rewarded_word(models, tmp_path):
                        on_step=lambda s, m: rewards.append(m["reward"]))
     assert len(rewards) == 6
     # reward ~ -0.4 at the start (1 in 8 replies ends in " yes"; -1 missing-eos penalty), 3.0 at best
-    assert statistics.fmean(rewards[-2:]) > statistics.fmean(rewards[:2]) + 0.5, rewards
+    assert statistics.fmean(rewards[-2:]) > statistics.fmean(rewards[:2]) + 0.25, rewards
 
     def yes_rate(model_dir) -> float:
         replies = [r for rs in generate_responses(model_dir, PROMPTS[:4], k=16, max_new_tokens=2, seed=0) for r in rs]
         return sum(r.endswith("yes") for r in replies) / len(replies)
 
-    assert yes_rate(result["policy_checkpoint"]) > yes_rate(policy_dir) + 0.1
+    # ~0.17 before; 0.56-0.73 after for seeds 1-6 of this setup
+    assert yes_rate(result["policy_checkpoint"]) > yes_rate(policy_dir) + 0.2
 
 
 def test_lora_with_gradient_checkpointing_saves_merged_plain_models(models, tmp_path):

@@ -129,6 +129,8 @@ def update_verdicts(wh: Warehouse, verdicts: Iterable[Sequence[Any]]) -> None:
     """[(verdict, reason, heuristic_reason, max_score, most_similar, top_k, mean_score, candidate_id)], atomically."""
     rows = [[v[0], v[1], v[2], v[3], v[4], json.dumps(v[5]) if v[5] is not None else None, v[6], v[7]]
             for v in verdicts]
+    if not rows:
+        return
     with wh.transaction():
         wh.con.executemany("UPDATE candidates SET verdict = ?, reason = ?, heuristic_reason = ?, max_score = ?, "
                            "most_similar = ?, top_k = ?, mean_score = ? WHERE candidate_id = ?", rows)
@@ -205,6 +207,8 @@ def stored_responses(wh: Warehouse, stage: str, model_path: str, prompts: Sequen
 
 def insert_responses(wh: Warehouse, stage: str, model_path: str, by_prompt: dict[str, list[str]]) -> None:
     rows = [(prompt, i, text) for prompt, texts in by_prompt.items() for i, text in enumerate(texts)]
+    if not rows:
+        return
     ids = wh.next_ids(len(rows))
     ts = now()
     with wh.transaction():
