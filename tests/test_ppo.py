@@ -4,8 +4,8 @@ The models are built by hand so that a few CPU updates show learning:
 
 * reward: a LlamaForSequenceClassification from the tiny Llama whose attention and MLP output
   projections are zeroed, so the last hidden state is norm(embedding of the last token), and whose
-  score head is that of the token " yes": the score is 4.0 when a reply ends in " yes" and about
-  +-0.5 for the other candidate words.
+  score head is that of the token " yes": the score is 4.0 when a reply ends in " yes" and between
+  about -1 and +1 for the other candidate words.
 * policy: the tiny Llama with an untied output head that puts nearly all probability on eight
   candidate words (" yes", " no", " red", ...). A random tiny Llama spreads over 49k tokens and
   would almost never sample " yes"; this one samples it about one time in eight, so PPO sees the
@@ -98,6 +98,11 @@ def test_rounds_save_policy_and_value_and_a_crashed_run_resumes_exactly(models, 
     state = json.loads((rounds / "round-000002" / "state.json").read_text())
     assert state["global_step"] == 2 and state["episodes"] == 8 and state["seed"] == 7
     assert [h["step"] for h in state["history"]] == [1, 2]
+    # one AdamW for the whole run: its state is kept with the newest round only, the LR decays over all 4 updates
+    assert (rounds / "round-000004" / "optimizer.pt").is_file()
+    assert not (rounds / "round-000002" / "optimizer.pt").exists()
+    assert not (Path(result["policy_checkpoint"]).parent / "optimizer.pt").exists()
+    assert [m["lr"] for _, m in seen] == pytest.approx([1e-3, 0.75e-3, 0.5e-3, 0.25e-3])
 
     final_policy = AutoModelForCausalLM.from_pretrained(result["policy_checkpoint"])
     final_value = LlamaForSequenceClassification.from_pretrained(result["value_checkpoint"])
@@ -159,8 +164,10 @@ def test_policy_learns_to_end_with_the_rewarded_word(models, tmp_path):
 def test_lora_with_gradient_checkpointing_saves_merged_plain_models(models, tmp_path):
     policy_dir, reward_dir = models
     result = train_ppo(PROMPTS[:3], settings(policy_dir, reward_dir, tmp_path / "lora", total_episodes=8,
-                                             save_every_steps=1, lora=True, lora_r=4, gradient_checkpointing=True))
+                                             save_every_steps=1, lora=True, lora_r=4, gradient_checkpointing=True,
+                                             precision="bf16", keep_rounds=1))
     assert result["steps"] == 2 and result["prompts_used"] == 3  # 3 prompts are repeated to fill a batch of 4
+    assert [p.name for p in (tmp_path / "lora" / "rounds").iterdir()] == ["round-000002"]
     for kind, cls, initial in (("policy", LlamaForCausalLM, policy_dir), ("value", LlamaForSequenceClassification,
                                                                          reward_dir)):
         saved = Path(result[f"{kind}_checkpoint"])

@@ -1,0 +1,485 @@
+"""PPO recipe: TRL 1.12's experimental PPOTrainer with four Llamas, saving the critic and resuming.
+
+    actor      policy being trained            starts as the SFT model (or the last saved round's policy)
+    reference  frozen copy of the SFT model    always the ORIGINAL SFT model, also after a resume (KL anchor)
+    reward     frozen reward model             LlamaForSequenceClassification, num_labels=1
+    critic     value model being trained       starts as the reward model (or `value_model`, or the last round's value)
+
+All four share one tokenizer: TRL feeds the policy's token ids straight into the reward and value
+models. The tokenizer must have a pad token distinct from eos (else padding masks the real end of a
+reply and the score lands in the wrong place).
+
+What we add on top of TRL, whose `train()` can neither resume nor save the value model:
+
+* Chunks. Training runs as a sequence of fresh PPOTrainers, each doing `save_every_steps` PPO
+  updates (one update = one rollout batch of batch_size * grad_accum prompts, then num_ppo_epochs
+  passes over it). After each chunk the (policy, value) pair is written to
+  `output_dir/rounds/round-{step:06d}/{policy,value}` plus `optimizer.pt` and `state.json`, in a
+  temp dir renamed into place, so a round on disk is always complete.
+* One optimizer and LR schedule for the whole run. TRL would build a fresh AdamW per trainer,
+  and a fresh Adam's first step moves every weight by ~lr whatever its gradient: a jolt at every
+  chunk. We pass the same AdamW (TRL's defaults: betas 0.9/0.999, eps 1e-8, no weight decay) to
+  every chunk, with TRL's default schedule, linear decay from learning_rate to 0, computed from the
+  GLOBAL update number over all updates of the run. The optimizer state is saved with the newest
+  round only (older rounds drop their optimizer.pt: it is 2x the trainable weights, 2.2 GB for
+  SmolLM2-135M actor + critic; `save_optimizer=False` skips it, and a resume then restarts Adam).
+* Resume. A rerun with the same output_dir loads the newest round's policy as actor, its value as
+  critic and its optimizer state, and trains only the remaining updates; step numbers continue and
+  the episode total stays `total_episodes`. Each chunk is seeded with `seed + its first global step`
+  (prompt order, sampling, minibatch shuffles), so a resumed run replays what the uninterrupted run
+  would have done (bit-identical on CPU). With LoRA a resume starts fresh adapters and a fresh Adam
+  on the merged weights (no optimizer state is kept for LoRA runs).
+* Per-update metrics to `on_step(global_step, metrics)` with friendly names (see METRIC_NAMES).
+
+Memory options for models bigger than the CPU smoke tests:
+* `gradient_checkpointing=True`: recompute activations of actor and critic in the backward pass
+  (TRL's PPOTrainer never enables it itself; we do, and TRL switches it off around generation).
+* `precision="bf16"` (or "auto" on a GPU with bf16): actor and critic keep float32 weights and
+  optimizer state and run under bf16 autocast; the frozen reference and reward models are loaded
+  in bf16 (half their memory). TRL's own `bf16` flag is not used: its Accelerator ignores it.
+* `lora=True`: LoRA adapters (peft, all linear layers, rank `lora_r`) on actor AND critic; only the
+  adapters (and the critic's score head) are trained, so optimizer state shrinks to a few MB.
+  Saved rounds hold the merged weights (plain from_pretrained dirs). The reference is still a
+  separate full copy of the SFT model.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from transformers import TrainerCallback
+
+from instructflow.tasks.plots import plot_lines
+
+# our name -> the key in the dict PPOTrainer logs once per update
+METRIC_NAMES = {
+    "reward": "objective/scores",  # mean reward-model score of the rollouts, missing-eos penalty included
+    "rlhf_reward": "objective/rlhf_reward",  # score - kl_coef * KL: what PPO maximizes
+    "kl": "objective/kl",  # sum over response tokens of log pi - log ref (k1), mean over rollouts
+    "entropy": "objective/entropy",
+    "non_score_reward": "objective/non_score_reward",
+    "policy_loss": "loss/policy_avg",
+    "value_loss": "loss/value_avg",
+    "clipfrac": "policy/clipfrac_avg",
+    "value_clipfrac": "val/clipfrac_avg",
+    "ratio": "val/ratio",  # new/old policy probability ratio; should stay near 1.0
+    "approxkl": "policy/approxkl_avg",
+    "num_eos_tokens": "val/num_eos_tokens",
+    "lr": "lr",
+}
+
+
+@dataclass
+class PPOSettings:
+    policy_model: Path  # SFT checkpoint (actor; the frozen reference is a second copy of it)
+    reward_model: Path  # reward model dir (critic initialised from it unless value_model given)
+    output_dir: Path
+    value_model: Path | None = None
+    total_episodes: int = 64  # rollouts in the whole run; a multiple of batch_size * grad_accum
+    batch_size: int = 8  # per_device_train_batch_size: prompts per micro batch
+    grad_accum: int = 1  # micro batches per rollout batch
+    num_mini_batches: int = 1
+    num_ppo_epochs: int = 4
+    learning_rate: float = 3e-6
+    response_length: int = 53  # max new tokens per rollout
+    temperature: float = 0.7
+    kl_coef: float = 0.05
+    cliprange: float = 0.2
+    vf_coef: float = 0.1
+    missing_eos_penalty: float = 1.0  # subtracted from the score of a rollout that never emits eos (0: off)
+    max_prompt_length: int = 256  # longer prompts are dropped (trimming would cut the chat format)
+    save_every_steps: int = 2  # "rounds": PPO updates between saved (policy, value) pairs
+    lora: bool = False
+    gradient_checkpointing: bool = False
+    precision: str = "auto"  # "auto" (bf16 on a GPU that supports it, else fp32), "fp32" or "bf16"
+    seed: int = 42
+    lora_r: int = 16
+    lora_alpha: int = 32
+    keep_rounds: int | None = None  # keep only the newest N rounds on disk (None: keep all)
+    save_optimizer: bool = True  # AdamW state in the newest round (2x trainable weights); False: resume restarts Adam
+
+
+class PPOInputError(ValueError):
+    pass
+
+
+@dataclass
+class Round:
+    path: Path
+    step: int  # PPO updates done
+    episodes: int
+    state: dict[str, Any]
+
+
+def train_ppo(prompts: Sequence[str], settings: PPOSettings,
+              on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Train the policy with PPO on `prompts` (already in the policy's prompt format); resume if possible.
+
+    Returns steps, episodes, reward_first, reward_last, kl_last, policy_checkpoint, value_checkpoint,
+    episodes_per_s (this call), wall_s, resumed_from (round dir or None), plot, skipped_prompts,
+    (paths as str), plus updates_this_run and prompts_used.
+    """
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, set_seed
+
+    started = time.time()
+    s = replace(settings, policy_model=Path(settings.policy_model), reward_model=Path(settings.reward_model),
+                output_dir=Path(settings.output_dir),
+                value_model=Path(settings.value_model) if settings.value_model is not None else None)
+    _check_settings(s)
+    rollout_batch = s.batch_size * s.grad_accum
+    total_updates = s.total_episodes // rollout_batch
+
+    # ---- tokenizer and prompts ----------------------------------------------------------------
+    tokenizer = _checked_tokenizer(s)
+    queries, skipped = tokenize_prompts(tokenizer, prompts, s.max_prompt_length)
+    if not queries:
+        raise PPOInputError(f"train_ppo: none of the {len(prompts)} prompts is usable "
+                            f"({skipped} empty or longer than max_prompt_length={s.max_prompt_length} tokens)")
+    prompts_used = len(queries)
+    # TRL's dataloader drops incomplete batches and loops forever: fewer prompts than a batch would hang it
+    while len(queries) < rollout_batch:
+        queries = queries + queries
+    dataset = Dataset.from_dict({"input_ids": queries})
+
+    # ---- where to start: fresh or the newest complete round ------------------------------------
+    rounds_dir = s.output_dir / "rounds"
+    resume = last_complete_round(rounds_dir)
+    step, episodes, history = 0, 0, []
+    if resume is not None:
+        _check_resumable(resume, s, rollout_batch)
+        step, episodes, history = resume.step, resume.episodes, list(resume.state.get("history", []))
+    print(f"ppo: {'resuming from ' + str(resume.path) if resume else 'fresh start'}; "
+          f"{step}/{total_updates} updates done, {prompts_used} prompts ({skipped} skipped)")
+
+    # ---- the four models ------------------------------------------------------------------------
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = s.precision
+    if precision == "auto":
+        precision = "bf16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    frozen_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+
+    actor_dir = resume.path / "policy" if resume else s.policy_model
+    critic_dir = resume.path / "value" if resume else (s.value_model or s.reward_model)
+    actor = AutoModelForCausalLM.from_pretrained(actor_dir, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(s.policy_model, dtype=frozen_dtype)
+    reward = AutoModelForSequenceClassification.from_pretrained(s.reward_model, num_labels=1, dtype=frozen_dtype)
+    critic = AutoModelForSequenceClassification.from_pretrained(critic_dir, num_labels=1, dtype=torch.float32)
+    for model in (reference, reward, critic):
+        model.config.pad_token_id = tokenizer.pad_token_id  # sequence classifiers find the last token by it
+    reference.eval().requires_grad_(False)
+    reward.eval().requires_grad_(False)
+    if s.lora:
+        actor, critic = _with_lora(actor, "CAUSAL_LM", s), _with_lora(critic, "SEQ_CLS", s)
+    if s.gradient_checkpointing:
+        for model in (actor, critic):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    save_tokenizer = AutoTokenizer.from_pretrained(s.policy_model)  # as loaded: without our left padding
+
+    # ---- one optimizer and LR schedule across all chunks (see the module docstring) -------------
+    trainable = [p for model in (actor, critic) for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=s.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                                  fused=True)  # as TRL's default "adamw_torch_fused"; several times faster on CPU
+    if resume is not None and (resume.path / "optimizer.pt").is_file() and not s.lora:
+        optimizer.load_state_dict(torch.load(resume.path / "optimizer.pt", map_location="cpu", weights_only=True))
+    first_step = step
+    # TRL steps the scheduler once per update; u counts the updates of this call
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 1.0 - (first_step + u) / total_updates)
+
+    def report(global_step: int, metrics: dict[str, float]) -> None:
+        history.append({"step": global_step, **metrics})
+        if on_step is not None:
+            on_step(global_step, dict(metrics))
+
+    # ---- PPO in chunks of save_every_steps updates, a round saved after each ----------------------
+    train_started = time.time()
+    s.output_dir.mkdir(parents=True, exist_ok=True)
+    last_round = resume
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    # TRL calls gc.collect() twice per update; with transformers' import-time objects moved out of the
+    # collector's reach (unfrozen again below) each call takes milliseconds instead of ~0.2 s
+    gc.freeze()
+    try:
+        while step < total_updates:
+            updates = min(s.save_every_steps, total_updates - step)
+            set_seed(s.seed + step)  # python, numpy (minibatch shuffles), torch (prompt order, sampling)
+            trainer = _ppo_trainer(s, updates * rollout_batch, s.seed + step, tokenizer, actor, reference, reward,
+                                   critic, dataset, optimizer, scheduler)
+            trainer.add_callback(_ReportSteps(first_step=step, first_episode=episodes, report=report))
+            with autocast:
+                trainer.train()
+            step, episodes = step + updates, episodes + updates * rollout_batch
+            del trainer
+            gc.collect()
+            state = {"global_step": step, "episodes": episodes, "seed": s.seed, "next_chunk_seed": s.seed + step,
+                     "rollout_batch": rollout_batch, "total_episodes": s.total_episodes,
+                     "policy_model": str(s.policy_model.resolve()), "reward_model": str(s.reward_model.resolve()),
+                     "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
+                     "history": history}
+            saved = save_round(rounds_dir, step, actor, critic, save_tokenizer, state,
+                               optimizer=optimizer if s.save_optimizer and not s.lora else None)
+            last_round = Round(saved, step, episodes, state)
+            _prune_rounds(rounds_dir, keep=s.keep_rounds, newest=saved)
+    finally:
+        gc.unfreeze()
+    train_wall = time.time() - train_started
+
+    # ---- final pair, plot, summary -------------------------------------------------------------
+    final_dir = s.output_dir / "final"
+    if last_round is None:  # total_updates == 0 cannot happen (checked), but keep the invariant explicit
+        raise PPOInputError("train_ppo: nothing trained and no saved round")
+    _replace_dir_atomically(final_dir, lambda tmp: shutil.copytree(
+        last_round.path, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("optimizer.pt")))
+    steps_seen = [h["step"] for h in history]
+    plot = plot_lines(s.output_dir / "ppo.png", "PPO: reward-model score and KL to the SFT model",
+                      {"reward": (steps_seen, [h["reward"] for h in history]),
+                       "rlhf_reward": (steps_seen, [h["rlhf_reward"] for h in history]),
+                       "kl": (steps_seen, [h["kl"] for h in history])}, xlabel="PPO update")
+    updates_this_run = step - first_step
+    return {
+        "steps": step,
+        "episodes": episodes,
+        "reward_first": history[0]["reward"] if history else None,
+        "reward_last": history[-1]["reward"] if history else None,
+        "kl_last": history[-1]["kl"] if history else None,
+        "policy_checkpoint": str(final_dir / "policy"),
+        "value_checkpoint": str(final_dir / "value"),
+        "episodes_per_s": updates_this_run * rollout_batch / train_wall if updates_this_run else None,
+        "wall_s": time.time() - started,
+        "resumed_from": str(resume.path) if resume else None,
+        "plot": str(plot),
+        "skipped_prompts": skipped,
+        "prompts_used": prompts_used,
+        "updates_this_run": updates_this_run,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Input checks
+
+def _check_settings(s: PPOSettings) -> None:
+    for name in ("policy_model", "reward_model", "value_model"):
+        path = getattr(s, name)
+        if path is not None and not (path / "config.json").is_file():
+            raise PPOInputError(f"PPOSettings.{name}: {path} is not a model dir (no config.json)")
+    positive = ("total_episodes", "batch_size", "grad_accum", "num_mini_batches", "num_ppo_epochs",
+                "response_length", "max_prompt_length", "save_every_steps", "lora_r")
+    for name in positive:
+        if not isinstance(getattr(s, name), int) or getattr(s, name) < 1:
+            raise PPOInputError(f"PPOSettings.{name}: must be a positive integer, got {getattr(s, name)!r}")
+    rollout_batch = s.batch_size * s.grad_accum
+    if s.total_episodes % rollout_batch:
+        raise PPOInputError(f"PPOSettings.total_episodes: {s.total_episodes} is not a multiple of the rollout batch "
+                            f"batch_size * grad_accum = {rollout_batch}")
+    if rollout_batch % s.num_mini_batches:
+        raise PPOInputError(f"PPOSettings.num_mini_batches: {s.num_mini_batches} does not divide the rollout batch "
+                            f"{rollout_batch}")
+    for name in ("learning_rate", "temperature"):
+        if not getattr(s, name) > 0:
+            raise PPOInputError(f"PPOSettings.{name}: must be > 0, got {getattr(s, name)!r}")
+    if s.missing_eos_penalty < 0:
+        raise PPOInputError(f"PPOSettings.missing_eos_penalty: must be >= 0, got {s.missing_eos_penalty!r}")
+    if s.precision not in ("auto", "fp32", "bf16"):
+        raise PPOInputError(f"PPOSettings.precision: {s.precision!r} is not one of 'auto', 'fp32', 'bf16'")
+    if s.keep_rounds is not None and s.keep_rounds < 1:
+        raise PPOInputError(f"PPOSettings.keep_rounds: must be None or >= 1, got {s.keep_rounds!r}")
+
+
+def _checked_tokenizer(s: PPOSettings):
+    """The policy's tokenizer (left padding), after checking reward/value models speak the same one."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(s.policy_model)
+    if tokenizer.pad_token_id is None:
+        raise PPOInputError(f"PPOSettings.policy_model: {s.policy_model} tokenizer has no pad token")
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise PPOInputError(f"PPOSettings.policy_model: {s.policy_model} tokenizer pads with eos "
+                            f"({tokenizer.eos_token!r}); PPO needs a distinct pad token (see ensure_distinct_pad)")
+    vocab = tokenizer.get_vocab()
+    for name in ("policy_model", "reward_model", "value_model"):
+        path = getattr(s, name)
+        if path is None:
+            continue
+        config = AutoConfig.from_pretrained(path)
+        if getattr(config, "vocab_size", len(tokenizer)) < len(tokenizer):
+            raise PPOInputError(f"PPOSettings.{name}: {path} has vocab_size {config.vocab_size} but the policy "
+                                f"tokenizer has {len(tokenizer)} tokens")
+        if name == "policy_model" or not (path / "tokenizer_config.json").is_file():
+            continue
+        other = AutoTokenizer.from_pretrained(path)
+        if len(other) != len(tokenizer) or other.get_vocab() != vocab:
+            raise PPOInputError(f"PPOSettings.{name}: {path} tokenizer differs from the policy's "
+                                f"({len(other)} vs {len(tokenizer)} tokens); all PPO models must share one")
+        if other.pad_token_id != tokenizer.pad_token_id:
+            raise PPOInputError(f"PPOSettings.{name}: {path} pad token id {other.pad_token_id} differs from the "
+                                f"policy's {tokenizer.pad_token_id}")
+    tokenizer.padding_side = "left"  # prompts are left-padded so every response starts at the same column
+    return tokenizer
+
+
+def tokenize_prompts(tokenizer, prompts: Sequence[str], max_prompt_length: int) -> tuple[list[list[int]], int]:
+    """Token ids per usable prompt, and how many were dropped (empty, too long, or containing the pad token)."""
+    queries, skipped = [], 0
+    for prompt in prompts:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]  # prompts arrive fully formatted
+        # TRL finds padding by token id: a literal pad token inside a prompt would be masked out
+        if not ids or len(ids) > max_prompt_length or tokenizer.pad_token_id in ids:
+            skipped += 1
+            continue
+        queries.append(ids)
+    return queries, skipped
+
+
+def _check_resumable(found: Round, s: PPOSettings, rollout_batch: int) -> None:
+    state = found.state
+    if state.get("rollout_batch") != rollout_batch:
+        raise PPOInputError(f"{found.path}/state.json: saved with rollout batch {state.get('rollout_batch')}, "
+                            f"settings give {rollout_batch}; use a fresh output_dir")
+    if state.get("policy_model") != str(s.policy_model.resolve()):
+        raise PPOInputError(f"{found.path}/state.json: started from policy {state.get('policy_model')}, "
+                            f"settings give {s.policy_model}; use a fresh output_dir")
+    if found.episodes > s.total_episodes:
+        raise PPOInputError(f"{found.path}/state.json: {found.episodes} episodes already done, more than "
+                            f"PPOSettings.total_episodes={s.total_episodes}")
+
+
+# ------------------------------------------------------------------------------------------------
+# One chunk: a PPOTrainer for `episodes` rollouts
+
+def _ppo_trainer(s: PPOSettings, episodes: int, seed: int, tokenizer, actor, reference, reward, critic, dataset,
+                 optimizer, scheduler):
+    import warnings
+
+    from transformers import PrinterCallback, ProgressCallback
+
+    with warnings.catch_warnings():  # "APIs here are unstable": known, TRL 1.12 is pinned for this module
+        warnings.filterwarnings("ignore", message=".*trl.experimental")
+        from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    config = PPOConfig(
+        output_dir=str(s.output_dir), report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
+        total_episodes=episodes, per_device_train_batch_size=s.batch_size, gradient_accumulation_steps=s.grad_accum,
+        local_rollout_forward_batch_size=s.batch_size, num_mini_batches=s.num_mini_batches,
+        num_ppo_epochs=s.num_ppo_epochs, learning_rate=s.learning_rate,
+        response_length=s.response_length, temperature=s.temperature, kl_coef=s.kl_coef, cliprange=s.cliprange,
+        vf_coef=s.vf_coef, stop_token="eos", missing_eos_penalty=s.missing_eos_penalty or None,
+        num_sample_generations=0, seed=seed,
+        bf16=False, fp16=False, gradient_checkpointing=False,  # handled by us, see the module docstring
+    )
+    trainer = PPOTrainer(args=config, processing_class=tokenizer, model=actor, ref_model=reference,
+                         reward_model=reward, train_dataset=dataset, value_model=critic,
+                         optimizers=(optimizer, scheduler))
+    for noisy in (PrinterCallback, ProgressCallback):  # they print every log dict; on_step gets them instead
+        trainer.remove_callback(noisy)
+    return trainer
+
+
+class _ReportSteps(TrainerCallback):
+    """Turns each PPO update's log dict into report(global step, metrics under our names)."""
+
+    def __init__(self, first_step: int, first_episode: int, report: Callable[[int, dict], None]):
+        self.first_step, self.first_episode, self.report = first_step, first_episode, report
+        self.started = time.time()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.time()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "objective/scores" not in logs:
+            return
+        metrics = {ours: float(logs[theirs]) for ours, theirs in METRIC_NAMES.items() if theirs in logs}
+        metrics["episodes"] = float(self.first_episode + state.episode)
+        # TRL's own "eps" is rounded down to an int: useless below 1 episode/s on a CPU
+        metrics["episodes_per_s"] = state.episode / max(time.time() - self.started, 1e-9)
+        self.report(self.first_step + state.global_step, metrics)
+
+
+def _with_lora(model, task_type: str, s: PPOSettings):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
+                        task_type=task_type)  # SEQ_CLS also trains the score head in full (modules_to_save)
+    return get_peft_model(model, config)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rounds on disk
+
+def last_complete_round(rounds_dir: Path) -> Round | None:
+    """The round with the most updates whose dir is complete (state.json, policy and value configs)."""
+    found: list[Round] = []
+    for path in Path(rounds_dir).glob("round-*"):
+        try:
+            step = int(path.name.removeprefix("round-"))
+            state = json.loads((path / "state.json").read_text())
+        except (ValueError, OSError):
+            continue
+        if (state.get("global_step") == step and (path / "policy" / "config.json").is_file()
+                and (path / "value" / "config.json").is_file()):
+            found.append(Round(path, step, int(state["episodes"]), state))
+    return max(found, key=lambda r: r.step, default=None)
+
+
+def save_round(rounds_dir: Path, step: int, actor, critic, tokenizer, state: dict, optimizer=None) -> Path:
+    """Write policy/, value/ (each with the tokenizer), optimizer.pt and state.json (last), then rename into place."""
+    import torch
+
+    def write(tmp: Path) -> None:
+        for name, model in (("policy", actor), ("value", critic)):
+            _plain_model(model).save_pretrained(tmp / name)
+            tokenizer.save_pretrained(tmp / name)
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+
+    return _replace_dir_atomically(Path(rounds_dir) / f"round-{step:06d}", write)
+
+
+def _plain_model(model):
+    """A from_pretrained-loadable model: LoRA adapters merged into a copy (the live model keeps training)."""
+    from peft import PeftModel
+
+    return copy.deepcopy(model).merge_and_unload() if isinstance(model, PeftModel) else model
+
+
+def _replace_dir_atomically(target: Path, write: Callable[[Path], None]) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a crash mid-write
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        tmp.chmod(0o755)
+        if target.exists():  # e.g. final/ of an earlier call; the old one is gone only once the new one is whole
+            old = target.with_name(f".{target.name}.tmp-old-{os.getpid()}")
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _prune_rounds(rounds_dir: Path, keep: int | None, newest: Path) -> None:
+    """Optimizer state only in the newest round; only the newest `keep` rounds (None: all)."""
+    rounds = sorted(Path(rounds_dir).glob("round-*"), key=lambda p: p.name)
+    for old in rounds:
+        if old != newest:
+            (old / "optimizer.pt").unlink(missing_ok=True)
+    if keep is not None:
+        for old in rounds[:-keep]:
+            if old != newest:
+                shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,76 @@
+"""Sample responses from a local causal LM dir: k per prompt, batched, reproducible for a seed.
+
+Used by the preferences stage (k samples per prompt from the SFT model) and by evaluation (one
+greedy answer per prompt from SFT and from PPO).
+
+    responses = generate_responses(model_dir, prompts, k=4, temperature=0.7, seed=0)
+    responses[i][j]  # the j-th sample for prompts[i]: decoded text after the prompt, special tokens stripped
+
+Prompts are passed through exactly as the model sees them (the caller applies the chat / SFT
+format), so they are tokenized without adding special tokens.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+
+def generate_responses(model_dir: Path, prompts: Sequence[str], *, k: int = 1, temperature: float = 0.7,
+                       top_p: float = 1.0, max_new_tokens: int = 128, batch_size: int = 8, seed: int = 0,
+                       on_progress: Callable[[int, int], None] | None = None) -> list[list[str]]:
+    """`k` responses for each prompt, in prompt order; greedy (and so k identical copies) when temperature == 0.
+
+    Deterministic for a given (model, prompts, batch_size, seed): each batch reseeds the RNG with
+    `seed + batch index` (inside a forked RNG, so the caller's global RNG state is left alone).
+    Generation stops at the tokenizer's eos; `on_progress(prompts_done, prompts_total)` runs after each batch.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"generate_responses: {model_dir}/config.json not found (not a model dir)")
+    for name, value, ok in (("k", k, k >= 1), ("temperature", temperature, temperature >= 0),
+                            ("top_p", top_p, 0 < top_p <= 1), ("max_new_tokens", max_new_tokens, max_new_tokens >= 1),
+                            ("batch_size", batch_size, batch_size >= 1)):
+        if not ok:
+            raise ValueError(f"generate_responses: invalid {name}={value!r}")
+    prompts = list(prompts)
+    if not prompts:
+        return []
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"  # decoder-only: new tokens must follow the prompt directly
+    if tokenizer.pad_token_id is None:  # only for batching here: the attention mask keeps eos-as-pad harmless
+        tokenizer.pad_token = tokenizer.eos_token
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+
+    greedy = temperature == 0
+    # top_k=0: no implicit top-k cut (OpenAI semantics, as in the teacher server's generation config)
+    generation = GenerationConfig(
+        do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,
+        top_k=None if greedy else 0, max_new_tokens=max_new_tokens,
+        num_return_sequences=1 if greedy else k,  # greedy: k identical samples, computed once
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model.generation_config = generation  # replace, not merge: the saved config's sampling flags must not leak in
+
+    responses: list[list[str]] = []
+    for batch_index, start in enumerate(range(0, len(prompts), batch_size)):
+        batch = prompts[start:start + batch_size]
+        encoded = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            torch.manual_seed(seed + batch_index)
+            output = model.generate(**encoded)
+        new_tokens = output[:, encoded["input_ids"].shape[1]:]  # left padding: every prompt ends at the same column
+        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        per_prompt = 1 if greedy else k
+        for i in range(len(batch)):
+            samples = [text.strip() for text in texts[i * per_prompt:(i + 1) * per_prompt]]
+            responses.append(samples * k if greedy else samples)
+        if on_progress is not None:
+            on_progress(len(responses), len(prompts))
+    return responses
