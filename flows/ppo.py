@@ -26,7 +26,8 @@ def train(ctx: StageContext, prompts: list[str], policy: Path, reward: Path, out
                            learning_rate=p.learning_rate, response_length=p.response_length,
                            temperature=p.temperature, kl_coef=p.kl_coef, cliprange=p.cliprange, vf_coef=p.vf_coef,
                            missing_eos_penalty=p.missing_eos_penalty, max_prompt_length=p.max_prompt_length,
-                           save_every_steps=p.save_every_steps, lora=p.lora,
+                           save_every_steps=p.save_every_steps, keep_rounds=p.keep_rounds or None,
+                           save_optimizer=p.save_optimizer, lora=p.lora,
                            gradient_checkpointing=p.gradient_checkpointing, precision=p.precision, seed=p.seed)
     return train_ppo(prompts, settings, on_step=ctx.step)
 

@@ -153,7 +153,9 @@ class PPOConfig:
     vf_coef: float = 0.1
     missing_eos_penalty: float = 1.0
     max_prompt_length: int = 256
-    save_every_steps: int = 2
+    save_every_steps: int = 2           # PPO updates between saved (policy, value) rounds
+    keep_rounds: int = 0                # keep only the newest N rounds on disk (0 = all)
+    save_optimizer: bool = True         # AdamW state in the newest round: exact resume, ~2x model size on disk
     lora: bool = False
     gradient_checkpointing: bool = False
     precision: str = choice("auto", "auto", "fp32", "bf16", "fp16")
@@ -277,6 +279,8 @@ def _validate_ranges(label: str, prefix: str, cfg: Config) -> None:
         ("teacher.max_concurrency", cfg.teacher.max_concurrency >= 1, ">= 1"),
         ("teacher.max_retries", cfg.teacher.max_retries >= 0, ">= 0"),
         ("preferences.k", cfg.preferences.k >= 2, ">= 2"),
+        ("ppo.total_episodes", cfg.ppo.total_episodes % (cfg.ppo.batch_size * cfg.ppo.grad_accum) == 0,
+         "a multiple of ppo.batch_size * ppo.grad_accum"),
         ("sft.eval_fraction", 0.0 < cfg.sft.eval_fraction < 1.0, "between 0 and 1 (exclusive)"),
         ("reward.eval_fraction", 0.0 < cfg.reward.eval_fraction < 1.0, "between 0 and 1 (exclusive)"),
     ]

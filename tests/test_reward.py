@@ -68,6 +68,7 @@ def test_reward_model_learns_a_keyword_preference(tiny, tmp_path):
     final = Path(metrics["checkpoint"])
     model = AutoModelForSequenceClassification.from_pretrained(final)
     tokenizer = AutoTokenizer.from_pretrained(final)
+    assert json.loads((final / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
     assert isinstance(model, LlamaForSequenceClassification) and model.config.num_labels == 1
     assert model.config.pad_token_id == tokenizer.pad_token_id != tokenizer.eos_token_id
     assert json.loads((final / "metrics.json").read_text())["accuracy_after"] == metrics["accuracy_after"]

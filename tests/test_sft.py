@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -161,6 +163,24 @@ def test_job_file_entry_point_with_empty_eval_and_truncation(tiny, rows, tmp_pat
     assert metrics["eval_on_train"] is True and metrics["eval_examples"] == 0 and metrics["train_examples"] == 8
     assert metrics["truncated_examples"] == 2 and metrics["dropped_examples"] == 1
     assert metrics["steps"] == 1 and (Path(metrics["checkpoint"]) / "model.safetensors").is_file()
+
+
+def test_two_process_data_parallel_launch(tiny, rows, tmp_path):
+    """What `accelerate launch --config_file models/accelerate/ddp.yaml -m instructflow.models.sft` does on
+    GPUs, here with torchrun and gloo on the CPU: two ranks, one shared output dir, rank 0 writes."""
+    job = write_job(tmp_path / "job.json", rows[:16], rows[36:],
+                    settings(tiny, tmp_path / "ddp", max_steps=2, eval_steps=10, save_steps=2))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "instructflow.models.sft", "--job", str(job)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(printed) == 1  # only rank 0 reports
+    metrics = json.loads(printed[0])
+    state = json.loads((tmp_path / "ddp" / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["epoch"] == 1.0  # 2 steps x 4 rows x 2 ranks = all 16 rows: both ranks trained
+    assert metrics["steps"] == 2 and isinstance(AutoModelForCausalLM.from_pretrained(metrics["checkpoint"]),
+                                                LlamaForCausalLM)
 
 
 @pytest.mark.parametrize("case, message", [

@@ -1,0 +1,293 @@
+"""Reward-model recipe (TRL RewardTrainer): preference pairs in, a LlamaForSequenceClassification dir out.
+
+The reward model starts from the SFT checkpoint (same tokenizer as the actor, which PPO requires) with
+a fresh one-output `score` head, and learns -log sigmoid(r(chosen) - r(rejected)) plus a small
+penalty on (r(chosen) + r(rejected))^2 that keeps rewards centred on zero (`center_rewards_coefficient`).
+
+A reward is read at the last non-pad token of `prompt + response + eos`, exactly as TRL tokenizes the
+pairs during training; `score()` does the same, so held-out accuracy and margin before and after
+training (and the scores PPO and evaluation see) are all measured one way.
+
+Pairs longer than `max_length` tokens are dropped by TRL during training (counted in `dropped_pairs`);
+`score()` keeps the last `max_length` tokens of a long input instead, so the reply's end is scored.
+
+Resume, final dir, metrics.json and the empty-eval fallback work as in `models/sft.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from instructflow.models.sft import (ProgressCallback, ReportSteps, StepCallback, check_model_dir, check_rows,
+                                     drop_printer, ensure_pad, finished_metrics, fingerprint, is_main_rank, lora_config,
+                                     publish_final, quiet_progress_bars, read_json, resolve_precision,
+                                     start_or_resume, update_run, METRICS_FILE)
+
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+
+
+@dataclass
+class RewardSettings:
+    sft_model: Path
+    output_dir: Path
+    max_length: int = 512
+    epochs: float = 1.0
+    max_steps: int = -1                # > 0 overrides epochs
+    learning_rate: float = 1e-5
+    batch_size: int = 4                # pairs per device
+    grad_accum: int = 1
+    center_rewards_coefficient: float = 0.01
+    lora: bool = False
+    gradient_checkpointing: bool = False
+    precision: str = "auto"            # auto: bf16 if the GPU supports it, else fp16 on GPU, fp32 on CPU
+    eval_steps: int = 50
+    save_steps: int = 50
+    seed: int = 42
+    # not set by the flow; sensible defaults
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    logging_steps: int = 1
+    save_total_limit: int = 2
+
+
+class RewardInputError(ValueError):
+    """Bad pairs or settings, reported in one line before any training starts."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring
+
+def reward_text(prompt: str, response: str, eos: str) -> str:
+    """What the reward model reads: prompt + response + eos (TRL appends eos the same way)."""
+    return prompt + response + ("" if response.endswith(eos) else eos)
+
+
+def score_with(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 8,
+               max_length: int = 512) -> list[float]:
+    """Rewards from an in-memory model; inputs longer than max_length keep their last max_length tokens."""
+    import torch
+
+    if len(prompts) != len(responses):
+        raise ValueError(f"score: {len(prompts)} prompts but {len(responses)} responses")
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token or ""
+    ids = [tokenizer(text=reward_text(p, r, eos))["input_ids"][-max_length:] for p, r in zip(prompts, responses)]
+    was_training = model.training
+    model.eval()
+    scores: list[float] = []
+    with torch.no_grad():
+        for start in range(0, len(ids), batch_size):
+            batch = ids[start:start + batch_size]
+            width = max(len(x) for x in batch)
+            input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, x in enumerate(batch):  # right padding: the model reads the last non-pad token
+                input_ids[row, :len(x)] = torch.tensor(x)
+                attention_mask[row, :len(x)] = 1
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+            scores += logits[:, 0].float().cpu().tolist()
+    model.train(was_training)
+    return scores
+
+
+def score(model_dir: Path, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 8,
+          max_length: int = 512) -> list[float]:
+    """One scalar reward per (prompt, response) from a saved reward model (GPU if there is one)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model_dir = check_model_dir(model_dir, "reward model", RewardInputError)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
+    if model.config.num_labels != 1:
+        raise RewardInputError(f"{model_dir} has num_labels={model.config.num_labels}; a reward model has 1")
+    if model.config.pad_token_id is None:
+        raise RewardInputError(f"{model_dir}/config.json has no pad_token_id: batched rewards would be read "
+                               "at the wrong token")
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    return score_with(model, tokenizer, prompts, responses, batch_size, max_length)
+
+
+def pair_stats(chosen: Sequence[float], rejected: Sequence[float]) -> tuple[float, float]:
+    """(accuracy: share of pairs with r_chosen > r_rejected, ties count as wrong; mean margin)."""
+    diffs = [c - r for c, r in zip(chosen, rejected)]
+    return sum(d > 0 for d in diffs) / len(diffs), sum(diffs) / len(diffs)
+
+
+def score_pairs(model, tokenizer, rows: Sequence[dict], max_length: int, batch_size: int = 8):
+    prompts = [r["prompt"] for r in rows]
+    chosen = score_with(model, tokenizer, prompts, [r["chosen"] for r in rows], batch_size, max_length)
+    rejected = score_with(model, tokenizer, prompts, [r["rejected"] for r in rows], batch_size, max_length)
+    return chosen, rejected
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe
+
+def count_too_long(tokenizer, rows: Sequence[dict], max_length: int) -> int:
+    """Pairs TRL will drop: chosen or rejected text longer than max_length tokens."""
+    eos = tokenizer.eos_token or ""
+    return sum(max(len(tokenizer(text=reward_text(r["prompt"], r[side], eos))["input_ids"])
+                   for side in ("chosen", "rejected")) > max_length for r in rows)
+
+
+def load_reward_model(sft_model: Path, seed: int):
+    """LlamaForSequenceClassification (num_labels=1) from the SFT weights; the new head is seeded."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, set_seed
+    from trl.trainer.reward_trainer import suppress_seqcls_warning  # hides the expected "score.weight is new"
+
+    set_seed(seed)
+    with suppress_seqcls_warning():
+        return AutoModelForSequenceClassification.from_pretrained(sft_model, num_labels=1, dtype=torch.float32)
+
+
+def save_merged_lora(settings: RewardSettings, adapter_dir: Path, out_dir: Path, tokenizer) -> None:
+    """Merge the LoRA adapter (and its trained score head, saved as modules_to_save) into a plain model."""
+    from peft import PeftModel
+
+    base = load_reward_model(settings.sft_model, settings.seed)
+    if base.get_input_embeddings().num_embeddings < len(tokenizer):
+        base.resize_token_embeddings(len(tokenizer))
+    base.config.pad_token_id = tokenizer.pad_token_id
+    PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def train_reward(train: Sequence[dict], eval: Sequence[dict], settings: RewardSettings,
+                 on_step: StepCallback | None = None, on_progress: ProgressCallback | None = None) -> dict:
+    """Train a reward model on prompt/chosen/rejected rows; returns metrics (also in final/metrics.json)."""
+    started = time.time()
+    # 1. inputs
+    train_rows = check_rows(train, "train", PAIR_FIELDS, RewardInputError)
+    eval_rows = check_rows(eval, "eval", PAIR_FIELDS, RewardInputError)
+    if not train_rows:
+        raise RewardInputError("train set is empty: no preference pairs to learn from")
+    settings = dataclasses.replace(settings, sft_model=check_model_dir(settings.sft_model, "sft_model",
+                                                                       RewardInputError),
+                                   output_dir=Path(settings.output_dir).expanduser().resolve())
+    if settings.batch_size < 1 or settings.grad_accum < 1:
+        raise RewardInputError(f"batch_size={settings.batch_size} and grad_accum={settings.grad_accum} must be >= 1")
+    if settings.max_steps <= 0 and settings.epochs <= 0:
+        raise RewardInputError(f"nothing to train: max_steps={settings.max_steps} and epochs={settings.epochs}")
+    precision = resolve_precision(settings.precision, RewardInputError)
+    eval_on_train = not eval_rows  # documented fallback: in-sample accuracy, flagged in the metrics
+    if eval_on_train:
+        eval_rows = train_rows
+    job = fingerprint(settings, train_rows, eval_rows)
+
+    # 2. already done?
+    done = finished_metrics(settings.output_dir, job, RewardInputError)
+    if done is not None:
+        return done
+    run, resume_from = start_or_resume(settings.output_dir, job, RewardInputError)
+
+    # 3. tokenizer, model, data
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    quiet_progress_bars()
+    tokenizer = AutoTokenizer.from_pretrained(settings.sft_model)
+    model = load_reward_model(settings.sft_model, settings.seed)
+    ensure_pad(tokenizer, model)  # pad != eos: the reward is read at the eos that ends each reply
+    dropped = count_too_long(tokenizer, train_rows, settings.max_length)
+    if dropped == len(train_rows):
+        raise RewardInputError(f"every train pair is longer than max_length={settings.max_length} tokens; "
+                               "raise max_length")
+
+    # 4. held-out accuracy and margin before training (measured once per job, kept across resumes;
+    #    only rank 0 reports metrics, so only rank 0 measures)
+    if "accuracy_before" not in run and is_main_rank():
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        accuracy, margin = pair_stats(*score_pairs(model.to(device), tokenizer, eval_rows, settings.max_length,
+                                                   settings.batch_size * 2))
+        run = update_run(settings.output_dir, run, accuracy_before=accuracy, margin_before=margin)
+        if on_step is not None:
+            on_step(0, {"heldout_accuracy": accuracy, "heldout_margin": margin})
+
+    # 5. train (resume_from_checkpoint restores weights, optimizer, scheduler, RNG and step)
+    config = RewardConfig(
+        output_dir=str(settings.output_dir / "checkpoints"),
+        max_length=settings.max_length,
+        center_rewards_coefficient=settings.center_rewards_coefficient or None,
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type="linear",
+        activation_checkpointing=settings.gradient_checkpointing,  # the new name; TRL defaults the old one to True
+        dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),  # also makes `torchrun` on CPU real (gloo) data parallelism
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        seed=settings.seed,
+        eval_strategy="steps",
+        eval_steps=settings.eval_steps,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=settings.save_total_limit,
+        logging_steps=settings.logging_steps,
+        report_to="none",
+        disable_tqdm=True,
+    )
+    peft_config = lora_config(settings, "SEQ_CLS") if settings.lora else None
+    trainer = RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(train_rows),
+                            eval_dataset=Dataset.from_list(eval_rows), processing_class=tokenizer,
+                            peft_config=peft_config, callbacks=[ReportSteps(on_step, on_progress)])
+    drop_printer(trainer)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+    # 6. final model, held-out scores through score(), metrics, plot
+    final = settings.output_dir / "final"
+    tmp = settings.output_dir / ".final.tmp"
+    adapter_dir = settings.output_dir / ".adapter.tmp"
+    main_rank = is_main_rank()
+    if main_rank:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(adapter_dir if peft_config else tmp))  # every rank: gathers sharded weights
+    metrics: dict[str, Any] = {}
+    if main_rank:
+        if peft_config:
+            save_merged_lora(settings, adapter_dir, tmp, tokenizer)
+            shutil.rmtree(adapter_dir, ignore_errors=True)
+        prompts = [r["prompt"] for r in eval_rows]
+        chosen = score(tmp, prompts, [r["chosen"] for r in eval_rows], settings.batch_size * 2, settings.max_length)
+        rejected = score(tmp, prompts, [r["rejected"] for r in eval_rows], settings.batch_size * 2,
+                         settings.max_length)
+        accuracy_after, margin_after = pair_stats(chosen, rejected)
+        if on_step is not None:
+            on_step(trainer.state.global_step, {"heldout_accuracy": accuracy_after, "heldout_margin": margin_after})
+        plot = plot_rewards(settings.output_dir / "rewards.png", chosen, rejected)
+        metrics = {
+            "train_pairs": len(train_rows), "eval_pairs": 0 if eval_on_train else len(eval_rows),
+            "eval_on_train": eval_on_train, "dropped_pairs": dropped,
+            "accuracy_before": float(run["accuracy_before"]), "accuracy_after": accuracy_after,
+            "margin_before": float(run["margin_before"]), "margin_after": margin_after,
+            "reward_chosen_mean": sum(chosen) / len(chosen), "reward_rejected_mean": sum(rejected) / len(rejected),
+            "steps": int(trainer.state.global_step), "checkpoint": str(final),
+            "wall_s": time.time() - started, "resumed_from": str(resume_from) if resume_from else None,
+            "precision": precision, "lora": "lora" if settings.lora else None,
+            "plot": str(plot), "fingerprint": job,
+        }
+        publish_final(tmp, final, metrics)
+    trainer.accelerator.wait_for_everyone()
+    return metrics if main_rank else {**(read_json(final / METRICS_FILE) or {})}
+
+
+def plot_rewards(path: Path, chosen: Sequence[float], rejected: Sequence[float]) -> Path:
+    from instructflow.tasks.plots import plot_histograms
+
+    return plot_histograms(path, "held-out rewards after training", {"chosen": list(chosen),
+                                                                     "rejected": list(rejected)},
+                           xlabel="reward")
