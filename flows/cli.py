@@ -14,7 +14,7 @@ from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Seed tasks -> Self-Instruct -> ROUGE-L filter -> SFT -> preferences -> reward -> PPO -> evaluate.")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # one-line errors stay one line at any width
 
 ProfileOpt = typer.Option(None, "--profile", "-p", help="Config profile (default: the file's default_profile, 'cpu').")
 HomeOpt = typer.Option(None, "--home", help="Data home (default: $INSTRUCTFLOW_HOME or ./.instructflow).")

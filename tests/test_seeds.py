@@ -21,7 +21,7 @@ BLACKLIST = ["image", "images", "graph", "graphs", "picture", "pictures", "file"
 
 @pytest.fixture(scope="module")
 def bundled() -> list[SeedTask]:
-    return load_seeds([bundled_seed_dir()])
+    return load_seeds([bundled_seed_dir() / "seed_tasks.jsonl"])
 
 
 def write(path: Path, text: str) -> Path:
