@@ -45,7 +45,44 @@ def train(ctx: StageContext, train_rows: list[dict], eval_rows: list[dict], base
                            lora=s.lora, lora_r=s.lora_r, lora_alpha=s.lora_alpha, qlora=s.qlora,
                            gradient_checkpointing=s.gradient_checkpointing, precision=s.precision,
                            eval_steps=s.eval_steps, save_steps=s.save_steps, seed=s.seed)
-    return train_sft(train_rows, eval_rows, settings, on_step=ctx.step)
+    if s.launcher == "inprocess":
+        return train_sft(train_rows, eval_rows, settings, on_step=ctx.step)
+    return launch_with_accelerate(ctx, train_rows, eval_rows, settings)
+
+
+def launch_with_accelerate(ctx: StageContext, train_rows: list[dict], eval_rows: list[dict], settings) -> dict:
+    """`accelerate launch -m instructflow.models.sft --job job.json`: the same recipe on N processes/GPUs."""
+    import json
+    import subprocess
+    import sys
+    from importlib import resources
+    from pathlib import Path
+
+    from instructflow.models.sft import write_job
+
+    s = ctx.cfg.sft
+    shipped = resources.files("instructflow.models").joinpath("accelerate", f"{s.accelerate_config}.yaml")
+    config_file = Path(str(shipped)) if shipped.is_file() else Path(s.accelerate_config).expanduser()
+    if not config_file.is_file():
+        raise FileNotFoundError(f"sft.accelerate_config: {s.accelerate_config!r} is neither a shipped config "
+                                "(ddp, deepspeed_zero2, deepspeed_zero3) nor a file")
+    settings.output_dir.mkdir(parents=True, exist_ok=True)
+    job = write_job(settings.output_dir / "job.json", train_rows, eval_rows, settings)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
+    if s.num_processes:
+        command += ["--num_processes", str(s.num_processes)]
+    command += ["-m", "instructflow.models.sft", "--job", str(job)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+        raise RuntimeError(f"accelerate launch failed ({done.returncode}): {tail}")
+    metrics = json.loads((settings.output_dir / "final" / "metrics.json").read_text())
+    # per-step curves: the trainer's own log, recorded after the fact
+    states = sorted(settings.output_dir.glob("checkpoints/checkpoint-*/trainer_state.json"),
+                    key=lambda p: int(p.parent.name.split("-")[1]))
+    for entry in json.loads(states[-1].read_text())["log_history"] if states else []:
+        ctx.step(int(entry.get("step", 0)), {k: v for k, v in entry.items() if k in ("loss", "eval_loss", "learning_rate")})
+    return metrics
 
 
 @flow(name="sft", log_prints=True)

@@ -104,6 +104,10 @@ class SFTConfig:
     eval_steps: int = 50
     save_steps: int = 50
     seed: int = 42
+    # "inprocess": the flow calls the recipe; "accelerate": `accelerate launch` runs it (several GPUs)
+    launcher: str = choice("inprocess", "inprocess", "accelerate")
+    accelerate_config: str = "ddp"      # ddp | deepspeed_zero2 | deepspeed_zero3 (shipped) or a YAML path
+    num_processes: int = 0              # 0 = what the accelerate config says
 
 
 @dataclass
