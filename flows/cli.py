@@ -85,6 +85,7 @@ def run(profile: Optional[str] = ProfileOpt, home: Optional[str] = HomeOpt, conf
     results = _run_guarded(lambda: pipeline(profile=cfg.profile, stages_to_run=only, force=force,
                                             home=str(home_path), config=config))
     _print_summary(cfg, home_path, results)
+    _print_outcome(home_path, results)
 
 
 @app.command()
@@ -358,6 +359,35 @@ def _print_summary(cfg, home_path: Path, results: dict) -> None:
         shown = ", ".join(f"{k}={_short(v)}" for k, v in metrics.items() if not isinstance(v, (dict, list)))
         table.add_row(name, shown[:300] or "-")
     Console().print(table)
+
+
+# (stage, metric, label) for the closing lines of `instructflow run`
+HEADLINE = [("filter", "kept", "kept instructions"), ("sft", "eval_loss_before", "SFT eval loss before"),
+            ("sft", "eval_loss_after", "after"), ("reward", "accuracy_after", "reward accuracy (held-out pairs)"),
+            ("ppo", "reward_first", "PPO reward first"), ("ppo", "reward_last", "last"), ("ppo", "kl_last", "KL last"),
+            ("evaluate", "win_rate_ppo_vs_sft", "PPO-vs-SFT win rate")]
+
+
+def _print_outcome(home_path: Path, results: dict) -> None:
+    """The few numbers people look at, then where the report and the dashboard are."""
+    from instructflow.flows.common import warehouse_for
+    from instructflow.flows.report import write_report
+    from instructflow.flows.server import running_dashboard
+
+    out = Console(soft_wrap=True)  # stdout, after the summary table
+
+    shown = [f"{label} {_short(results[stage][key])}" for stage, key, label in HEADLINE
+             if key in (results.get(stage) or {})]
+    if shown:
+        out.print("[bold]" + " · ".join(shown) + "[/]")
+    report_path = write_report(warehouse_for(home_path), home_path, home_path / "report.html")
+    out.print(f"report: {report_path}")
+    live = running_dashboard(home_path)
+    if live:
+        out.print(f"dashboard: {live[: -len('/api')]} (runs, and each stage's artifacts under /artifacts)")
+    else:
+        out.print(f"dashboard: `instructflow dashboard --home {home_path}`, then open http://127.0.0.1:4200 "
+                      "(this run's flow runs and artifacts are stored there)")
 
 
 def main() -> None:

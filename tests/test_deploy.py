@@ -51,3 +51,37 @@ def test_scheduled_deployment_runs_to_completion(tmp_path, prefect_api):
         assert con.execute("SELECT status FROM stage_runs WHERE stage = 'filter'").fetchall() == [("success",)]
     finally:
         con.close()
+
+
+def test_prefect_yaml_deploys_with_the_prefect_cli(prefect_api):
+    """The team path: `prefect deploy --all` reads the repository's prefect.yaml and registers its
+    deployments (entrypoint, parameters, schedule, work pool) on a real API."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from prefect.client.orchestration import get_client
+    from prefect.flows import load_flow_from_entrypoint
+    from prefect.settings import PREFECT_API_URL
+
+    repo = Path(__file__).resolve().parents[1]
+    prefect_cli = [sys.executable, "-m", "prefect"]
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "INSTRUCTFLOW_REPO": str(repo),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+    def prefect(*args):
+        done = subprocess.run([*prefect_cli, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+
+    prefect("work-pool", "create", "local", "--type", "process", "--overwrite")
+    prefect("--no-prompt", "deploy", "--all")
+    assert load_flow_from_entrypoint(str(repo / "flows/pipeline.py") + ":pipeline").name == "pipeline"
+    with get_client(sync_client=True) as client:
+        nightly = client.read_deployment_by_name("pipeline/nightly")
+        refilter = client.read_deployment_by_name("pipeline/refilter")
+    assert nightly.entrypoint == "flows/pipeline.py:pipeline" and nightly.work_pool_name == "local"
+    assert nightly.parameters == {"profile": "gpu"}
+    assert [s.schedule.cron for s in nightly.schedules] == ["0 3 * * *"]
+    assert refilter.parameters["stages_to_run"][0] == "filter"
+    assert nightly.pull_steps[0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(repo)

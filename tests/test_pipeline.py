@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from cliutil import cli
 from instructflow.flows.common import close_warehouses, data_home, warehouse_for
 from instructflow.tasks.seeds import bundled_seed_dir
 
@@ -45,6 +46,7 @@ def test_pipeline_end_to_end_rerun_and_seed_edit(project):
     from instructflow.flows.pipeline import pipeline
     from instructflow.flows.status import stage_status
     from instructflow.tasks.config import load_config
+    from prefect.settings import PREFECT_API_URL
 
     home, config, seeds = project
     results = pipeline(profile="t", home=str(home), config=str(config))
@@ -65,9 +67,16 @@ def test_pipeline_end_to_end_rerun_and_seed_edit(project):
         assert summaries and f"# {stage}" in summaries[0]["data"], stage
     assert read_artifacts("filter-samples")
 
-    # nothing changed: a second run skips every stage and sends no teacher request
+    # nothing changed: a second run (through the CLI, as users do) skips every stage, sends no
+    # teacher request, and closes with the headline numbers, the report and the dashboard
     requests_before = wh.scalar("SELECT count(*) FROM teacher_requests")
-    pipeline(profile="t", home=str(home), config=str(config))
+    close_warehouses()   # release the DuckDB lock for the CLI process
+    done = cli("run", "--profile", "t", "--config", str(config), home=home, PREFECT_API_URL=PREFECT_API_URL.value())
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "kept instructions" in done.stdout and "PPO-vs-SFT win rate" in done.stdout
+    assert f"report: {home / 'report.html'}" in done.stdout and "instructflow dashboard" in done.stdout
+    assert "<h2>evaluate</h2>" in (home / "report.html").read_text()
+    wh = warehouse_for(home)
     second = wh.last_run()
     assert stage_rows(wh, second["run_id"]) == {s: "skipped" for s in STAGES}
     assert wh.scalar("SELECT count(*) FROM teacher_requests") == requests_before
