@@ -65,7 +65,8 @@ def _run_guarded(fn):
 
     try:
         return fn()
-    except (ConfigError, WarehouseError, KeyError, ValueError, FileNotFoundError) as exc:
+    # RuntimeError: a stage's own failure (e.g. a launcher); Prefect has already logged the traceback
+    except (ConfigError, WarehouseError, KeyError, ValueError, FileNotFoundError, RuntimeError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         fail(str(message).splitlines()[0] if message else type(exc).__name__, code=1)
     except KeyboardInterrupt:

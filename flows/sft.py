@@ -53,6 +53,7 @@ def train(ctx: StageContext, train_rows: list[dict], eval_rows: list[dict], base
 def launch_with_accelerate(ctx: StageContext, train_rows: list[dict], eval_rows: list[dict], settings) -> dict:
     """`accelerate launch -m instructflow.models.sft --job job.json`: the same recipe on N processes/GPUs."""
     import json
+    import re
     import subprocess
     import sys
     from importlib import resources
@@ -74,8 +75,13 @@ def launch_with_accelerate(ctx: StageContext, train_rows: list[dict], eval_rows:
     command += ["-m", "instructflow.models.sft", "--job", str(job)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        tail = " | ".join(done.stderr.strip().splitlines()[-3:])
-        raise RuntimeError(f"accelerate launch failed ({done.returncode}): {tail}")
+        (settings.output_dir / "launch.log").write_text(done.stdout + done.stderr)
+        # the first rank's own exception line, not the launcher's ChildFailedError banner
+        raised = [line.strip() for line in done.stderr.splitlines()
+                  if re.match(r"^\w+(\.\w+)*(Error|Exception): ", line.strip()) and "ChildFailedError" not in line]
+        why = raised[0] if raised else " | ".join(done.stderr.strip().splitlines()[-3:])
+        raise RuntimeError(f"accelerate launch failed ({done.returncode}): {why} "
+                           f"(full log: {settings.output_dir / 'launch.log'})")
     metrics = json.loads((settings.output_dir / "final" / "metrics.json").read_text())
     # per-step curves: the trainer's own log, recorded after the fact
     states = sorted(settings.output_dir.glob("checkpoints/checkpoint-*/trainer_state.json"),
@@ -92,6 +98,9 @@ def sft_flow(profile: str = "cpu", home: str | None = None, config: str | None =
 
     with stage_context("sft", profile, home, config, run_id, force) as ctx:
         data_hash, train_examples, eval_examples = current_dataset(ctx.cfg, ctx.wh)
+        if not train_examples:
+            raise ValueError("sft: no kept instructions or seed tasks in the warehouse yet: run "
+                             "`instructflow stage generate` (or `instructflow run`) first")
         queries.store_sft_examples(ctx.wh, data_hash, [("train", e) for e in train_examples] +
                                    [("eval", e) for e in eval_examples])
         base = local_model_dir(ctx.cfg.sft.base_model)
