@@ -224,19 +224,25 @@ export_app = typer.Typer(help="Write the filtered instruction set in the formats
 app.add_typer(export_app, name="export")
 
 
-def _export_rows(home: Optional[str], with_seeds: bool):
+def _read_existing_warehouse(home: Optional[str]):
+    """(home, read-only warehouse) for commands that only read; one-line error when there is none."""
     from instructflow.flows.common import data_home
     from instructflow.flows.status import warehouse_exists
-    from instructflow.warehouse.queries import export_rows
     from instructflow.warehouse.store import WarehouseError, open_warehouse
 
     try:
         home_path = data_home(home)
         if not warehouse_exists(home_path):
             fail(f"no warehouse in {home_path} yet: run `instructflow run` first", code=1)
-        wh = open_warehouse(home_path, read_only=True)
+        return home_path, open_warehouse(home_path, read_only=True)
     except WarehouseError as exc:
         fail(str(exc), code=1)
+
+
+def _export_rows(home: Optional[str], with_seeds: bool):
+    from instructflow.warehouse.queries import export_rows
+
+    _, wh = _read_existing_warehouse(home)
     try:
         return export_rows(wh, with_seeds)
     finally:
@@ -272,18 +278,9 @@ def export_jsonl(out: Path = typer.Option(..., "--out", help="Output JSONL file.
 def report(home: Optional[str] = HomeOpt,
            out: Optional[Path] = typer.Option(None, "--out", help="HTML file (default: HOME/report.html).")):
     """A self-contained HTML report (metrics and plots inlined) of each stage's latest successful run."""
-    from instructflow.flows.common import data_home
     from instructflow.flows.report import write_report
-    from instructflow.flows.status import warehouse_exists
-    from instructflow.warehouse.store import WarehouseError, open_warehouse
 
-    try:
-        home_path = data_home(home)
-        if not warehouse_exists(home_path):
-            fail(f"no warehouse in {home_path} yet: run `instructflow run` first", code=1)
-        wh = open_warehouse(home_path, read_only=True)
-    except WarehouseError as exc:
-        fail(str(exc), code=1)
+    home_path, wh = _read_existing_warehouse(home)
     try:
         path = write_report(wh, home_path, out or home_path / "report.html")
     finally:

@@ -36,6 +36,8 @@ def test_status_on_empty_home(tmp_path):
     (["status", "--profile", "nope"], "unknown profile 'nope'"),
     (["run", "--profile", "nope"], "unknown profile 'nope'"),
     (["stage", "nosuch", "--profile", "tiny"], "unknown stage 'nosuch'"),
+    (["report"], "no warehouse in"),
+    (["export", "alpaca", "--out", "x.json"], "no warehouse in"),
 ])
 def test_bad_arguments_one_line(tmp_path, args, message):
     out = cli(*args, home=tmp_path / "h")
