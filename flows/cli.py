@@ -54,6 +54,10 @@ def _prepare(home: Optional[str], config: Optional[str], profile: Optional[str])
     dashboard_api = running_dashboard(home_path)
     if dashboard_api and "PREFECT_API_URL" not in os.environ:
         os.environ["PREFECT_API_URL"] = dashboard_api  # runs show up live in `instructflow dashboard`
+    if "PREFECT_API_URL" not in os.environ:
+        from instructflow.flows.server import reap_ephemeral_server_with_this_process
+
+        reap_ephemeral_server_with_this_process()
     # the ephemeral API's first start migrates a new SQLite file: slow on a busy 2-core machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     return cfg, home_path

@@ -82,3 +82,41 @@ def local_prefect_server(home: Path, port: int = 4200, timeout_s: float = 120) -
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
         log.close()
+
+
+# A SIGKILLed `instructflow run` cannot stop the ephemeral Prefect API it started (prefect's atexit
+# never runs), which would leave a uvicorn process holding RAM and a port. A tiny reaper, started
+# beside each ephemeral server, stops it once the run's process is gone.
+REAPER = """
+import os, signal, sys, time
+owner, server = int(sys.argv[1]), int(sys.argv[2])
+def alive(pid):  # a zombie counts as gone
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+while alive(server):
+    if os.getppid() != owner or not alive(owner):
+        os.kill(server, signal.SIGTERM)
+        break
+    time.sleep(1)
+"""
+
+
+def reap_ephemeral_server_with_this_process() -> None:
+    """Wrap prefect 3.8.8's ephemeral server start (pinned exactly) so a reaper follows each server."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    start_server = SubprocessASGIServer._run_uvicorn_command
+    if getattr(start_server, "_instructflow_reaped", False):
+        return
+
+    def start_with_reaper(self):
+        process = start_server(self)
+        subprocess.Popen([sys.executable, "-c", REAPER, str(os.getpid()), str(process.pid)],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+        return process
+
+    start_with_reaper._instructflow_reaped = True
+    SubprocessASGIServer._run_uvicorn_command = start_with_reaper

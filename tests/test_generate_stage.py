@@ -54,6 +54,21 @@ def test_generate_stage_end_to_end_against_embedded_teacher(tmp_path):
     assert query(home, "SELECT count(*) FROM teacher_requests")[0][0] == sum(n for _, n, _ in requests)
 
 
+def prefect_servers_of(home: Path) -> list[int]:
+    """Live ephemeral Prefect API processes started by a run on this data home."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or b"prefect.server.api.server:create_app" not in (proc / "cmdline").read_bytes():
+                continue
+            if f"INSTRUCTFLOW_HOME={home}".encode() in (proc / "environ").read_bytes().split(b"\0") and \
+                    (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found.append(int(proc.name))
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return found
+
+
 def test_sigkill_mid_run_resumes_without_duplicates_or_loss(tmp_path):
     home = tmp_path / "home"
     config = write_config(tmp_path, "[profiles.t.generate]\nmax_requests = 30\ntarget_kept = 1000\n"
@@ -66,8 +81,14 @@ def test_sigkill_mid_run_resumes_without_duplicates_or_loss(tmp_path):
             break
         time.sleep(0.2)
     assert run.poll() is None, f"run ended before it could be killed: {run.stderr.read()[-2000:]}"
+    servers = prefect_servers_of(home)
+    assert servers, "the run's ephemeral Prefect API was not found"
     run.send_signal(signal.SIGKILL)
     run.wait(timeout=30)
+    deadline = time.monotonic() + 20      # its reaper stops the ephemeral Prefect API too
+    while prefect_servers_of(home) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not prefect_servers_of(home), "the killed run left its Prefect server running"
     stored = query(home, "SELECT request_key, created_at FROM teacher_requests")
     assert 0 < len(stored) < 30
     candidates_before = query(home, "SELECT candidate_id, request_key, position, instruction FROM candidates")
