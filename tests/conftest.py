@@ -40,3 +40,21 @@ def home(tmp_path: Path, monkeypatch):
     from instructflow.flows.common import close_warehouses
 
     close_warehouses()  # release the DuckDB lock held by in-process flow runs
+
+
+@pytest.fixture
+def seeded_home(tmp_path: Path, monkeypatch, prefect_api):
+    """(home, config, seeds): a tiny-profile project whose seed file is a copy the test may edit."""
+    import shutil
+
+    from instructflow.flows.common import close_warehouses, data_home
+    from instructflow.tasks.seeds import bundled_seed_dir
+
+    seeds = tmp_path / "seeds.jsonl"
+    shutil.copy(bundled_seed_dir() / "seed_tasks.jsonl", seeds)
+    config = tmp_path / "instructflow.toml"
+    config.write_text(f"[profiles.t]\ninherits = 'tiny'\nseeds = ['{seeds}']\n")
+    home = data_home(tmp_path / "home")
+    monkeypatch.setenv("INSTRUCTFLOW_HOME", str(home))
+    yield home, config, seeds
+    close_warehouses()

@@ -3,14 +3,12 @@ under a real Prefect API on a real DuckDB file; editing seeds or the threshold m
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 
 import pytest
 from rouge_score import rouge_scorer
 
-from instructflow.flows.common import data_home, warehouse_for
-from instructflow.tasks.seeds import bundled_seed_dir
+from instructflow.flows.common import warehouse_for
 from instructflow.warehouse import queries
 
 
@@ -52,20 +50,6 @@ def reference_verdicts(seed_texts: list[str], candidates: list[str], threshold: 
         if kept:
             pool.append(text)
     return out
-
-
-@pytest.fixture
-def seeded_home(tmp_path, monkeypatch, prefect_api):
-    seeds = tmp_path / "seeds.jsonl"
-    shutil.copy(bundled_seed_dir() / "seed_tasks.jsonl", seeds)
-    config = tmp_path / "instructflow.toml"
-    config.write_text(f"[profiles.t]\ninherits = 'tiny'\nseeds = ['{seeds}']\n")
-    home = data_home(tmp_path / "home")
-    monkeypatch.setenv("INSTRUCTFLOW_HOME", str(home))
-    yield home, config, seeds
-    from instructflow.flows.common import close_warehouses
-
-    close_warehouses()
 
 
 def test_filter_matches_reference_greedy_in_arrival_order(seeded_home):

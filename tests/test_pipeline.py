@@ -3,27 +3,11 @@ does nothing, a seed edit reruns exactly filter and what follows, artifacts are 
 from __future__ import annotations
 
 import json
-import shutil
-
-import pytest
 
 from cliutil import cli
-from instructflow.flows.common import close_warehouses, data_home, warehouse_for
-from instructflow.tasks.seeds import bundled_seed_dir
+from instructflow.flows.common import close_warehouses, warehouse_for
 
 STAGES = ["generate", "filter", "sft", "preferences", "reward", "ppo", "evaluate"]
-
-
-@pytest.fixture
-def project(tmp_path, monkeypatch, prefect_api):
-    seeds = tmp_path / "seeds.jsonl"
-    shutil.copy(bundled_seed_dir() / "seed_tasks.jsonl", seeds)
-    config = tmp_path / "instructflow.toml"
-    config.write_text(f"[profiles.t]\ninherits = 'tiny'\nseeds = ['{seeds}']\n")
-    home = data_home(tmp_path / "home")
-    monkeypatch.setenv("INSTRUCTFLOW_HOME", str(home))
-    yield home, config, seeds
-    close_warehouses()
 
 
 def stage_rows(wh, run_id):
@@ -42,13 +26,13 @@ def read_artifacts(key: str) -> list[dict]:
     return response.json()
 
 
-def test_pipeline_end_to_end_rerun_and_seed_edit(project):
+def test_pipeline_end_to_end_rerun_and_seed_edit(seeded_home):
     from instructflow.flows.pipeline import pipeline
     from instructflow.flows.status import stage_status
     from instructflow.tasks.config import load_config
     from prefect.settings import PREFECT_API_URL
 
-    home, config, seeds = project
+    home, config, seeds = seeded_home
     results = pipeline(profile="t", home=str(home), config=str(config))
     assert list(results) == STAGES
     wh = warehouse_for(home)
