@@ -377,7 +377,6 @@ def _print_outcome(home_path: Path, results: dict) -> None:
     from instructflow.flows.server import running_dashboard
 
     out = Console(soft_wrap=True)  # stdout, after the summary table
-
     shown = [f"{label} {_short(results[stage][key])}" for stage, key, label in HEADLINE
              if key in (results.get(stage) or {})]
     if shown:
@@ -389,7 +388,7 @@ def _print_outcome(home_path: Path, results: dict) -> None:
         out.print(f"dashboard: {live[: -len('/api')]} (runs, and each stage's artifacts under /artifacts)")
     else:
         out.print(f"dashboard: `instructflow dashboard --home {home_path}`, then open http://127.0.0.1:4200 "
-                      "(this run's flow runs and artifacts are stored there)")
+                  "(this run's flow runs and artifacts are stored there)")
 
 
 def main() -> None:
