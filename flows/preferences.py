@@ -117,12 +117,19 @@ def preferences_flow(profile: str = "cpu", home: str | None = None, config: str 
                      run_id: str | None = None, force: bool = False) -> dict:
     with stage_context("preferences", profile, home, config, run_id, force) as ctx:
         p = ctx.cfg.preferences
-        imported_now = import_files(ctx.wh, [str(Path(f).expanduser()) for f in resolve_import_files(p.import_files)])
+        files = [str(Path(f).expanduser()) for f in resolve_import_files(p.import_files)]
+        for path in files:  # a bad line fails the stage now, in one line, before any sampling
+            load_preference_file(path)
         sft = ctx.wh.latest_checkpoint("sft")
+        if sft is None:
+            raise RuntimeError("preferences samples from the SFT model, and there is none yet: "
+                               "run `instructflow stage sft` first")
         chosen_prompts = heldout_prompts(ctx.cfg, ctx.wh, p.prompt_source, p.prompts, p.seed)
         instruction_of = {prompt: text for text, prompt in chosen_prompts}
         samples = sample_responses(ctx, sft["path"], [prompt for _, prompt in chosen_prompts])
         new_pairs = judge(ctx, samples, instruction_of)
+        # imported once the stage's own work succeeded: a failed stage leaves no import behind it
+        imported_now = import_files(ctx.wh, files)
         counts = queries.preference_counts(ctx.wh)
         metrics = {"prompts": len(chosen_prompts), **counts, "new_pairs": new_pairs, "imported_now": imported_now,
                    "judge_model": ctx.cfg.teacher.model or ctx.cfg.teacher.embedded_model}

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Iterator
 
 MARKER = "dashboard.json"
+SERVER_LOG = Path("logs") / "prefect-server.log"  # under the home; appended to by each start
+SERVER_START = "instructflow: prefect server start"  # the line each start writes first
 
 
 def server_alive(url: str) -> bool:
@@ -41,9 +43,42 @@ def running_dashboard(home: Path) -> str | None:
     return None
 
 
+def last_scheduler_error(home: Path) -> str | None:
+    """The last scheduler ERROR the home's server logged since it last started, as one line (the
+    log record and its exception's last line), or None."""
+    path = home / SERVER_LOG
+    if not path.exists():
+        return None
+    lines = path.read_text(errors="replace").splitlines()
+    starts = [i for i, line in enumerate(lines) if SERVER_START in line]
+    lines = lines[starts[-1] + 1:] if starts else lines
+    errors = [i for i, line in enumerate(lines) if "| ERROR" in line and "schedul" in line.lower()]
+    if not errors:
+        return None
+    record = lines[errors[-1]]
+    # its traceback runs to the next log record ("HH:MM:SS.mmm | LEVEL | ..."); the exception is its last line
+    following = []
+    for line in lines[errors[-1] + 1:]:
+        if " | " in line[:16] and line[:2].isdigit():
+            break
+        if line.strip():
+            following.append(line.strip())
+    return " ".join(record.split()) + (f" ... {following[-1]}" if following else "")
+
+
 def port_free(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def stop_on_term_and_hangup() -> None:
+    """SIGTERM and SIGHUP unwind a long-lived command as Ctrl-C does, so the `finally` blocks stop
+    what it started (its server lives in its own session and would outlive it otherwise)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupt)
 
 
 @contextmanager
@@ -61,10 +96,13 @@ def local_prefect_server(home: Path, port: int = 4200, timeout_s: float = 120) -
     env.pop("PREFECT_API_URL", None)
     (home / "prefect").mkdir(parents=True, exist_ok=True)
     (home / "logs").mkdir(exist_ok=True)
-    log = open(home / "logs" / "prefect-server.log", "ab")
+    log = open(home / SERVER_LOG, "ab")
+    log.write(f"{time.strftime('%H:%M:%S')} | {SERVER_START} on port {port}\n".encode())
+    log.flush()
     process = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                 "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
+    follow_with_reaper(process.pid)  # a SIGKILLed dashboard cannot stop it itself
     try:
         deadline = time.monotonic() + timeout_s
         while not server_alive(api_url):
@@ -85,8 +123,8 @@ def local_prefect_server(home: Path, port: int = 4200, timeout_s: float = 120) -
 
 
 # A SIGKILLed `instructflow run` cannot stop the ephemeral Prefect API it started (prefect's atexit
-# never runs), which would leave a uvicorn process holding RAM and a port. A tiny reaper, started
-# beside each ephemeral server, stops it once the run's process is gone.
+# never runs), nor a SIGKILLed `dashboard` its server, which would leave a process holding RAM and a
+# port. A tiny reaper, started beside each server, stops it once the command's process is gone.
 REAPER = """
 import os, signal, sys, time
 owner, server = int(sys.argv[1]), int(sys.argv[2])
@@ -103,8 +141,15 @@ while alive(server):
 """
 
 
-def reap_ephemeral_server_with_this_process() -> None:
-    """Wrap prefect 3.8.8's ephemeral server start (pinned exactly) so a reaper follows each server."""
+def follow_with_reaper(server_pid: int) -> None:
+    subprocess.Popen([sys.executable, "-c", REAPER, str(os.getpid()), str(server_pid)],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True)
+
+
+def guard_ephemeral_server() -> None:
+    """Wrap prefect 3.8.8's ephemeral server (pinned exactly): a reaper follows each server, and a
+    start that times out (a loaded machine) is stopped and tried once more before the run fails."""
     from prefect.server.api.server import SubprocessASGIServer
 
     start_server = SubprocessASGIServer._run_uvicorn_command
@@ -113,10 +158,22 @@ def reap_ephemeral_server_with_this_process() -> None:
 
     def start_with_reaper(self):
         process = start_server(self)
-        subprocess.Popen([sys.executable, "-c", REAPER, str(os.getpid()), str(process.pid)],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
+        follow_with_reaper(process.pid)
         return process
+
+    start_and_wait = SubprocessASGIServer.start
+
+    def start_with_one_retry(self, timeout=None):
+        try:
+            start_and_wait(self, timeout)
+        except RuntimeError as exc:
+            if "Timed out" not in str(exc):
+                raise
+            if self.server_process is not None and self.server_process.poll() is None:
+                self.server_process.kill()  # prefect leaves a timed-out server running
+                self.server_process.wait()
+            start_and_wait(self, timeout)
 
     start_with_reaper._instructflow_reaped = True
     SubprocessASGIServer._run_uvicorn_command = start_with_reaper
+    SubprocessASGIServer.start = start_with_one_retry

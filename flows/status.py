@@ -1,9 +1,11 @@
 """`instructflow status`: what each stage last produced and whether it is stale, and why."""
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
-from instructflow.flows.common import freshness, input_hash
+from instructflow.flows.common import STATUS_SNAPSHOT, freshness, input_hash
 from instructflow.flows.stages import stages
 from instructflow.tasks.config import Config
 from instructflow.warehouse.store import WAREHOUSE_FILE, Warehouse
@@ -49,6 +51,18 @@ def stage_status(cfg: Config, home: Path, wh: Warehouse | None) -> dict:
             entry.update(state="stale", why=[f"upstream {u} is {state}" for u, state in behind])
         report["stages"][spec.name] = entry
     return report
+
+
+def running_snapshot(home: Path) -> dict | None:
+    """What the run holding this home's warehouse published (`publish_status`), if it is still alive."""
+    try:
+        snapshot = json.loads((home / STATUS_SNAPSHOT).read_text())
+        os.kill(int(snapshot["pid"]), 0)  # a SIGKILLed run leaves its snapshot behind
+    except PermissionError:
+        return snapshot  # alive, under another user
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return snapshot
 
 
 def warehouse_exists(home: Path) -> bool:

@@ -33,7 +33,8 @@ def teacher_session(cfg: Config, home: Path) -> Iterator[TeacherSettings]:
     t = cfg.teacher
     common = dict(api=t.api, max_concurrency=t.max_concurrency, max_retries=t.max_retries, timeout_s=t.timeout_s,
                   backoff_base_s=t.backoff_base_s, backoff_max_s=t.backoff_max_s,
-                  prices={k: tuple(v) for k, v in t.prices.items()})
+                  prices={k: tuple(v) for k, v in t.prices.items()},
+                  max_requests_per_minute=t.max_requests_per_minute, max_tokens_per_minute=t.max_tokens_per_minute)
     if t.endpoint != "embedded":
         if not t.model:
             raise ValueError("teacher.model (or INSTRUCTFLOW_TEACHER_MODEL) must name the model for a remote endpoint")
@@ -43,6 +44,6 @@ def teacher_session(cfg: Config, home: Path) -> Iterator[TeacherSettings]:
 
     model_dir = local_model_dir(t.embedded_model)
     (home / "logs").mkdir(parents=True, exist_ok=True)
-    with TeacherServer(model_dir, startup_timeout_s=t.startup_timeout_s,
+    with TeacherServer(model_dir, startup_timeout_s=t.startup_timeout_s, continuous_batching=t.continuous_batching,
                        log_path=home / "logs" / "teacher-server.log") as server:
         yield TeacherSettings(base_url=server.base_url, model=server.model_name, api_key="none", **common)

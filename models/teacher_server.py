@@ -8,6 +8,13 @@ The server is started with the model dir as its FORCE_MODEL argument: it loads t
 it starts listening (so /health answering means "ready to generate"), and it rejects any request
 whose `model` differs from that exact string, which is why `model_name` is the dir path itself.
 
+Continuous batching (`continuous_batching=True`, the embedded default: `teacher.continuous_batching`):
+every request in flight decodes in the same forward pass (paged attention), several times the
+completion tokens/s of the one-at-a-time server at 8 concurrent requests (bench/teacher_throughput.py).
+What the pinned transformers 5.24 serve does NOT do on that path: per-request sampling (the FIRST
+request's temperature/top_p/do_sample apply to every later one), `stop` strings (generation runs to
+eos or max_tokens) and per-request `seed` (batch composition changes what is sampled).
+
 Lifetime: the child runs in its own process group (so Ctrl-C in a terminal reaches only us, and
 stop() can kill the whole group), and asks the kernel to SIGKILL it when its parent dies
 (PR_SET_PDEATHSIG), so a SIGKILLed pipeline run leaves no orphan server holding RAM and a port.
@@ -43,6 +50,17 @@ CHILD_ENV_DEFAULTS = {
     "PYTHONUNBUFFERED": "1",
 }
 
+# Continuous batching (paged attention) on a CPU: the library sizes the KV cache and the batch from
+# free memory (90% of RAM, 8192-token batches, whose attention masks alone take GBs), which suits a GPU,
+# not a shared 2-core box. These caps hold 16 requests of ~1k tokens (SmolLM2-135M: ~0.75 GB of
+# fp32 KV) and keep one forward pass short, so new requests join the batch quickly. On CUDA the
+# library's memory-based defaults are kept.
+CPU_CONTINUOUS_BATCHING_ARGS = ("--cb-block-size", "256", "--cb-num-blocks", "64", "--cb-max-batch-tokens", "512")
+# One intra-op thread: when other processes hold the cores (the pipeline itself, a shared box), two
+# threads stall on each other at every op (~10x fewer tokens/s at 8 concurrent requests on a loaded
+# 2-core machine). An OMP_NUM_THREADS in the caller's environment still wins.
+CPU_CONTINUOUS_BATCHING_ENV = {"OMP_NUM_THREADS": "1"}
+
 # `python -m transformers.cli.transformers` works too; calling main() keeps us on this venv's
 # interpreter even when the console script is not on PATH.
 SERVE_LAUNCHER = "import sys; from transformers.cli.transformers import main; sys.argv[0] = 'transformers'; main()"
@@ -75,13 +93,15 @@ class TeacherServer:
     """
 
     def __init__(self, model_dir: Path, *, host: str = "127.0.0.1", port: int | None = None,
-                 startup_timeout_s: float = 120, log_path: Path | None = None, extra_args: Sequence[str] = ()):
+                 startup_timeout_s: float = 120, log_path: Path | None = None, extra_args: Sequence[str] = (),
+                 continuous_batching: bool = False):
         self.model_dir = Path(model_dir).expanduser().resolve()
         self.host = host
         self.port = port
         self.startup_timeout_s = startup_timeout_s
         self.log_path = Path(log_path) if log_path is not None else None
         self.extra_args = list(extra_args)
+        self.continuous_batching = continuous_batching
         self.model_name = str(self.model_dir)  # the server accepts only its FORCE_MODEL string
         self.startup_s: float | None = None  # seconds from launch to a healthy /health
         self._process: subprocess.Popen | None = None
@@ -138,16 +158,30 @@ class TeacherServer:
         self._log_file = open(log_path, "ab")
         self._log_start = self._log_file.tell()
         command = [sys.executable, "-c", SERVE_LAUNCHER, "serve", self.model_name,
-                   "--host", self.host, "--port", str(self.port), *self.extra_args]
+                   "--host", self.host, "--port", str(self.port), *self.batching_args(), *self.extra_args]
         self._log_file.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(command)}\n".encode())
         self._log_file.flush()
-        env = {**CHILD_ENV_DEFAULTS, **os.environ}  # the caller's environment wins
+        env = {**CHILD_ENV_DEFAULTS, **self.batching_env(), **os.environ}  # the caller's environment wins
         parent_pid = os.getpid()
         self._launched_at = time.monotonic()
         self._process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT, env=env,
             start_new_session=True, preexec_fn=lambda: _die_with_parent(parent_pid),
         )
+
+    def _batching_on_cpu(self) -> bool:
+        import torch  # the child picks `--device auto` the same way
+
+        return self.continuous_batching and not torch.cuda.is_available()
+
+    def batching_args(self) -> list[str]:
+        """`--continuous-batching` plus, unless the child will see a GPU, the CPU caps above."""
+        if not self.continuous_batching:
+            return []
+        return ["--continuous-batching", *(CPU_CONTINUOUS_BATCHING_ARGS if self._batching_on_cpu() else ())]
+
+    def batching_env(self) -> dict[str, str]:
+        return dict(CPU_CONTINUOUS_BATCHING_ENV) if self._batching_on_cpu() else {}
 
     def _wait_healthy(self) -> None:
         deadline = self._launched_at + self.startup_timeout_s

@@ -30,6 +30,9 @@ def choice(default: str, *allowed: str):
     return field(default=default, metadata={"choices": allowed})
 
 
+# Every int/float key has its allowed range in RANGES (after the sections); a new numeric key adds a line there.
+
+
 @dataclass
 class TeacherConfig:
     endpoint: str = "embedded"          # "embedded" (transformers serve on the bundled model) or a base URL
@@ -43,6 +46,9 @@ class TeacherConfig:
     backoff_base_s: float = 0.5
     backoff_max_s: float = 30.0
     startup_timeout_s: float = 180.0
+    continuous_batching: bool = False   # embedded only: `transformers serve --continuous-batching` (see README)
+    max_requests_per_minute: float = 0.0  # the endpoint's request budget, paced; 0 = none (429s still slow us down)
+    max_tokens_per_minute: float = 0.0    # the endpoint's token budget (prompt + completion), paced; 0 = none
     # USD per 1M tokens: model -> [prompt, completion]. Unknown models cost 0 and are flagged.
     prices: dict = field(default_factory=lambda: {"gpt-4o-mini": [0.15, 0.6], "gpt-4o": [2.5, 10.0],
                                                   "gpt-4.1-mini": [0.4, 1.6]})
@@ -52,7 +58,7 @@ class TeacherConfig:
 class GenerateConfig:
     recipe: str = choice("self-instruct", "self-instruct", "alpaca")
     target_kept: int = 40               # stop once this many generated instructions passed every filter
-    requests_per_round: int = 4         # instruction prompts sent concurrently per round
+    requests_per_round: int = 4         # unused: the streaming scheduler has no rounds (accepted so old configs load)
     max_requests: int = 200             # hard cap on instruction requests, so a weak teacher cannot loop forever
     n_demos: int = 8                    # self-instruct: demonstrations per prompt
     n_machine_demos: int = 2            # self-instruct: of which from the machine pool when available
@@ -63,6 +69,11 @@ class GenerateConfig:
     max_instances: int = 5
     max_tokens: int = 0                 # 0 = the recipe's reference value; small models/tests lower it
     instance_max_tokens: int = 0
+    max_seed_chars: int = 4000          # a seed task longer than this (instruction + instances) is refused, file:line
+    commit_every: int = 256             # group commit: write buffered results once this many are waiting ...
+    commit_ms: float = 500.0            # ... or once the oldest has waited this long (a SIGKILL loses at most that)
+    key_attempts: int = 3               # a failed request key is retried by later runs until it was tried this often
+    max_failed_fraction: float = 0.5    # the stage fails when more of this run's requests failed than this
     seed: int = 42
 
 
@@ -162,7 +173,7 @@ class PPOConfig:
     save_optimizer: bool = True         # AdamW state in the newest round: exact resume, ~2x model size on disk
     lora: bool = False
     gradient_checkpointing: bool = False
-    precision: str = choice("auto", "auto", "fp32", "bf16", "fp16")
+    precision: str = choice("auto", "auto", "fp32", "bf16")   # the PPO loop has no fp16 loss scaling
     seed: int = 42
 
 
@@ -275,18 +286,90 @@ def _build_section(label: str, prefix: str, cls: type, raw: Any):
     return cls(**values)
 
 
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric key: lo <= v <= hi (an open end excludes its bound), or exactly `also`."""
+    lo: float | None = None
+    hi: float | None = None
+    open_lo: bool = False
+    open_hi: bool = False
+    also: float | None = None
+
+    def __contains__(self, v: float) -> bool:
+        if self.also is not None and v == self.also:
+            return True
+        if self.lo is not None and (v <= self.lo if self.open_lo else v < self.lo):
+            return False
+        return self.hi is None or (v < self.hi if self.open_hi else v <= self.hi)
+
+    def __str__(self) -> str:
+        def num(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() else repr(x)
+        if self.lo is not None and self.hi is not None:
+            if self.open_lo == self.open_hi:
+                text = f"between {num(self.lo)} and {num(self.hi)}" + (" (exclusive)" if self.open_lo else "")
+            else:
+                text = f"{'>' if self.open_lo else '>='} {num(self.lo)} and {'<' if self.open_hi else '<='} {num(self.hi)}"
+        elif self.lo is not None:
+            text = f"{'>' if self.open_lo else '>='} {num(self.lo)}"
+        else:
+            text = f"{'<' if self.open_hi else '<='} {num(self.hi)}"
+        return text if self.also is None else f"{num(self.also)} or {text}"
+
+
+AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(0), Range(1), Range(0, open_lo=True)
+FRACTION, OPEN_FRACTION = Range(0, 1), Range(0, 1, open_lo=True, open_hi=True)
+STEPS = Range(1, also=-1)               # -1 = train for `epochs`; 0, which the Trainer reads the same way, is refused
+SEED = Range(0, 2**32 - 1)              # what numpy accepts
+
+# The documented range of every numeric key (README "Configuration" lists the same), checked at load.
+RANGES: dict[str, Range] = {
+    "teacher.max_concurrency": AT_LEAST_1, "teacher.max_retries": AT_LEAST_0, "teacher.timeout_s": POSITIVE,
+    "teacher.backoff_base_s": AT_LEAST_0, "teacher.backoff_max_s": AT_LEAST_0, "teacher.startup_timeout_s": POSITIVE,
+    "teacher.max_requests_per_minute": AT_LEAST_0, "teacher.max_tokens_per_minute": AT_LEAST_0,
+    "generate.target_kept": AT_LEAST_0, "generate.requests_per_round": AT_LEAST_1, "generate.max_requests": AT_LEAST_0,
+    "generate.n_demos": AT_LEAST_1, "generate.n_machine_demos": AT_LEAST_0, "generate.alpaca_demos": AT_LEAST_1,
+    "generate.alpaca_instructions": AT_LEAST_1, "generate.max_instances": AT_LEAST_1,
+    "generate.max_tokens": AT_LEAST_0, "generate.instance_max_tokens": AT_LEAST_0,
+    "generate.max_seed_chars": AT_LEAST_1, "generate.commit_every": AT_LEAST_1, "generate.commit_ms": AT_LEAST_0,
+    "generate.key_attempts": AT_LEAST_1, "generate.max_failed_fraction": FRACTION, "generate.seed": SEED,
+    "filter.min_words": AT_LEAST_0, "filter.max_words": AT_LEAST_1, "filter.threshold": FRACTION,
+    "filter.top_k": AT_LEAST_0,
+    "sft.eval_fraction": OPEN_FRACTION, "sft.max_length": AT_LEAST_1, "sft.epochs": POSITIVE, "sft.max_steps": STEPS,
+    "sft.learning_rate": POSITIVE, "sft.batch_size": AT_LEAST_1, "sft.grad_accum": AT_LEAST_1,
+    "sft.warmup_ratio": Range(0, 1, open_hi=True), "sft.lora_r": AT_LEAST_1, "sft.lora_alpha": AT_LEAST_1,
+    "sft.eval_steps": AT_LEAST_1, "sft.save_steps": AT_LEAST_1, "sft.seed": SEED, "sft.num_processes": AT_LEAST_0,
+    "preferences.prompts": AT_LEAST_1, "preferences.k": Range(2), "preferences.temperature": POSITIVE,
+    "preferences.top_p": Range(0, 1, open_lo=True), "preferences.max_new_tokens": AT_LEAST_1, "preferences.seed": SEED,
+    "reward.eval_fraction": OPEN_FRACTION, "reward.max_length": AT_LEAST_1, "reward.epochs": POSITIVE,
+    "reward.max_steps": STEPS, "reward.learning_rate": POSITIVE, "reward.batch_size": AT_LEAST_1,
+    "reward.grad_accum": AT_LEAST_1, "reward.center_rewards_coefficient": AT_LEAST_0, "reward.eval_steps": AT_LEAST_1,
+    "reward.save_steps": AT_LEAST_1, "reward.seed": SEED,
+    "ppo.prompts": AT_LEAST_1, "ppo.total_episodes": AT_LEAST_1, "ppo.batch_size": AT_LEAST_1,
+    "ppo.grad_accum": AT_LEAST_1, "ppo.num_mini_batches": AT_LEAST_1, "ppo.num_ppo_epochs": AT_LEAST_1,
+    "ppo.learning_rate": POSITIVE, "ppo.response_length": AT_LEAST_1, "ppo.temperature": POSITIVE,
+    "ppo.kl_coef": AT_LEAST_0, "ppo.cliprange": POSITIVE, "ppo.vf_coef": AT_LEAST_0,
+    "ppo.missing_eos_penalty": AT_LEAST_0, "ppo.max_prompt_length": AT_LEAST_1, "ppo.save_every_steps": AT_LEAST_1,
+    "ppo.keep_rounds": AT_LEAST_0, "ppo.seed": SEED,
+    "evaluate.prompts": AT_LEAST_1, "evaluate.max_new_tokens": AT_LEAST_1, "evaluate.seed": SEED,
+}
+
+
 def _validate_ranges(label: str, prefix: str, cfg: Config) -> None:
+    for where, allowed in RANGES.items():
+        section, key = where.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in allowed:
+            raise ConfigError(f"{label}: {prefix}.{where} must be {allowed}, got {value!r}")
+    # keys whose range depends on another key (the PPO ones are what models/ppo.py would refuse later)
+    rollout_batch = cfg.ppo.batch_size * cfg.ppo.grad_accum
     checks = [
-        ("filter.threshold", 0.0 <= cfg.filter.threshold <= 1.0, "between 0 and 1"),
-        ("generate.target_kept", cfg.generate.target_kept >= 0, ">= 0"),
-        ("generate.n_machine_demos", 0 <= cfg.generate.n_machine_demos <= cfg.generate.n_demos, "between 0 and n_demos"),
-        ("teacher.max_concurrency", cfg.teacher.max_concurrency >= 1, ">= 1"),
-        ("teacher.max_retries", cfg.teacher.max_retries >= 0, ">= 0"),
-        ("preferences.k", cfg.preferences.k >= 2, ">= 2"),
-        ("ppo.total_episodes", cfg.ppo.total_episodes % (cfg.ppo.batch_size * cfg.ppo.grad_accum) == 0,
+        ("generate.n_machine_demos", cfg.generate.n_machine_demos <= cfg.generate.n_demos, "<= generate.n_demos"),
+        ("filter.max_words", cfg.filter.max_words >= cfg.filter.min_words, ">= filter.min_words"),
+        ("ppo.total_episodes", cfg.ppo.total_episodes % rollout_batch == 0,
          "a multiple of ppo.batch_size * ppo.grad_accum"),
-        ("sft.eval_fraction", 0.0 < cfg.sft.eval_fraction < 1.0, "between 0 and 1 (exclusive)"),
-        ("reward.eval_fraction", 0.0 < cfg.reward.eval_fraction < 1.0, "between 0 and 1 (exclusive)"),
+        ("ppo.num_mini_batches", rollout_batch % cfg.ppo.num_mini_batches == 0,
+         "a divisor of ppo.batch_size * ppo.grad_accum"),
     ]
     for where, ok, what in checks:
         if not ok:

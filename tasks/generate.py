@@ -1,16 +1,26 @@
-"""The generate loop: rounds of concurrent teacher requests until enough instructions are kept.
+"""The generate loop: a streaming scheduler over one queue of teacher requests.
+
+Up to the client's in-flight limit, requests are always on the wire: instruction requests and the
+instance steps (classify, then instances) of newly kept instructions, interleaved, no barrier. Each
+result is handled the moment it arrives: parsed, and its candidates judged greedily against the
+in-memory pool (seeds + kept so far), which is also where machine demonstrations come from.
+Candidate ids are handed out in that handling order, so `candidate_id` order is the recorded order
+the filter stage re-derives the same verdicts in.
 
 Every request has a deterministic key (`instructions:000042`, `classify:<candidate>`,
-`instances:<candidate>`). A request's row and everything parsed from it are written in one
-transaction the moment it finishes, so a SIGKILL loses only in-flight requests, and a rerun starts
-from the stored keys: it never resends a stored request and never duplicates a row.
+`instances:<candidate>`). Results are written in group commits (every `generate.commit_every`
+results or `generate.commit_ms`), one transaction per batch with a request's candidates and
+instances, so a SIGKILL loses at most the uncommitted batch. Resume is by construction: the next
+instruction keys are the missing (or failed, within `generate.key_attempts`) keys below the highest
+stored one, then new ones; nothing stored is ever resent and no row is duplicated. A stored failure
+is history: a rerun retries it and the failed row moves to `teacher_request_history`.
 """
 from __future__ import annotations
 
 import asyncio
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -58,9 +68,27 @@ def judge_candidate(cfg: Config, near_dup: NearDuplicateFilter, instruction: str
     return ("kept", None, None, verdict) if verdict.kept else ("rejected", "near_duplicate", None, verdict)
 
 
+class GenerateFailed(RuntimeError):
+    """The stage cannot succeed (endpoint refuses us, or most requests failed): one line says why."""
+
+
+def instruction_key(index: int) -> str:
+    return f"instructions:{index:06d}"
+
+
+def instruction_keys_to_send(states: list[dict], max_requests: int, key_attempts: int) -> tuple[list[int], int]:
+    """(keys below the frontier to send first: missing or failed with attempts left, the frontier).
+    The frontier is one past the highest stored key; new keys are numbered from there."""
+    stored: dict[int, dict] = {int(row["request_key"].split(":")[1]): row for row in states}
+    frontier = max(stored, default=-1) + 1
+    todo = [i for i in range(min(frontier, max_requests))
+            if i not in stored or (stored[i]["failed"] and 1 + stored[i]["replaced"] < key_attempts)]
+    return todo, frontier
+
+
 @dataclass
 class Tally:
-    """Live numbers for the progress bar and the stage metrics."""
+    """Live numbers for the progress bar and the stage metrics (kept: in total; the rest: this run)."""
     requests: int = 0
     failed: int = 0
     retries: int = 0
@@ -70,6 +98,11 @@ class Tally:
     completion_tokens: int = 0
     cost_usd: float = 0.0
     rejected: Counter = field(default_factory=Counter)
+    in_flight: int = 0
+    limit: int = 0
+    throttled: int = 0
+    commits: int = 0
+    started: float = field(default_factory=time.monotonic)
 
     def add_result(self, result: TeacherResult) -> None:
         self.requests += 1
@@ -78,11 +111,35 @@ class Tally:
         self.completion_tokens += result.completion_tokens
         self.cost_usd += result.cost_usd
 
+    @property
+    def requests_per_s(self) -> float:
+        return self.requests / max(time.monotonic() - self.started, 1e-9)
+
     def line(self, target: int) -> str:
         top = ", ".join(f"{k}={v}" for k, v in self.rejected.most_common(4)) or "none"
-        return (f"kept {self.kept}/{target} · req {self.requests} (failed {self.failed}, retries {self.retries}) · "
-                f"cand {self.candidates} · rejects: {top} · tok {self.prompt_tokens}+{self.completion_tokens} · "
-                f"${self.cost_usd:.4f}")
+        return (f"kept {self.kept}/{target} · req {self.requests} ({self.requests_per_s:.1f}/s, in flight "
+                f"{self.in_flight}/{self.limit}, failed {self.failed}, retries {self.retries}, "
+                f"throttled {self.throttled}) · cand {self.candidates} · rejects: {top} · "
+                f"tok {self.prompt_tokens}+{self.completion_tokens} · ${self.cost_usd:.4f}")
+
+
+@dataclass
+class InstructionWork:
+    index: int
+    replaces: bool  # a stored failed attempt of this key is replaced by this one
+    request: TeacherRequest | None = None
+    n_demos: int = 0
+    result: TeacherResult | None = None
+
+
+@dataclass
+class InstanceWork:
+    candidate_id: int
+    instruction: str
+    replaces: bool
+    classify: tuple[TeacherResult, str] | None = None  # (result, prompt)
+    instances: tuple[TeacherResult, str] | None = None
+    is_classification: bool = False
 
 
 class Generator:
@@ -96,13 +153,21 @@ class Generator:
                                         input=(s["instances"][0]["input"] if s["instances"] else ""),
                                         output=(s["instances"][0]["output"] if s["instances"] else ""),
                                         is_classification=bool(s["is_classification"])) for s in self.seeds]
-        # The pool machine demonstrations come from is the deduplicated kept set, as in self-instruct.
+        # The pool machine demonstrations come from is the deduplicated kept set, as in self-instruct;
+        # read once: from here on the in-memory filter index is the pool.
         self.near_dup = build_filter(cfg, self.seeds)
         self.machine_demos: list[recipes.Demo] = []
         for row in queries.kept_candidates(wh):
             self.near_dup.add(candidate_pool_id(row["candidate_id"]), row["instruction"])
             self.machine_demos.append(recipes.Demo(instruction=row["instruction"]))
-        self.tally.kept = len(self.machine_demos)
+        self.tally.kept = self.kept_at_start = len(self.machine_demos)
+        self.batch = queries.GenerateBatch()
+        self.batch_started = time.monotonic()
+        self.committing: asyncio.Future | None = None
+        self.free_ids: deque[int] = deque()
+        self.instructions_handled = 0
+        self.instructions_in_flight = 0
+        self._last_update = 0.0
 
     # --- prompts --------------------------------------------------------------------------------
     def _decoding(self, base: dict, max_tokens: int) -> dict:
@@ -113,7 +178,7 @@ class Generator:
 
     def instruction_request(self, index: int) -> tuple[TeacherRequest, int]:
         g = self.cfg.generate
-        rng = random.Random(f"{g.seed}:{index}")  # same demos for the same request on a rerun
+        rng = random.Random(f"{g.seed}:{index}")  # same draws for the same key (from the pool as it is then)
         if g.recipe == "self-instruct":
             demos = recipes.sample_demos(self.seed_demos, self.machine_demos, rng, n_total=g.n_demos,
                                          n_machine=g.n_machine_demos)
@@ -123,21 +188,65 @@ class Generator:
             demos = rng.sample(self.seed_demos, min(g.alpaca_demos, len(self.seed_demos)))
             prompt = recipes.alpaca_prompt(demos, n_requested=g.alpaca_instructions)
             params = self._decoding(recipes.ALPACA_DECODING, g.max_tokens)
-        return TeacherRequest(key=f"instructions:{index:06d}", prompt=prompt, params=params), len(demos)
+        return TeacherRequest(key=instruction_key(index), prompt=prompt, params=params), len(demos)
 
-    # --- handling one finished instruction request -------------------------------------------------
-    def handle_instructions(self, request: TeacherRequest, n_demos: int, result: TeacherResult) -> list[int]:
+    # --- the requests (run concurrently) -------------------------------------------------------
+    async def send_instructions(self, work: InstructionWork) -> InstructionWork:
+        work.request, work.n_demos = self.instruction_request(work.index)
+        work.result = await self.client.complete(work.request, on_retry=self._count_retry)
+        return work
+
+    async def send_instance_step(self, work: InstanceWork) -> InstanceWork:
+        """Classification, then output-first (classification) or input-first instances (self-instruct)."""
+        prompt = recipes.classify_prompt(work.instruction)
+        clf = await self.client.complete(TeacherRequest(key=f"classify:{work.candidate_id}", prompt=prompt,
+                                                        params=dict(recipes.CLASSIFY_DECODING)),
+                                         on_retry=self._count_retry)
+        work.classify = (clf, prompt)
+        if not clf.ok:  # the step failed; a rerun retries it whole
+            return work
+        work.is_classification = recipes.parse_classify(clf.text or "")
+        prompt = recipes.instance_prompt(work.instruction, work.is_classification)
+        inst = await self.client.complete(TeacherRequest(
+            key=f"instances:{work.candidate_id}", prompt=prompt,
+            params=self._decoding(recipes.INSTANCE_DECODING, self.cfg.generate.instance_max_tokens)),
+            on_retry=self._count_retry)
+        work.instances = (inst, prompt)
+        return work
+
+    # --- handling a result, in arrival order (the recorded order) ---------------------------------
+    def _stop_if_fatal(self, result: TeacherResult) -> None:
+        if result.fatal:
+            raise GenerateFailed(f"teacher endpoint {self.client.settings.base_url} refused the request: "
+                                 f"{result.error} (not retryable: check teacher.endpoint, teacher.model and the "
+                                 f"API key env var; nothing more was sent)")
+
+    def _take_ids(self, n: int) -> list[int]:
+        # ids from the sequence in blocks, one query per block; they grow in handling order
+        if len(self.free_ids) < n:
+            self.free_ids.extend(self.wh.next_ids(max(4096, n)))
+        return [self.free_ids.popleft() for _ in range(n)]
+
+    def _request_row(self, result: TeacherResult, purpose: str, prompt: str) -> list:
+        return queries.teacher_request_row(result, "generate", purpose, prompt)
+
+    def handle_instructions(self, work: InstructionWork) -> list[tuple[int, str]]:
+        """Judge the parsed candidates; returns the newly kept (id, instruction) for the instance step."""
+        result, request = work.result, work.request
+        self._stop_if_fatal(result)
         self.tally.add_result(result)
+        self.instructions_handled += 1
+        g = self.cfg.generate
         parsed: list[recipes.ParsedInstruction] = []
         if result.ok and result.text is not None:
-            parse = recipes.parse_self_instruct if self.cfg.generate.recipe == "self-instruct" else recipes.parse_alpaca
-            parsed = parse(result.text, n_demos, result.finish_reason, truncation=truncation_policy(self.cfg))
-        ids = self.wh.next_ids(len(parsed))  # pool ids must exist before the filter sees the candidate
-        rows, kept_ids = [], []
+            parse = recipes.parse_self_instruct if g.recipe == "self-instruct" else recipes.parse_alpaca
+            parsed = parse(result.text, work.n_demos, result.finish_reason, truncation=truncation_policy(self.cfg))
+        ids = self._take_ids(len(parsed))  # pool ids must exist before the filter sees the candidate
+        kept: list[tuple[int, str]] = []
         for position, (item, cid) in enumerate(zip(parsed, ids)):
             verdict, reason, heuristic, rouge = judge_candidate(self.cfg, self.near_dup, item.instruction,
                                                                 item.truncated, lambda: candidate_pool_id(cid))
-            rows.append((cid, queries.CandidateRow(
+            self.batch.candidates.append((cid, queries.CandidateRow(
                 request_key=request.key, position=position, instruction=item.instruction,
                 input=item.input or None, output=item.output or None, heuristic_reason=heuristic,
                 verdict=verdict, reason=reason,
@@ -145,68 +254,160 @@ class Generator:
                 top_k=[list(t) for t in rouge.top_k] if rouge else None, mean_score=rouge.mean_score if rouge else None)))
             self.tally.candidates += 1
             if verdict == "kept":
-                kept_ids.append(cid)
+                kept.append((cid, item.instruction))
                 self.tally.kept += 1
                 self.machine_demos.append(recipes.Demo(instruction=item.instruction, input=item.input,
                                                        output=item.output))
+                if g.recipe == "alpaca" and item.output:  # alpaca writes the instance with the instruction
+                    self.batch.instances.append((cid, 0, item.input or "", item.output))
             else:
                 self.tally.rejected[reason] += 1
-        queries.insert_request_with_candidates(self.wh, result, "generate", request.prompt,
-                                               [row for _, row in rows], ids=[cid for cid, _ in rows])
-        if self.cfg.generate.recipe == "alpaca":
-            # alpaca generates the instance with the instruction: store it, no extra request
-            for cid, row in rows:
-                if row.verdict == "kept" and row.output:
-                    queries.insert_instances_result(self.wh, cid, None, [(row.input or "", row.output)], [])
-        self.on_update(self.tally)
-        return kept_ids if self.cfg.generate.recipe == "self-instruct" else []
+        self.batch.requests.append(self._request_row(result, "instructions", request.prompt))
+        if work.replaces:
+            self.batch.replaced_keys.append(request.key)
+        return kept if g.recipe == "self-instruct" else []
 
-    # --- instances (self-instruct): classification step, then output- or input-first --------------
-    async def make_instances(self, candidate_id: int, instruction: str) -> None:
-        g = self.cfg.generate
-        clf_prompt = recipes.classify_prompt(instruction)
-        clf = await self.client.complete(TeacherRequest(key=f"classify:{candidate_id}", prompt=clf_prompt,
-                                                        params=dict(recipes.CLASSIFY_DECODING)))
-        self.tally.add_result(clf)
-        is_clf = recipes.parse_classify(clf.text) if clf.ok and clf.text is not None else False
-        inst_prompt = recipes.instance_prompt(instruction, is_clf)
-        inst = await self.client.complete(TeacherRequest(
-            key=f"instances:{candidate_id}", prompt=inst_prompt,
-            params=self._decoding(recipes.INSTANCE_DECODING, g.instance_max_tokens)))
-        self.tally.add_result(inst)
-        pairs: list[tuple[str, str]] = []
+    def handle_instance_step(self, work: InstanceWork) -> None:
+        steps = [work.classify] + ([work.instances] if work.instances else [])
+        for result, _ in steps:
+            self._stop_if_fatal(result)
+        for (result, prompt), purpose in zip(steps, ("classify", "instances")):
+            self.tally.add_result(result)
+            self.batch.requests.append(self._request_row(result, purpose, prompt))
+        if work.replaces:
+            self.batch.replaced_keys += [f"classify:{work.candidate_id}", f"instances:{work.candidate_id}"]
+        if work.instances is None:
+            return
+        self.batch.classifications.append((work.candidate_id, work.is_classification))
+        inst = work.instances[0]
         if inst.ok and inst.text is not None:
-            pairs = recipes.clean_instances(recipes.parse_instances(inst.text, is_clf, g.max_instances),
-                                            g.max_instances)
-        queries.insert_instances_result(self.wh, candidate_id, is_clf, pairs,
-                                        [(clf, "classify", clf_prompt), (inst, "instances", inst_prompt)])
-        self.on_update(self.tally)
+            g = self.cfg.generate
+            pairs = recipes.clean_instances(recipes.parse_instances(inst.text, work.is_classification,
+                                                                    g.max_instances), g.max_instances)
+            self.batch.instances += [(work.candidate_id, i, inp, out) for i, (inp, out) in enumerate(pairs)]
 
-    # --- the loop --------------------------------------------------------------------------------
+    # --- group commits ------------------------------------------------------------------------------
+    def _take_batch(self) -> queries.GenerateBatch:
+        batch, self.batch = self.batch, queries.GenerateBatch()
+        self.batch_started = time.monotonic()
+        self.tally.commits += 1 if len(batch) else 0
+        return batch
+
+    async def flush(self) -> None:
+        """Commit everything handled so far (after the commit already running, if any)."""
+        if self.committing is not None:
+            await self.committing
+            self.committing = None
+        if len(self.batch):
+            queries.commit_generate_batch(self.wh, self._take_batch())
+
+    def _commit_if_due(self) -> None:
+        """Start a group commit in a worker thread when the batch is full or old enough; DuckDB
+        releases the GIL while it writes, so requests keep flowing. One commit at a time, in order."""
+        g = self.cfg.generate
+        if self.committing is not None:
+            if not self.committing.done():
+                return
+            self.committing.result()  # a failed write stops the run
+            self.committing = None
+        if len(self.batch) >= g.commit_every or \
+                (len(self.batch) and time.monotonic() - self.batch_started >= g.commit_ms / 1000):
+            self.committing = asyncio.ensure_future(
+                asyncio.to_thread(queries.commit_generate_batch, self.wh, self._take_batch()))
+
+    # --- the scheduler ------------------------------------------------------------------------------
+    def _failing(self) -> bool:
+        """Most of this run's requests failed (and enough of them to tell)."""
+        t, g = self.tally, self.cfg.generate
+        return t.requests >= max(8, self.client.settings.max_concurrency) and t.failed > g.max_failed_fraction * t.requests
+
+    def _want_instructions(self) -> bool:
+        """More instruction requests are needed: the in-flight ones, at this run's yield so far, would
+        not reach the target (so the run does not overshoot by a whole window of requests)."""
+        target = self.cfg.generate.target_kept
+        if self.tally.kept >= target:
+            return False
+        kept_per_request = (self.tally.kept - self.kept_at_start) / max(self.instructions_handled, 1)
+        return self.tally.kept + kept_per_request * self.instructions_in_flight < target
+
     async def run(self) -> dict:
         g = self.cfg.generate
         started = time.monotonic()
-        retry_hook = self._count_retry
-        if g.instances and g.recipe == "self-instruct":
-            pending = queries.kept_without_instances(self.wh)  # a killed run's unfinished instance step
-            await asyncio.gather(*(self.make_instances(r["candidate_id"], r["instruction"]) for r in pending))
-        sent = queries.count_requests(self.wh, "generate", "instructions")
-        while self.tally.kept < g.target_kept and sent < g.max_requests:
-            batch = [self.instruction_request(i) for i in range(sent, min(sent + g.requests_per_round, g.max_requests))]
-            sent += len(batch)
-            by_key = {req.key: (req, n) for req, n in batch}
-            newly_kept: list[int] = []
+        steps: deque[InstanceWork] = deque()
+        if g.instances and g.recipe == "self-instruct":  # a killed run's unfinished or failed instance steps
+            steps.extend(InstanceWork(r["candidate_id"], r["instruction"], bool(r["stored"]))
+                         for r in queries.instance_steps_to_do(self.wh)
+                         if not r["stored"] or 1 + r["replaced"] < g.key_attempts)
+        states = queries.instruction_key_states(self.wh)
+        failed_keys = {row["request_key"] for row in states if row["failed"]}
+        todo, next_new = instruction_keys_to_send(states, g.max_requests, g.key_attempts)
+        keys = deque(todo)
+        in_flight: set[asyncio.Future] = set()
 
-            def on_result(result: TeacherResult) -> None:
-                req, n_demos = by_key[result.key]
-                newly_kept.extend(self.handle_instructions(req, n_demos, result))
+        def next_work():
+            nonlocal next_new
+            if self._failing():  # stop sending into an endpoint that fails most requests
+                return None
+            if steps:
+                return self.send_instance_step(steps.popleft())
+            if not self._want_instructions():
+                return None
+            if keys:
+                index = keys.popleft()
+            elif next_new < g.max_requests:
+                index, next_new = next_new, next_new + 1
+            else:
+                return None
+            self.instructions_in_flight += 1
+            return self.send_instructions(InstructionWork(index, instruction_key(index) in failed_keys))
 
-            await self.client.complete_all([req for req, _ in batch], on_result=on_result, on_retry=retry_hook)
-            if g.instances and newly_kept:
-                texts = {r["candidate_id"]: r["instruction"] for r in queries.kept_candidates(self.wh)}
-                await asyncio.gather(*(self.make_instances(cid, texts[cid]) for cid in newly_kept))
+        try:
+            while True:
+                # as many units of work as the client lets on the wire (one in backoff keeps its place)
+                while len(in_flight) < max(1, int(self.client.limit)) and (work := next_work()) is not None:
+                    in_flight.add(asyncio.ensure_future(work))
+                if not in_flight:
+                    break
+                wait_s = max(0.01, g.commit_ms / 1000 - (time.monotonic() - self.batch_started))
+                done, in_flight = await asyncio.wait(in_flight, timeout=wait_s if len(self.batch) else None,
+                                                     return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    work = task.result()
+                    if isinstance(work, InstructionWork):
+                        self.instructions_in_flight -= 1
+                        if g.instances:
+                            steps.extend(InstanceWork(cid, text, False) for cid, text in self.handle_instructions(work))
+                        else:
+                            self.handle_instructions(work)
+                    else:
+                        self.handle_instance_step(work)
+                self._commit_if_due()
+                self._update(force=False)
+        except (GenerateFailed, asyncio.CancelledError, KeyboardInterrupt):
+            for task in in_flight:
+                task.cancel()
+            await asyncio.shield(self.flush())  # what was handled is kept when we stop on a refused endpoint or Ctrl-C
+            raise
+        finally:
+            for task in in_flight:
+                task.cancel()
+            self._update(force=True)
+        await self.flush()
+        if self.tally.failed > g.max_failed_fraction * self.tally.requests:
+            raise GenerateFailed(
+                f"generate: {self.tally.failed} of {self.tally.requests} teacher requests to "
+                f"{self.client.settings.base_url} failed this run (more than generate.max_failed_fraction = "
+                f"{g.max_failed_fraction:g}); the failures are stored (see teacher_requests.error) and a rerun "
+                f"retries them, up to generate.key_attempts = {g.key_attempts} per key")
         return {"seconds": time.monotonic() - started, "target_reached": self.tally.kept >= g.target_kept}
+
+    def _update(self, force: bool) -> None:
+        now = time.monotonic()
+        if force or now - self._last_update >= 0.1:  # a rich refresh per result costs more than the result
+            self._last_update = now
+            self.tally.in_flight, self.tally.limit = self.client.in_flight, int(self.client.limit)
+            self.tally.throttled = self.client.throttled
+            self.on_update(self.tally)
 
     def _count_retry(self, request: TeacherRequest, attempt: int, error: str) -> None:
         self.tally.retries += 1
-        self.on_update(self.tally)

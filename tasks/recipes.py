@@ -86,8 +86,9 @@ def sample_demos(seeds: Sequence[Demo], machine: Sequence[Demo], rng: random.Ran
         raise ValueError(f"need n_total >= 1 and n_machine >= 0, got n_total={n_total}, n_machine={n_machine}")
     if not seeds and not machine:
         raise ValueError("no demonstrations to sample from: both the seed and the machine pool are empty")
-    demos = rng.sample(list(machine), min(n_machine, n_total, len(machine)))
-    demos += rng.sample(list(seeds), min(n_total - len(demos), len(seeds)))
+    # rng.sample takes the sequences as they are: copying a 50K-entry pool per prompt would cost more than the prompt
+    demos = rng.sample(machine, min(n_machine, n_total, len(machine)))
+    demos += rng.sample(seeds, min(n_total - len(demos), len(seeds)))
     rng.shuffle(demos)
     return demos
 

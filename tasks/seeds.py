@@ -9,7 +9,9 @@ Two formats are read, told apart by content (not by extension):
 The first record of a file decides its format; every later record must match it.
 
 Loading is all-or-nothing: any bad record raises SeedFormatError("<path>:<line>: <what>") and
-nothing from that file (or from the other files of a load_seeds call) is returned.
+nothing from that file (or from the other files of a load_seeds call) is returned. With `max_chars`,
+a task whose instruction and instances together are longer is a bad record too: every prompt it
+would be a demonstration in would overflow the teacher's context or time out.
 """
 from __future__ import annotations
 
@@ -169,7 +171,11 @@ def _task(path: Path, record: _Record, fmt: str) -> SeedTask:
                     is_classification=is_cls, source=str(path))
 
 
-def _load(path: Path) -> list[tuple[SeedTask, int]]:
+def task_chars(task: SeedTask) -> int:
+    return len(task.instruction) + sum(len(i.input) + len(i.output) for i in task.instances)
+
+
+def _load(path: Path, max_chars: int | None = None) -> list[tuple[SeedTask, int]]:
     """Every task of one file with the line it starts on; raises on the first bad record."""
     text = _read_text(path)
     if not text.strip():
@@ -184,6 +190,9 @@ def _load(path: Path) -> list[tuple[SeedTask, int]]:
     first_line: dict[str, int] = {}
     for record in records:
         task = _task(path, record, fmt)
+        if max_chars is not None and task_chars(task) > max_chars:
+            raise SeedFormatError(f"{path}:{record.line}: seed task {task.id!r} is {task_chars(task)} characters "
+                                  f"(instruction + instances), over the limit of {max_chars} (generate.max_seed_chars)")
         if task.id in first_line:
             raise SeedFormatError(f"{path}:{record.line}: duplicate id {task.id!r} "
                                   f"(first at {path}:{first_line[task.id]})")
@@ -193,12 +202,12 @@ def _load(path: Path) -> list[tuple[SeedTask, int]]:
 
 
 # --- public API -------------------------------------------------------------------------------------
-def load_seed_file(path: str | Path) -> list[SeedTask]:
+def load_seed_file(path: str | Path, max_chars: int | None = None) -> list[SeedTask]:
     """All tasks of one seed file (self-instruct JSONL, Alpaca JSON array or Alpaca JSONL)."""
     path = Path(path)
     if not path.is_file():
         raise SeedFormatError(f"{path}: no such seed file")
-    return [task for task, _ in _load(path)]
+    return [task for task, _ in _load(path, max_chars)]
 
 
 def _expand(paths: Sequence[str | Path]) -> list[Path]:
@@ -220,9 +229,9 @@ def _expand(paths: Sequence[str | Path]) -> list[Path]:
     return list(unique.values())
 
 
-def load_seeds(paths: Sequence[str | Path]) -> list[SeedTask]:
+def load_seeds(paths: Sequence[str | Path], max_chars: int | None = None) -> list[SeedTask]:
     """Tasks from files and directories (their *.jsonl / *.json, sorted by name), in that order.
-    Ids must be unique across all of them."""
+    Ids must be unique across all of them; none may be longer than `max_chars` (None: no limit)."""
     if isinstance(paths, (str, Path)):
         raise TypeError("load_seeds takes a list of paths; use load_seed_file for a single file")
     if not paths:
@@ -230,7 +239,7 @@ def load_seeds(paths: Sequence[str | Path]) -> list[SeedTask]:
     tasks: list[SeedTask] = []
     seen: dict[str, str] = {}  # id -> "path:line" where it first appeared
     for path in _expand(paths):
-        for task, line in _load(path):
+        for task, line in _load(path, max_chars):
             here = f"{path}:{line}"
             if task.id in seen:
                 raise SeedFormatError(f"{here}: duplicate id {task.id!r} (first at {seen[task.id]})")

@@ -6,11 +6,17 @@
 
 One code path for every endpoint (OpenAI, vLLM, `transformers serve`, ...): the `openai` package's
 AsyncOpenAI with its own retries off, because we retry ourselves, per request, with accounting:
-  - at most `max_concurrency` HTTP requests in flight (a semaphore held only while a request is on
-    the wire, so a request sleeping in backoff does not block the others);
+  - at most `max_concurrency` HTTP requests in flight (counted only while a request is on the wire,
+    so a request sleeping in backoff does not block the others). A burst of 429s halves that limit
+    (at most once per second) and each success raises it by 1/limit, back up to max_concurrency
+    (additive increase, multiplicative decrease), so we settle where the endpoint stops throttling;
+  - optional budgets, `max_requests_per_minute` and `max_tokens_per_minute` (prompt estimate plus
+    max_tokens at send, corrected by the usage the response reports), paced as token buckets;
   - 429, 408, 409, 5xx, timeouts and connection errors are retried with exponential backoff and
-    full jitter (a Retry-After header, when sent, replaces the jitter, capped at backoff_max_s);
-    400/401/403/404/422 and anything else fail at once;
+    full jitter (a Retry-After header, when sent, replaces the jitter, capped at backoff_max_s, and
+    a 429's Retry-After also holds every other send until then);
+    400/401/403/404/422 and anything else fail at once; 401/403/404 and an unknown model are also
+    `fatal`: no other request can succeed, so the caller should stop (the result says so);
   - after `max_retries` retries the request is returned with its error string: never raised, never
     dropped, never retried forever.
 Every result carries its accounting (prompt hash, params, tokens, latency, attempts, cost), and the
@@ -19,11 +25,13 @@ API key is kept out of every repr, error string, log line and record.
 from __future__ import annotations
 
 import asyncio
+import collections
 import email.utils
 import hashlib
 import json
 import logging
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
@@ -34,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 APIS = ("chat", "completions")
 RETRYABLE_STATUS = frozenset({408, 409, 429})  # plus every 5xx
+FATAL_STATUS = frozenset({401, 403, 404})  # wrong key, no access, wrong URL: every other request fails the same way
+UNKNOWN_MODEL = re.compile(r"(?i)\bmodel\b.*\b(not found|does not exist|not exist|unknown|no such|not available)\b"
+                           r"|\b(unknown|invalid) model\b")
 # Request fields the client sets itself; a caller passing them in params is a bug.
 RESERVED_PARAMS = frozenset({"model", "messages", "prompt", "stream", "stream_options", "timeout",
                              "extra_body", "extra_headers", "extra_query"})
@@ -65,6 +76,8 @@ class TeacherSettings:
     backoff_max_s: float = 30.0
     prices: Mapping[str, tuple[float, float]] = field(default_factory=dict)  # model -> USD per 1M (prompt, completion) tokens
     system_prompt: str | None = None
+    max_requests_per_minute: float = 0.0  # 0 = no budget
+    max_tokens_per_minute: float = 0.0  # prompt + completion tokens; 0 = no budget
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, expected: str) -> None:
@@ -80,6 +93,8 @@ class TeacherSettings:
         check(self.timeout_s > 0, "timeout_s", "> 0")
         check(self.backoff_base_s >= 0, "backoff_base_s", ">= 0")
         check(self.backoff_max_s >= self.backoff_base_s, "backoff_max_s", ">= backoff_base_s")
+        check(self.max_requests_per_minute >= 0, "max_requests_per_minute", ">= 0 (0 = no budget)")
+        check(self.max_tokens_per_minute >= 0, "max_tokens_per_minute", ">= 0 (0 = no budget)")
         for model, price in self.prices.items():
             if len(price) != 2 or any(not isinstance(p, (int, float)) or p < 0 for p in price):
                 raise ValueError(f"TeacherSettings.prices[{model!r}] must be (usd per 1M prompt tokens, "
@@ -117,6 +132,7 @@ class TeacherResult:
     error: str | None  # None when ok; else e.g. "HTTP 503: ... (gave up after 6 attempts)"
     cost_usd: float
     price_known: bool = True  # False: model missing from the price table, cost_usd is 0
+    fatal: bool = False  # 401/403/404 or unknown model: the endpoint refuses everything, stop asking
 
     @property
     def ok(self) -> bool:
@@ -131,15 +147,15 @@ class TeacherResult:
         return self.finish_reasons[0] if self.finish_reasons else None
 
 
-def strip_stop_suffix(text: str, stop: Any, finish_reason: str | None) -> str:
-    """OpenAI drops the stop string from the text; some servers (transformers serve) keep it.
-    Cut it so every endpoint returns the same text."""
-    if finish_reason != "stop" or not stop:
-        return text
-    for marker in sorted([stop] if isinstance(stop, str) else list(stop), key=len, reverse=True):
-        if marker and text.endswith(marker):
-            return text[: -len(marker)]
-    return text
+def apply_stop(text: str, stop: Any, finish_reason: str | None) -> tuple[str, str | None]:
+    """(text, finish_reason) as OpenAI returns them: cut before the first stop string, which then is
+    the reason it finished. Servers differ: transformers serve keeps the stop string at the end, and
+    with --continuous-batching it ignores `stop` altogether and runs to max_tokens."""
+    markers = [stop] if isinstance(stop, str) else list(stop or [])
+    found = [text.find(marker) for marker in markers if marker and marker in text]
+    if not found:
+        return text, finish_reason
+    return text[: min(found)], "stop"
 
 
 def prompt_hash(model: str, prompt: str, params: Mapping) -> str:
@@ -225,6 +241,23 @@ class _Attempt:
     error: str | None = None
     retryable: bool = False
     retry_after_s: float | None = None
+    fatal: bool = False
+    throttled: bool = False  # a 429
+
+
+class _Bucket:
+    """A per-minute budget paced as a token bucket holding at most one second's worth."""
+
+    def __init__(self, per_minute: float):
+        self.per_s = per_minute / 60
+        self.capacity = max(1.0, self.per_s)
+        self.level, self.at = self.capacity, time.monotonic()
+
+    def wait_s(self, cost: float, now: float) -> float:
+        """Seconds until `cost` fits (a cost above the capacity waits for a full bucket, then overdraws)."""
+        self.level = min(self.capacity, self.level + (now - self.at) * self.per_s)
+        self.at = now
+        return max(0.0, min(cost, self.capacity) - self.level) / self.per_s
 
 
 class TeacherClient:
@@ -233,30 +266,87 @@ class TeacherClient:
         self.rng = rng or random.Random()
         self.stats: dict[str, float] = {"requests": 0, "failed": 0, "retries": 0, "prompt_tokens": 0,
                                         "completion_tokens": 0, "cost_usd": 0.0, "unpriced": 0}
-        # The openai client (its connection pool) and the semaphore belong to one event loop; both
-        # are made on first use in the running loop, so run_all() can be called more than once.
+        # Live flow control, for progress bars and stage metrics.
+        self.limit = float(settings.max_concurrency)  # the AIMD in-flight limit
+        self.in_flight = 0
+        self.throttled = 0  # 429 answers
+        self._decrease_at = 0.0
+        self._paused_until = 0.0
+        self._requests_budget = _Bucket(settings.max_requests_per_minute) if settings.max_requests_per_minute else None
+        self._tokens_budget = _Bucket(settings.max_tokens_per_minute) if settings.max_tokens_per_minute else None
+        # The openai client (its connection pool) and the waiters belong to one event loop; the client
+        # is made on first use in the running loop, so run_all() can be called more than once.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._openai: openai.AsyncOpenAI | None = None
-        self._semaphore: asyncio.Semaphore | None = None
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
         self._warned: set[str] = set()
 
     def __repr__(self) -> str:  # settings' repr already leaves the key out
         return f"TeacherClient({self.settings!r})"
 
-    def _session(self) -> tuple[openai.AsyncOpenAI, asyncio.Semaphore]:
+    def _session(self) -> openai.AsyncOpenAI:
         loop = asyncio.get_running_loop()
         if self._openai is None or self._loop is not loop:
             s = self.settings
             self._openai = openai.AsyncOpenAI(base_url=s.base_url, api_key=s.api_key, max_retries=0,
                                               timeout=s.timeout_s)
-            self._semaphore = asyncio.Semaphore(s.max_concurrency)
             self._loop = loop
-        return self._openai, self._semaphore
+            self.in_flight = 0
+            self._waiters.clear()
+        return self._openai
 
     async def aclose(self) -> None:
-        client, self._openai, self._semaphore, self._loop = self._openai, None, None, None
+        client, self._openai, self._loop = self._openai, None, None
         if client is not None:
             await client.close()
+
+    # --- flow control: who may go on the wire now -----------------------------------------------
+    async def _acquire(self, token_estimate: int) -> None:
+        while True:
+            now = time.monotonic()
+            wait = self._paused_until - now
+            if self._requests_budget is not None:
+                wait = max(wait, self._requests_budget.wait_s(1, now))
+            if self._tokens_budget is not None:
+                wait = max(wait, self._tokens_budget.wait_s(token_estimate, now))
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            if self.in_flight < max(1, int(self.limit)):
+                break
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
+        self.in_flight += 1
+        if self._requests_budget is not None:
+            self._requests_budget.level -= 1
+        if self._tokens_budget is not None:
+            self._tokens_budget.level -= token_estimate
+
+    def _release(self, outcome: "_Attempt", token_estimate: int) -> None:
+        self.in_flight -= 1
+        now = time.monotonic()
+        if outcome.throttled:
+            self.throttled += 1
+            if now >= self._decrease_at:  # one halving per burst, not one per 429 of the burst
+                self.limit = max(1.0, self.limit / 2)
+                self._decrease_at = now + 1.0
+            if outcome.retry_after_s is not None:
+                self._paused_until = max(self._paused_until,
+                                         now + min(outcome.retry_after_s, self.settings.backoff_max_s))
+        elif outcome.error is None:
+            self.limit = min(float(self.settings.max_concurrency), self.limit + 1 / self.limit)
+        if self._tokens_budget is not None and outcome.response is not None:
+            usage = getattr(outcome.response, "usage", None)
+            used = int(getattr(usage, "prompt_tokens", 0) or 0) + int(getattr(usage, "completion_tokens", 0) or 0)
+            if used:
+                self._tokens_budget.level -= used - token_estimate
+        free = max(1, int(self.limit)) - self.in_flight
+        while free > 0 and self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():  # a cancelled waiter is skipped
+                waiter.set_result(None)
+                free -= 1
 
     # --- one request ---------------------------------------------------------------------------
     async def complete(self, request: TeacherRequest,
@@ -265,13 +355,18 @@ class TeacherClient:
         s = self.settings
         params = dict(request.params)
         attempts, latency = 0, 0.0
+        token_estimate = len(request.prompt) // 4 + int(params.get("max_tokens") or 256)
         while True:
             attempts += 1
-            client, semaphore = self._session()
-            async with semaphore:
-                started = time.monotonic()
+            client = self._session()
+            await self._acquire(token_estimate)
+            started = time.monotonic()
+            outcome = _Attempt(error="cancelled")
+            try:
                 outcome = await self._send(client, request.prompt, params)
+            finally:
                 latency = time.monotonic() - started
+                self._release(outcome, token_estimate)
             if outcome.error is None or not outcome.retryable or attempts > s.max_retries:
                 break
             delay = backoff_delay(attempts, s.backoff_base_s, s.backoff_max_s, self.rng, outcome.retry_after_s)
@@ -286,6 +381,7 @@ class TeacherClient:
         if error is not None and outcome.retryable:
             error = f"{error} (gave up after {attempts} attempts)"
         result = self._result(request, params, outcome.response, error, attempts, latency)
+        result.fatal = outcome.fatal
         self._account(result)
         return result
 
@@ -304,10 +400,12 @@ class TeacherClient:
             else:
                 response = await client.completions.create(model=s.model, prompt=prompt, **kwargs)
         except openai.APIStatusError as exc:
-            status = exc.status_code
-            return _Attempt(error=self._redact(f"HTTP {status}: {_status_detail(exc)}"),
+            status, detail = exc.status_code, _status_detail(exc)
+            return _Attempt(error=self._redact(f"HTTP {status}: {detail}"),
                             retryable=status in RETRYABLE_STATUS or status >= 500,
-                            retry_after_s=parse_retry_after(exc.response.headers))
+                            retry_after_s=parse_retry_after(exc.response.headers),
+                            fatal=status in FATAL_STATUS or (status in (400, 422) and bool(UNKNOWN_MODEL.search(detail))),
+                            throttled=status == 429)
         except openai.APITimeoutError:
             return _Attempt(error=f"timeout after {s.timeout_s:g}s", retryable=True)
         except openai.APIConnectionError as exc:
@@ -335,8 +433,9 @@ class TeacherClient:
         if response is not None:
             for choice in response.choices or []:
                 text = choice.message.content if s.api == "chat" else choice.text
-                texts.append(strip_stop_suffix(text or "", params.get("stop"), choice.finish_reason))
-                finish_reasons.append(choice.finish_reason)
+                text, finish_reason = apply_stop(text or "", params.get("stop"), choice.finish_reason)
+                texts.append(text)
+                finish_reasons.append(finish_reason)
             usage = getattr(response, "usage", None)
             prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
             completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)

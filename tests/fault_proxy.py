@@ -14,8 +14,8 @@ Each incoming HTTP request consumes the next action of the schedule (then "pass"
   "401;echo-auth"         the error message quotes the request's Authorization header back
   "timeout"               read the request, answer nothing for `hold_s`, then close the connection
   "reset"                 close the socket with a TCP RST (SO_LINGER 0) instead of answering
-It records what it did (`counts`, `events` with arrival times) and the most requests it had in
-flight at once. Bounded: loopback only, at most `max_connections` open connections, a hold never
+It records what it did (`counts`, `events` with arrival times, `answered`: answers written back
+in full) and the most requests it had in flight at once. Bounded: loopback only, at most `max_connections` open connections, a hold never
 longer than `hold_s`, and it shuts itself down after `lifetime_s` even if a test forgets to.
 """
 from __future__ import annotations
@@ -101,8 +101,11 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if fault.kind == "pass":
                 self._forward(body)
+                self.wfile.flush()
+                proxy._answered()
             elif fault.kind == "status":
                 self._answer_fault(fault)
+                proxy._answered()
             elif fault.kind == "timeout":
                 proxy._stopping.wait(proxy.hold_s)  # hold, answering nothing; wakes early when the proxy stops
                 self.close_connection = True
@@ -167,6 +170,7 @@ class FaultProxy:
         self.events: list[Event] = []
         self.in_flight = 0
         self.max_in_flight = 0
+        self.answered = 0
         self.refused_connections = 0
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -184,6 +188,10 @@ class FaultProxy:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         return fault
+
+    def _answered(self) -> None:
+        with self._lock:
+            self.answered += 1
 
     def _request_done(self) -> None:
         with self._lock:

@@ -1,9 +1,13 @@
 """Profiles, inheritance, validation errors that name the key, env overrides, secrets kept out."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from instructflow.tasks.config import ConfigError, list_profiles, load_config, teacher_api_key
+from cliutil import cli
+from instructflow.tasks.config import (RANGES, SECTIONS, ConfigError, list_profiles, load_config,
+                                       teacher_api_key)
 
 
 def write(tmp_path, text):
@@ -27,6 +31,16 @@ def test_packaged_profiles_load_and_tiny_inherits_cpu():
     ("[profiles.a.filter]\nthreshold = 'high'\n", "profiles.a.filter.threshold must be float"),
     ("[profiles.a.filter]\nthreshold = 1.5\n", "profiles.a.filter.threshold must be between 0 and 1"),
     ("[profiles.a.teacher]\napi = 'grpc'\n", "profiles.a.teacher.api must be one of chat, completions"),
+    ("[profiles.a.sft]\nmax_steps = -5\n", "profiles.a.sft.max_steps must be -1 or >= 1, got -5"),
+    ("[profiles.a.reward]\nmax_steps = 0\n", "profiles.a.reward.max_steps must be -1 or >= 1, got 0"),
+    ("[profiles.a.teacher]\ntimeout_s = 0\n", "profiles.a.teacher.timeout_s must be > 0, got 0.0"),
+    ("[profiles.a.preferences]\ntop_p = 0\n", "profiles.a.preferences.top_p must be > 0 and <= 1, got 0.0"),
+    ("[profiles.a.generate]\nmax_seed_chars = 0\n", "profiles.a.generate.max_seed_chars must be >= 1, got 0"),
+    ("[profiles.a.sft]\nseed = -1\n", "profiles.a.sft.seed must be between 0 and 4294967295, got -1"),
+    ("[profiles.a.ppo]\nprecision = 'fp16'\n", "profiles.a.ppo.precision must be one of auto, fp32, bf16"),
+    ("[profiles.a.ppo]\nbatch_size = 4\nnum_mini_batches = 3\ntotal_episodes = 8\n",
+     "profiles.a.ppo.num_mini_batches must be a divisor of ppo.batch_size * ppo.grad_accum"),
+    ("[profiles.a.filter]\nmin_words = 10\nmax_words = 5\n", "profiles.a.filter.max_words must be >= filter.min_words"),
     ("[profiles.a.sftt]\nx = 1\n", "profiles.a.sftt: unknown section"),
     ("[profiles.a]\ninherits = 'b'\n[profiles.b]\ninherits = 'a'\n", "forms a cycle"),
     ("[profiles.a\n", "malformed TOML"),
@@ -70,3 +84,34 @@ def test_env_overrides_and_key_never_in_config(tmp_path, monkeypatch):
 def test_missing_explicit_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config("cpu", tmp_path / "nope.toml")
+
+
+def test_every_numeric_key_has_a_range_and_every_profile_is_inside():
+    numeric = {f"{name}.{f.name}" for name, section in SECTIONS.items() if name != "seeds"
+               for f in dataclasses.fields(section.default_factory()) if f.type in ("int", "float", int, float)}
+    assert numeric - set(RANGES) == set(), "numeric keys without a range in tasks/config.py RANGES"
+    assert set(RANGES) - numeric == set(), "RANGES names keys that do not exist"
+    for profile in list_profiles():
+        cfg = load_config(profile)
+        for where, allowed in RANGES.items():
+            section, key = where.split(".")
+            assert getattr(getattr(cfg, section), key) in allowed, (profile, where)
+
+
+def test_readme_documents_every_range():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = {line.split("`")[1]: line for line in readme.splitlines() if line.startswith("- `") and "`: `" in line}
+    missing = [f"{where}: {allowed}" for where, allowed in RANGES.items()
+               if f"`{where.split('.')[1]}` {allowed}" not in lines.get(where.split(".")[0], "")]
+    assert not missing, f"README's range list lacks: {missing}"
+
+
+def test_negative_max_steps_refused_by_the_cli_in_one_line(tmp_path):
+    path = write(tmp_path, "[profiles.a]\ninherits = 'tiny'\n[profiles.a.sft]\nmax_steps = -5\n")
+    home = tmp_path / "home"
+    out = cli("run", "--profile", "a", "--config", str(path), home=home, timeout=120)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines() == [f"error: {path}: profiles.a.sft.max_steps must be -1 or >= 1, got -5"]
+    assert not (home / "warehouse.duckdb").exists()   # refused before anything was touched

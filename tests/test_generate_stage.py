@@ -1,13 +1,16 @@
 """The generate stage with real parts: the CLI, a real `transformers serve` teacher (tiny Llama),
-a real DuckDB file; a SIGKILL mid-run and a fault-injecting proxy in front of the real server."""
+a real DuckDB file; SIGKILLs mid-run (one with a group commit pending), a gap in the stored keys,
+refused and unreachable endpoints, and a fault-injecting proxy in front of the real server."""
 from __future__ import annotations
 
 import json
 import signal
+import socket
 import time
 from pathlib import Path
 
 import duckdb
+import pytest
 
 from cliutil import cli, cli_popen
 from fault_proxy import FaultProxy
@@ -109,25 +112,57 @@ def test_sigkill_mid_run_resumes_without_duplicates_or_loss(tmp_path):
     assert runs[0] == ("failed", "interrupted (process killed)") and runs[-1][0] == "success"
 
 
-def test_faults_are_retried_counted_and_never_dropped(tmp_path):
+@pytest.fixture(scope="module")
+def server():
+    """One real `transformers serve` on the tiny Llama for the tests that put a proxy in front of it."""
     from instructflow.flows.common import cache_dir
     from instructflow.models.bundled import ensure_bundled_hf_dir
     from instructflow.models.teacher_server import TeacherServer
     from instructflow.models.tiny import build_tiny_llama
 
     tiny = build_tiny_llama(cache_dir() / "tiny-llama", tokenizer_dir=ensure_bundled_hf_dir(cache_dir()))
+    with TeacherServer(tiny) as running:
+        yield running
+
+
+def upstream(server) -> str:
+    return f"http://{server.host}:{server.port}"
+
+
+def remote_config(tmp_path: Path, endpoint: str, model: str, body: str = "", name: str = "test.toml") -> Path:
+    """A profile whose teacher is `endpoint` (a proxy in front of the real server, or a dead port)."""
+    path = tmp_path / name
+    path.write_text(f"""[profiles.t]
+inherits = 'tiny'
+[profiles.t.teacher]
+endpoint = "{endpoint}"
+model = "{model}"
+max_concurrency = 2
+max_retries = 1
+timeout_s = 30
+backoff_base_s = 0.01
+backoff_max_s = 0.05
+[profiles.t.generate]
+target_kept = 1000
+max_requests = 8
+instances = false
+""" + body)
+    return path
+
+
+def test_faults_are_retried_counted_and_never_dropped(tmp_path, server):
     home = tmp_path / "home"
-    # one request at a time (rounds of 1) so the schedule maps onto requests deterministically:
+    # one request at a time so the schedule maps onto requests deterministically:
     # request 1: 429 then ok; request 2: 500, timeout, ok; request 3: 503 x3 -> gives up (max_retries 2)
     schedule = ["429", "pass", "500", "timeout", "pass", "503", "503", "503"] + ["pass"] * 20
-    with TeacherServer(tiny) as server, FaultProxy(server.base_url, schedule, hold_s=12.0) as proxy:
+    with FaultProxy(upstream(server), schedule, hold_s=30.0) as proxy:
         config = write_config(tmp_path, f"""
 [profiles.t.teacher]
 endpoint = "{proxy.base_url}"
 model = "{server.model_name}"
 max_concurrency = 1
 max_retries = 2
-timeout_s = 8
+timeout_s = 20
 backoff_base_s = 0.05
 backoff_max_s = 0.2
 [profiles.t.generate]
@@ -144,3 +179,125 @@ instances = false
     assert metrics["retries"] == 1 + 2 + 2                # attempts beyond the first, over all requests
     failed = query(home, "SELECT error, attempts FROM teacher_requests WHERE error IS NOT NULL")
     assert len(failed) == 1 and failed[0][1] == 3 and "503" in failed[0][0]
+
+
+def instruction_rows(home: Path) -> dict:
+    return dict(query(home, "SELECT request_key, created_at FROM teacher_requests WHERE purpose = 'instructions'"))
+
+
+def test_next_keys_fill_gaps_and_retry_failures_first():
+    from instructflow.tasks.generate import instruction_keys_to_send
+
+    def state(i, failed=False, replaced=0):
+        return {"request_key": f"instructions:{i:06d}", "failed": failed, "replaced": replaced}
+
+    stored = [state(0), state(1, failed=True), state(2, failed=True, replaced=2), state(4), state(7)]
+    assert instruction_keys_to_send(stored, max_requests=20, key_attempts=3) == ([1, 3, 5, 6], 8)
+    assert instruction_keys_to_send(stored, max_requests=5, key_attempts=3) == ([1, 3], 8)  # never past the cap
+    assert instruction_keys_to_send([], max_requests=5, key_attempts=3) == ([], 0)
+
+
+def test_gap_in_stored_keys_is_filled_exactly(tmp_path, server):
+    """issue 14.1: a home with a hole in its keys (as an out-of-order kill leaves) resumes by sending
+    exactly the missing key, resends nothing stored, and finishes."""
+    home = tmp_path / "home"
+    with FaultProxy(upstream(server)) as proxy:
+        config = remote_config(tmp_path, proxy.base_url, server.model_name)
+        first = cli("stage", "generate", "--profile", "t", "--config", str(config), home=home)
+        assert first.returncode == 0, first.stderr[-3000:]
+        stored = instruction_rows(home)
+        assert sorted(stored) == [f"instructions:{i:06d}" for i in range(8)]
+        con = duckdb.connect(str(home / "warehouse.duckdb"))
+        con.execute("DELETE FROM candidates WHERE request_key = 'instructions:000003'")
+        con.execute("DELETE FROM teacher_requests WHERE request_key = 'instructions:000003'")
+        con.close()
+        sent_before = proxy.requests
+        again = cli("stage", "generate", "--profile", "t", "--config", str(config), home=home)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert proxy.requests - sent_before == 1                       # exactly the missing key was sent
+    after = instruction_rows(home)
+    assert sorted(after) == sorted(stored)
+    assert all(after[key] == created for key, created in stored.items() if key != "instructions:000003")
+    assert after["instructions:000003"] > stored["instructions:000003"]
+    runs = query(home, "SELECT status FROM stage_runs WHERE stage = 'generate' ORDER BY started_at")
+    assert [r[0] for r in runs] == ["success", "success"]
+
+
+def test_sigkill_with_a_group_commit_pending_resends_exactly_the_lost_keys(tmp_path, server):
+    """issue 13: results are committed in batches; a SIGKILL while a batch is pending loses that batch
+    only, and the rerun sends exactly its keys (nothing stored twice, nothing stored resent). The
+    filter stage then re-derives the verdicts generation recorded, in the recorded order."""
+    home = tmp_path / "home"
+    with FaultProxy(upstream(server)) as proxy:
+        config = remote_config(tmp_path, proxy.base_url, server.model_name,
+                               body="max_requests = 16\ncommit_every = 4\ncommit_ms = 600000\n")
+        config.write_text(config.read_text().replace("max_requests = 8\n", "").replace(
+            "max_concurrency = 2", "max_concurrency = 1"))
+        run = cli_popen("stage", "generate", "--profile", "t", "--config", str(config), home=home)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and run.poll() is None and proxy.answered < 6:
+            time.sleep(0.02)
+        answered = proxy.answered
+        assert run.poll() is None, f"run ended before it could be killed: {run.stderr.read()[-2000:]}"
+        run.send_signal(signal.SIGKILL)
+        run.wait(timeout=30)
+        stored = instruction_rows(home)
+        assert len(stored) % 4 == 0 and len(stored) < answered < 16  # whole batches only; one was pending
+        candidates_before = set(query(home, "SELECT candidate_id, request_key, instruction FROM candidates"))
+
+        sent_before = proxy.requests
+        out = cli("stage", "generate", "--profile", "t", "--config", str(config), home=home)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert proxy.requests - sent_before == 16 - len(stored)      # exactly the lost and the new keys
+    after = instruction_rows(home)
+    assert sorted(after) == [f"instructions:{i:06d}" for i in range(16)]
+    assert all(after[key] == created for key, created in stored.items())
+    assert candidates_before <= set(query(home, "SELECT candidate_id, request_key, instruction FROM candidates"))
+    assert query(home, "SELECT count(*) FROM candidates c WHERE NOT EXISTS "
+                       "(SELECT 1 FROM teacher_requests r WHERE r.request_key = c.request_key)")[0][0] == 0
+
+    verdicts = "SELECT candidate_id, verdict, reason, max_score, most_similar FROM candidates ORDER BY candidate_id"
+    generated = query(home, verdicts)
+    assert generated
+    filtered = cli("stage", "filter", "--profile", "t", "--config", str(config), home=home)
+    assert filtered.returncode == 0, filtered.stderr[-3000:]
+    assert query(home, verdicts) == generated
+
+
+def test_refused_endpoint_stops_at_once_and_a_fixed_one_recovers_the_failures(tmp_path, server):
+    """issue 14.2: a 401 stops the stage at once with one line naming the endpoint and the cause; an
+    unreachable endpoint fails the stage (most requests failed) with the failures stored; a rerun
+    against a working endpoint retries exactly the failed keys and succeeds."""
+    home = tmp_path / "home"
+    with FaultProxy(upstream(server), ["401"] * 100) as refusing:
+        config = remote_config(tmp_path, refusing.base_url, server.model_name)
+        out = cli("stage", "generate", "--profile", "t", "--config", str(config), home=home)
+        assert out.returncode != 0
+        last = out.stderr.strip().splitlines()[-1]
+        assert refusing.base_url in last and "401" in last, out.stderr[-2000:]
+        assert refusing.requests <= 2                                  # at once: only what was in flight
+    assert query(home, "SELECT count(*) FROM teacher_requests")[0][0] == 0
+
+    with socket.socket() as sock:                                      # a loopback port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    config = remote_config(tmp_path, dead, server.model_name)
+    out = cli("stage", "generate", "--profile", "t", "--config", str(config), home=home)
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert dead in last and "failed this run" in last, out.stderr[-2000:]
+    failed = query(home, "SELECT request_key FROM teacher_requests WHERE error IS NOT NULL")
+    assert failed and query(home, "SELECT count(*) FROM teacher_requests WHERE error IS NULL")[0][0] == 0
+    runs = query(home, "SELECT status FROM stage_runs WHERE stage = 'generate' ORDER BY started_at")
+    assert [r[0] for r in runs] == ["failed", "failed"]
+
+    with FaultProxy(upstream(server)) as working:
+        config = remote_config(tmp_path, working.base_url, server.model_name)
+        out = cli("stage", "generate", "--profile", "t", "--config", str(config), home=home)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert working.requests == 8                    # the failed keys again, then the rest of the cap
+    assert query(home, "SELECT count(*), count(error) FROM teacher_requests")[0] == (8, 0)
+    history = query(home, "SELECT request_key, error FROM teacher_request_history")
+    assert sorted(k for k, _ in history) == sorted(k for (k,) in failed) and all(e for _, e in history)
+    assert query(home, "SELECT status FROM stage_runs WHERE stage = 'generate' ORDER BY started_at DESC")[0][0] == \
+        "success"

@@ -216,6 +216,46 @@ def test_missing_paths_are_reported(tmp_path):
         load_seeds([tmp_path / "empty"])
 
 
+def test_a_seed_longer_than_the_limit_is_refused_with_file_and_line(tmp_path):
+    huge = {"instruction": "Summarize the text.", "instances": [{"input": "x" * 5_000_000, "output": "Short."}]}
+    path = write(tmp_path / "seeds.jsonl", line(**GOOD) + "\n\n" + line(**huge) + "\n")
+    assert len(load_seeds([path])) == 2                       # no limit given: the loader alone takes it
+    with pytest.raises(SeedFormatError) as err:
+        load_seeds([path], max_chars=4000)
+    assert str(err.value) == (f"{path}:3: seed task 'seeds_3' is 5000025 characters (instruction + instances), "
+                              "over the limit of 4000 (generate.max_seed_chars)")
+    # the limit counts the instruction and every instance; a task of exactly the limit is fine
+    exact = {"instruction": "abcd", "instances": [{"input": "ef", "output": "gh"}, {"input": "", "output": "ij"}]}
+    alpaca = write(tmp_path / "a.json", json.dumps([{"instruction": "Add.", "output": "2"},
+                                                   {"instruction": "Long.", "input": "", "output": "y" * 100}],
+                                                  indent=1))
+    assert [t.id for t in load_seeds([write(tmp_path / "e.jsonl", line(**exact) + "\n")], max_chars=10)] == ["e_1"]
+    with pytest.raises(SeedFormatError, match=rf"^{re.escape(str(tmp_path / 'e.jsonl'))}:1: .* 11 characters"):
+        load_seeds([write(tmp_path / "e.jsonl", line(**{**exact, "instruction": "abcde"}) + "\n")], max_chars=10)
+    with pytest.raises(SeedFormatError, match=rf"^{re.escape(str(alpaca))}:6: seed task 'a_1' is 105 characters"):
+        load_seed_file(alpaca, max_chars=50)
+
+
+def test_generate_stage_refuses_an_oversized_seed_and_keeps_the_stored_seeds(seeded_home):
+    from instructflow.flows.common import warehouse_for
+    from instructflow.flows.filter import filter_flow
+    from instructflow.flows.generate import generate_flow
+
+    home, config, seeds = seeded_home
+    filter_flow(profile="t", home=str(home), config=str(config))        # stores the seed tasks
+    wh = warehouse_for(home)
+    stored = wh.scalar("SELECT count(*) FROM seed_tasks")
+    n_lines = len(seeds.read_text().splitlines())
+    with seeds.open("a") as handle:                                      # the 5 MB line from the issue
+        handle.write(line(instruction="Translate this.", instances=[{"input": "z" * 5_000_000, "output": "ok"}]) + "\n")
+    with pytest.raises(SeedFormatError, match=rf"^{re.escape(str(seeds))}:{n_lines + 1}: .*generate.max_seed_chars"):
+        generate_flow(profile="t", home=str(home), config=str(config))
+    assert wh.scalar("SELECT count(*) FROM seed_tasks") == stored
+    failed = wh.last_stage_run("generate")
+    assert failed.status == "failed" and f"{seeds}:{n_lines + 1}:" in failed.error
+    assert wh.scalar("SELECT count(*) FROM teacher_requests") == 0      # refused before any request
+
+
 # --- content hash -------------------------------------------------------------------------------------
 def test_content_hash_tracks_content_and_order_but_not_location(tmp_path):
     text = line(**{**GOOD, "id": "a"}) + "\n" + line(**{**GOOD, "id": "b", "instruction": "Name a fruit."}) + "\n"

@@ -187,6 +187,38 @@ def test_non_retryable_statuses_fail_at_once(server):
     assert proxy.requests == 5 and client.stats["retries"] == 0 and client.stats["failed"] == 5
     assert sorted(r.error.split(":")[0] for r in results) == [f"HTTP {s}" for s in statuses]
     assert all(r.attempts == 1 for r in results)
+    # wrong key, no access, wrong URL: no other request can succeed, so the result says stop
+    assert sorted(r.error.split(":")[0] for r in results if r.fatal) == ["HTTP 401", "HTTP 403", "HTTP 404"]
+
+
+def test_a_burst_of_429s_halves_the_in_flight_limit_and_successes_raise_it_again(server):
+    seen: list[float] = []
+    with FaultProxy(upstream(server), ["429"] * 4) as proxy:
+        client = TeacherClient(make_settings(server, proxy.base_url, max_concurrency=4, **FAST_BACKOFF))
+        results = client.run_all(requests(16, {"max_tokens": 2}), on_result=lambda r: seen.append(client.limit))
+    assert all(r.ok for r in results) and client.throttled == 4 == proxy.counts["429"]
+    assert min(seen) < 3                        # halved once for the burst (4 -> 2, then +1/limit a success)
+    assert seen[-1] > min(seen)                 # additive increase as requests succeed
+    assert client.limit <= 4
+
+
+def test_retry_after_of_a_429_holds_the_other_sends_too(server):
+    with FaultProxy(upstream(server), ["429;retry-after=0.6"]) as proxy:
+        client = TeacherClient(make_settings(server, proxy.base_url, max_concurrency=1, backoff_base_s=0.001,
+                                             backoff_max_s=5))
+        results = client.run_all(requests(2, {"max_tokens": 2}))
+    assert all(r.ok for r in results) and [e.action for e in proxy.events] == ["429", "pass", "pass"]
+    assert arrival_gap(proxy) >= 0.55            # the other request waited out the pause as well
+
+
+def test_request_budget_paces_the_sends(server):
+    with FaultProxy(upstream(server)) as proxy:
+        client = TeacherClient(make_settings(server, proxy.base_url, max_concurrency=8, max_requests_per_minute=240))
+        results = client.run_all(requests(8, {"max_tokens": 2}))
+    assert all(r.ok for r in results)
+    arrivals = [e.at for e in proxy.events]
+    # 4 requests/s with a one-second bucket: the first 4 at once, then one every 0.25 s
+    assert arrivals[-1] - arrivals[0] >= 0.9
 
 
 def test_unreachable_endpoint_is_retried_then_reported():
@@ -345,9 +377,11 @@ def test_fault_actions_are_validated():
 
 
 def test_stop_string_is_cut_like_openai_does():
-    from instructflow.tasks.teacher import strip_stop_suffix
+    from instructflow.tasks.teacher import apply_stop
 
-    assert strip_stop_suffix("1. Do x\n\n", ["\n\n", "\n16"], "stop") == "1. Do x"
-    assert strip_stop_suffix("1. Do x16.", ["16.", "16 ."], "stop") == "1. Do x"
-    assert strip_stop_suffix("1. Do x\n\n", ["\n\n"], "length") == "1. Do x\n\n"   # cut by length: nothing to strip
-    assert strip_stop_suffix("abc", None, "stop") == "abc"
+    assert apply_stop("1. Do x\n\n", ["\n\n", "\n16"], "stop") == ("1. Do x", "stop")
+    assert apply_stop("1. Do x16.", ["16.", "16 ."], "stop") == ("1. Do x", "stop")
+    # a server that ignores `stop` (continuous batching) runs on to max_tokens: cut at the first one
+    assert apply_stop("1. Do x\n\n2. Do y\n16. Z", ["\n16", "\n\n"], "length") == ("1. Do x", "stop")
+    assert apply_stop("1. Do x and y", ["\n\n"], "length") == ("1. Do x and y", "length")  # really cut by length
+    assert apply_stop("abc", None, "stop") == ("abc", "stop")

@@ -150,3 +150,27 @@ def test_unloadable_model_dir_fails_fast_with_the_servers_reason(tmp_path):
     assert time.perf_counter() - started < 30  # the child's death is noticed, not the timeout
     first_line = str(info.value).splitlines()[0]
     assert "exited with code" in first_line and "Unrecognized processing class" in first_line
+
+
+async def _concurrent_chats(base_url: str, model: str, n: int, max_tokens: int):
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=120) as client:
+        return await asyncio.gather(*(client.chat.completions.create(
+            model=model, max_tokens=max_tokens, messages=[{"role": "user", "content": f"Name a colour, take {i}."}])
+            for i in range(n)))
+
+
+def test_embedded_teacher_batches_concurrent_requests_when_configured(tmp_path):
+    from instructflow.flows.teacher import teacher_session
+    from instructflow.tasks.config import load_config
+
+    assert load_config("gpu").teacher.continuous_batching is True  # the gpu profile batches its teacher
+    cfg = load_config("tiny")  # tiny keeps it off for the other tests; switch it on here
+    cfg.teacher.continuous_batching = True
+    with teacher_session(cfg, tmp_path) as settings:
+        replies = run(_concurrent_chats(settings.base_url, settings.model, 4, 6))
+    assert [r.usage.completion_tokens for r in replies] == [6] * 4
+    assert {r.choices[0].finish_reason for r in replies} == {"length"}
+    log = (tmp_path / "logs" / "teacher-server.log").read_text()
+    started = next(line for line in log.splitlines() if "starting:" in line)
+    assert "--continuous-batching" in started and "--cb-num-blocks" in started  # with the CPU caps
+    assert log.count("CB: True") == 4  # the server took each request on its continuous-batching path

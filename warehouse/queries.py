@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from instructflow.warehouse.store import Warehouse, now
@@ -48,10 +48,6 @@ def stored_request(wh: Warehouse, key: str) -> dict | None:
     row = found[0]
     row["texts"] = json.loads(row["texts"] or "[]")
     return row
-
-
-def count_requests(wh: Warehouse, stage: str, purpose: str) -> int:
-    return wh.scalar("SELECT count(*) FROM teacher_requests WHERE stage = ? AND purpose = ?", [stage, purpose])
 
 
 def teacher_totals(wh: Warehouse, stage: str) -> dict:
@@ -117,12 +113,70 @@ def kept_candidates(wh: Warehouse) -> list[dict]:
     return wh.rows("SELECT candidate_id, instruction FROM candidates WHERE verdict = 'kept' ORDER BY candidate_id")
 
 
-def kept_without_instances(wh: Warehouse) -> list[dict]:
-    """Kept instructions whose instance step has not been stored yet (resume point)."""
-    return wh.rows("SELECT c.candidate_id, c.instruction FROM candidates c WHERE c.verdict = 'kept' "
-                   "AND c.is_classification IS NULL AND NOT EXISTS "
-                   "(SELECT 1 FROM teacher_requests r WHERE r.request_key = 'instances:' || c.candidate_id::VARCHAR) "
-                   "ORDER BY c.candidate_id")
+# --- generate: resume plan and group commits ------------------------------------------------------
+def instruction_key_states(wh: Warehouse) -> list[dict]:
+    """Every stored instruction request: its key, whether it failed, and how many earlier attempts
+    of the key were replaced (read once at the start of a run: the resume plan)."""
+    return wh.rows("SELECT r.request_key, r.error IS NOT NULL AS failed, "
+                   "(SELECT count(*) FROM teacher_request_history h WHERE h.request_key = r.request_key) AS replaced "
+                   "FROM teacher_requests r WHERE r.stage = 'generate' AND r.purpose = 'instructions'")
+
+
+def instance_steps_to_do(wh: Warehouse) -> list[dict]:
+    """Kept instructions whose instance step (classify, then instances) is missing or failed, with
+    `stored` (a failed attempt is stored and must be replaced) and `replaced` (earlier attempts)."""
+    return wh.rows(
+        "SELECT c.candidate_id, c.instruction, (clf.request_key IS NOT NULL) AS stored, "
+        "(SELECT count(*) FROM teacher_request_history h WHERE h.request_key = 'classify:' || c.candidate_id::VARCHAR) "
+        "AS replaced FROM candidates c "
+        "LEFT JOIN teacher_requests clf ON clf.request_key = 'classify:' || c.candidate_id::VARCHAR "
+        "LEFT JOIN teacher_requests inst ON inst.request_key = 'instances:' || c.candidate_id::VARCHAR "
+        "WHERE c.verdict = 'kept' AND (clf.request_key IS NULL OR clf.error IS NOT NULL OR inst.request_key IS NULL OR inst.error IS NOT NULL) "
+        "ORDER BY c.candidate_id")
+
+
+@dataclass
+class GenerateBatch:
+    """Results buffered by the generate loop, written by `commit_generate_batch` in one transaction."""
+    requests: list = field(default_factory=list)        # teacher_request_row(...) lists
+    replaced_keys: list = field(default_factory=list)   # stored failed keys these results replace
+    candidates: list = field(default_factory=list)      # (candidate_id, CandidateRow)
+    classifications: list = field(default_factory=list)  # (candidate_id, is_classification)
+    instances: list = field(default_factory=list)       # (candidate_id, idx, input, output)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+def _insert_columns(wh: Warehouse, table: str, rows: Sequence[Sequence[Any]]) -> None:
+    """One INSERT for many rows: the rows go in as one list per column and are unnested (a row-by-row
+    executemany costs ~0.5 ms a row; this, ~0.015 ms). `table` is one of ours, never input."""
+    if rows:
+        columns = [list(column) for column in zip(*rows)]
+        wh.con.execute(f"INSERT INTO {table} SELECT {', '.join('unnest(?)' for _ in columns)}", columns)
+
+
+def commit_generate_batch(wh: Warehouse, batch: GenerateBatch) -> None:
+    """Requests, their candidates, classifications and instances: all of the batch or none of it."""
+    ts = now()
+    with wh.transaction():
+        if batch.replaced_keys:
+            keys = list(batch.replaced_keys)
+            wh.con.execute("INSERT INTO teacher_request_history SELECT *, ? FROM teacher_requests "
+                           "WHERE list_contains(?, request_key)", [ts, keys])
+            wh.con.execute("DELETE FROM teacher_requests WHERE list_contains(?, request_key)", [keys])
+        _insert_columns(wh, "teacher_requests", batch.requests)
+        _insert_columns(wh, "candidates", [
+            [cid, c.request_key, c.position, c.instruction, c.input, c.output, c.heuristic_reason, c.verdict,
+             c.reason, c.max_score, c.most_similar, json.dumps(c.top_k) if c.top_k is not None else None,
+             c.mean_score, None, ts] for cid, c in batch.candidates])
+        if batch.classifications:
+            ids, flags = (list(column) for column in zip(*batch.classifications))
+            wh.con.execute("UPDATE candidates SET is_classification = v.flag FROM "
+                           "(SELECT unnest(?) AS id, unnest(?::BOOLEAN[]) AS flag) v WHERE candidate_id = v.id",
+                           [ids, flags])
+            wh.con.execute("DELETE FROM instances WHERE list_contains(?, candidate_id)", [ids])
+        _insert_columns(wh, "instances", batch.instances)
 
 
 def update_verdicts(wh: Warehouse, verdicts: Iterable[Sequence[Any]]) -> None:
@@ -279,14 +333,20 @@ def eval_rows(wh: Warehouse, stage_run_id: str) -> list[dict]:
 
 
 # --- export and report ----------------------------------------------------------------------------
-def export_rows(wh: Warehouse, with_seeds: bool) -> list[dict]:
-    """The filtered set as instruction/input/output records (kept instructions x instances)."""
-    rows = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]} for r in kept_instances(wh)]
-    if with_seeds:
-        for seed in seed_rows(wh):
-            rows += [{"instruction": seed["instruction"], "input": i["input"], "output": i["output"]}
-                     for i in seed["instances"]]
-    return rows
+EXPORT_SOURCES = ("generated", "seeds", "all")
+
+
+def export_rows(wh: Warehouse, source: str) -> tuple[list[dict], dict[str, int]]:
+    """(instruction/input/output records, how many of each source): kept generated instructions x
+    their instances ("generated"), the seed tasks' own instances ("seeds"), or both ("all", generated
+    first), the two parts the SFT set is made of."""
+    if source not in EXPORT_SOURCES:
+        raise ValueError(f"export source {source!r}: expected one of {', '.join(EXPORT_SOURCES)}")
+    generated = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]}
+                 for r in kept_instances(wh)] if source in ("generated", "all") else []
+    seeds = [{"instruction": seed["instruction"], "input": i["input"], "output": i["output"]}
+             for seed in seed_rows(wh) for i in seed["instances"]] if source in ("seeds", "all") else []
+    return generated + seeds, {"generated": len(generated), "seeds": len(seeds)}
 
 
 def last_successful_stage_runs(wh: Warehouse) -> list[dict]:

@@ -1,0 +1,108 @@
+"""`export` writes what SFT trains on (and says how many of each source); `status` reads a home
+with the profile its last run used, and says so. Real DuckDB home, real Prefect API, the CLI entry point."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from cliutil import cli
+from instructflow.flows.common import close_warehouses, warehouse_for
+from instructflow.warehouse import queries
+
+from test_filter_stage import store_candidates
+
+NEW_INSTRUCTIONS = ["Explain how a lighthouse keeper schedules maintenance during long winter storms.",
+                    "List three reasons why sourdough dough rises slowly in a cold kitchen.",
+                    "Describe the yearly migration route of arctic terns across both hemispheres."]
+
+
+def filtered_home_with_instances(seeded_home) -> tuple:
+    """A home where filter ran (profile t): the seeds are stored, three generated instructions are
+    kept and two of them have instances (2 + 1), the third has none yet."""
+    from instructflow.flows.filter import filter_flow
+
+    home, config, seeds = seeded_home
+    wh = warehouse_for(home)
+    ids = store_candidates(wh, [NEW_INSTRUCTIONS])
+    filter_flow(profile="t", home=str(home), config=str(config))
+    assert [r["candidate_id"] for r in queries.kept_candidates(wh)] == ids
+    queries.insert_instances_result(wh, ids[0], False, [("", "Check the lamp."), ("storm", "Wait it out.")], [])
+    queries.insert_instances_result(wh, ids[1], False, [("", "Cold slows yeast.")], [])
+    return home, config, seeds, wh
+
+
+def test_export_writes_what_sft_trains_on_and_counts_each_source(seeded_home, tmp_path):
+    from instructflow.flows.sft import build_examples
+    from instructflow.tasks.config import load_config
+
+    home, config, seeds, wh = filtered_home_with_instances(seeded_home)
+    seed_instances = sum(len(json.loads(line)["instances"]) for line in seeds.read_text().splitlines() if line.strip())
+    sft_set = Counter((e.instruction, e.input, e.output) for e in build_examples(load_config("t", config), wh))
+    assert len(sft_set) > 0
+    close_warehouses()  # the CLI process needs the DuckDB lock
+
+    out = tmp_path / "data.json"
+    done = cli("export", "alpaca", "--out", str(out), "--config", str(config), home=home)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())
+    assert Counter((r["instruction"], r["input"], r["output"]) for r in rows) == sft_set
+    assert len(rows) == 3 + seed_instances
+    assert done.stderr.strip().splitlines() == [
+        f"wrote {len(rows)} records to {out}: 3 generated, {seed_instances} from seeds "
+        "(--source all: what SFT trains on under profile t)"]
+
+    for source, n, generated, from_seeds in (("generated", 3, 3, 0), ("seeds", seed_instances, 0, seed_instances),
+                                             ("all", 3 + seed_instances, 3, seed_instances)):
+        part = tmp_path / f"{source}.jsonl"
+        done = cli("export", "jsonl", "--out", str(part), "--source", source, home=home)
+        assert done.returncode == 0, done.stderr
+        lines = [json.loads(line) for line in part.read_text().splitlines()]
+        assert len(lines) == n and {"prompt", "completion"} == set(lines[0])
+        assert f"wrote {n} records to {part}: {generated} generated, {from_seeds} from seeds (--source {source})" \
+            in done.stderr
+    assert any(line["completion"] == "Wait it out." and "### Input:\nstorm" in line["prompt"]
+               for line in map(json.loads, (tmp_path / "generated.jsonl").read_text().splitlines()))
+
+    # a profile whose SFT set leaves the seeds out exports only the generated part by default
+    with config.open("a") as handle:
+        handle.write("[profiles.gen_only]\ninherits = 't'\n[profiles.gen_only.sft]\ninclude_seed_instances = false\n")
+    done = cli("export", "alpaca", "--out", str(out), "--profile", "gen_only", "--config", str(config), home=home)
+    assert done.returncode == 0, done.stderr
+    assert len(json.loads(out.read_text())) == 3
+    assert "3 generated, 0 from seeds (--source generated: what SFT trains on under profile gen_only)" in done.stderr
+
+    bad = cli("export", "alpaca", "--out", str(out), "--source", "everything", home=home)
+    assert bad.returncode != 0
+    assert bad.stderr.strip().splitlines() == ["error: --source 'everything': expected one of generated, seeds, all"]
+
+
+def test_status_defaults_to_the_last_runs_profile_and_says_so(seeded_home):
+    from instructflow.flows.filter import filter_flow
+
+    home, config, _ = seeded_home
+    with config.open("a") as handle:  # t's filter differs from the default profile's (cpu)
+        handle.write("[profiles.t.filter]\nthreshold = 0.6\n")
+    filter_flow(profile="t", home=str(home), config=str(config))
+    close_warehouses()
+
+    out = cli("status", "--json", "--config", str(config), home=home)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["profile"] == "t" and report["profile_source"] == "last_run"
+    assert report["stages"]["filter"]["state"] == "fresh", report["stages"]["filter"]
+    assert report["stages"]["generate"]["state"] == "never"
+
+    # an explicit profile still wins, and against it the same run is stale because of its config
+    out = cli("status", "--json", "--profile", "cpu", "--config", str(config), home=home)
+    report = json.loads(out.stdout)
+    assert report["profile"] == "cpu" and report["profile_source"] == "option"
+    assert report["stages"]["filter"]["state"] == "stale" and "config changed" in report["stages"]["filter"]["why"]
+
+    # the table says which profile the states refer to
+    text = cli("status", "--config", str(config), home=home, COLUMNS="200")
+    assert text.returncode == 0 and "profile t (the last run's)" in text.stdout
+
+    # the last run's profile is not in the config in use: the config's default, said so
+    out = cli("status", "--json", home=home)
+    report = json.loads(out.stdout)
+    assert report["profile"] == "cpu" and report["profile_source"] == "default"
