@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.instructflow-installed
 LOCK := constraints.txt
 
-.PHONY: setup run test bench lock clean
+.PHONY: setup run test test-fast bench lock clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,11 @@ run: setup
 	$(BIN)/instructflow run
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
+
+# the pure-logic tier: no servers, no Prefect, no training
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: setup
 	$(BIN)/python bench/rouge_filter.py --reference-limit 2000

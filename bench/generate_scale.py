@@ -18,6 +18,12 @@ The last line printed is one JSON object:
   floor_requests_per_s           the bare client's rate on the same requests
   ratio_to_floor                 requests_per_s / floor_requests_per_s
   peak_rss_mb                    peak resident memory of the stage's process (VmHWM)
+  stage_cpu_ms_per_request       CPU of the stage's process per request (stage metric cpu_ms_per_request)
+  floor_cpu_ms_per_request       CPU of the bare client per request, same requests
+  cpu_ratio_to_floor             floor_cpu / stage_cpu: the rate ratio when both are CPU-bound; unlike the
+                                 wall-clock ratio it barely moves when other work shares the machine
+  load_avg                       1-minute load average before the stage and after the floor (on 2 cores,
+                                 above ~1.5 means other processes took CPU from the measured ones)
   mix                            requests by purpose
 """
 from __future__ import annotations
@@ -73,8 +79,8 @@ def run_stage(home: Path, config: Path) -> tuple[float, float]:
     return time.monotonic() - started, peak
 
 
-async def floor(base_url: str, requests: list[tuple[str, dict]], concurrency: int) -> float:
-    """Seconds for the bare openai client to send `requests` at `concurrency`, nothing else."""
+async def floor(base_url: str, requests: list[tuple[str, dict]], concurrency: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) for the bare openai client to send `requests` at `concurrency`, nothing else."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0)
@@ -85,11 +91,11 @@ async def floor(base_url: str, requests: list[tuple[str, dict]], concurrency: in
             await client.chat.completions.create(model="bench-teacher", messages=[{"role": "user", "content": prompt}],
                                                  **params)
 
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), time.process_time()
     await asyncio.gather(*(one(p, params) for p, params in requests))
-    seconds = time.monotonic() - started
+    seconds, cpu_s = time.monotonic() - started, time.process_time() - cpu_started
     await client.close()
-    return seconds
+    return seconds, cpu_s
 
 
 def main() -> None:
@@ -98,6 +104,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--floor-runs", type=int, default=2)
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
     server, base_url = start_load_server()
     try:
         with tempfile.TemporaryDirectory(prefix="generate-scale-") as tmp:
@@ -111,6 +118,7 @@ max_concurrency = {args.concurrency}
 max_retries = 2
 timeout_s = 60
 [profiles.bench.generate]
+instance_prompt = "reference"
 target_kept = {args.kept}
 max_requests = {args.kept}
 max_tokens = 0
@@ -118,8 +126,8 @@ instance_max_tokens = 0
 """)
             cli_s, rss = run_stage(home, config)
             con = duckdb.connect(str(home / "warehouse.duckdb"), read_only=True)
-            stage_s = con.execute("SELECT seconds FROM stage_runs WHERE stage = 'generate' AND status = 'success' "
-                                  "ORDER BY started_at DESC LIMIT 1").fetchone()[0]
+            stage_s, metrics = con.execute("SELECT seconds, metrics FROM stage_runs WHERE stage = 'generate' "
+                                           "AND status = 'success' ORDER BY started_at DESC LIMIT 1").fetchone()
             kept = con.execute("SELECT count(*) FROM candidates WHERE verdict = 'kept'").fetchone()[0]
             stored = con.execute("SELECT prompt, params, purpose FROM teacher_requests ORDER BY created_at").fetchall()
             con.close()
@@ -127,14 +135,19 @@ instance_max_tokens = 0
         for _, _, purpose in stored:
             mix[purpose] = mix.get(purpose, 0) + 1
         sends = [(p, json.loads(params)) for p, params, _ in stored]
-        floor_s = min(asyncio.run(floor(base_url, sends, args.concurrency)) for _ in range(max(1, args.floor_runs)))
+        floor_s, floor_cpu_s = min(asyncio.run(floor(base_url, sends, args.concurrency))
+                                   for _ in range(max(1, args.floor_runs)))
     finally:
         server.terminate()
         server.wait(timeout=10)
     rate, floor_rate = len(stored) / stage_s, len(stored) / floor_s
+    stage_cpu_ms, floor_cpu_ms = json.loads(metrics)["cpu_ms_per_request"], 1000 * floor_cpu_s / len(stored)
     print(json.dumps({"kept": kept, "requests": len(stored), "stage_s": round(stage_s, 2), "cli_s": round(cli_s, 2),
                       "requests_per_s": round(rate, 1), "floor_requests_per_s": round(floor_rate, 1),
-                      "ratio_to_floor": round(rate / floor_rate, 3), "peak_rss_mb": round(rss, 1), "mix": mix}))
+                      "ratio_to_floor": round(rate / floor_rate, 3), "peak_rss_mb": round(rss, 1),
+                      "stage_cpu_ms_per_request": round(stage_cpu_ms, 2), "floor_cpu_ms_per_request": round(floor_cpu_ms, 2),
+                      "cpu_ratio_to_floor": round(floor_cpu_ms / stage_cpu_ms, 3),
+                      "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)], "mix": mix}))
 
 
 if __name__ == "__main__":

@@ -126,7 +126,8 @@ def mfu(params: int, tokens_per_s: float, peak: float | None) -> float | None:
 def sft_once(model_dir: Path, rows: list[dict], cfg, plan: Plan, scratch: Path, *, packing: bool,
              qlora: bool = False, steps: int | None = None) -> dict:
     """One train_sft call; tokens/s from the per-step logs after the warm-up steps."""
-    from instructflow.models.sft import SFTSettings, train_sft
+    from instructflow.models.sft import train_sft
+    from instructflow.tasks.config import SFTConfig
 
     steps = steps or plan.sft_steps
     marks: list[tuple[int, float, float]] = []  # (step, time, tokens seen) at each training log
@@ -136,14 +137,14 @@ def sft_once(model_dir: Path, rows: list[dict], cfg, plan: Plan, scratch: Path, 
             marks.append((step, time.perf_counter(), values["num_input_tokens_seen"]))
 
     out = scratch / f"sft-{model_dir.name}-{'packed' if packing else 'padded'}{'-qlora' if qlora else ''}"
-    settings = SFTSettings(base_model=model_dir, output_dir=out, max_length=cfg.sft.max_length, packing=packing,
-                           max_steps=steps, batch_size=cfg.sft.batch_size, learning_rate=cfg.sft.learning_rate,
-                           precision=cfg.sft.precision, qlora=qlora, eval_steps=steps, save_steps=steps,
-                           logging_steps=1, seed=cfg.sft.seed)
+    section = SFTConfig(max_length=cfg.sft.max_length, packing=packing, max_steps=steps,
+                        batch_size=cfg.sft.batch_size, learning_rate=cfg.sft.learning_rate,
+                        precision=cfg.sft.precision, qlora=qlora, eval_steps=steps, save_steps=steps,
+                        seed=cfg.sft.seed)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    metrics = train_sft(rows, rows[: cfg.sft.batch_size], settings, on_step=on_step)
+    metrics = train_sft(rows, rows[: cfg.sft.batch_size], section, model_dir, out, on_step=on_step)
     peak_gb = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     shutil.rmtree(out, ignore_errors=True)  # the 1B model's merged save is 4.7 GB
     timed = [m for m in marks if m[0] >= plan.sft_warmup]
@@ -202,25 +203,19 @@ def teacher_section(model_dir: Path, plan: Plan, scratch: Path) -> dict:
 # 3. PPO
 
 def ppo_section(model_dir: Path, rows: list[dict], cfg, plan: Plan, scratch: Path) -> dict:
-    from instructflow.models.ppo import PPOSettings, train_ppo
+    from instructflow.models.ppo import train_ppo
 
     p = cfg.ppo
     prompts = list(dict.fromkeys(r["prompt"] for r in rows))  # the SFT prompt format, as the ppo stage uses
     out = scratch / "ppo"
-    settings = PPOSettings(policy_model=model_dir, reward_model=model_dir, output_dir=out,
-                           total_episodes=plan.ppo_batch, batch_size=plan.ppo_batch, grad_accum=1,
-                           num_mini_batches=p.num_mini_batches, num_ppo_epochs=p.num_ppo_epochs,
-                           learning_rate=p.learning_rate, response_length=p.response_length,
-                           temperature=p.temperature, kl_coef=p.kl_coef, cliprange=p.cliprange, vf_coef=p.vf_coef,
-                           missing_eos_penalty=p.missing_eos_penalty, max_prompt_length=p.max_prompt_length,
-                           save_every_steps=1, keep_rounds=1, save_optimizer=False, lora=p.lora,
-                           gradient_checkpointing=p.gradient_checkpointing, precision=p.precision, seed=p.seed)
-    warm = train_ppo(prompts, settings)  # one update: CUDA context, allocator, kernel choice
+    section = dataclasses.replace(p, total_episodes=plan.ppo_batch, batch_size=plan.ppo_batch, grad_accum=1,
+                                  save_every_steps=1, keep_rounds=1, save_optimizer=False)
+    warm = train_ppo(prompts, section, model_dir, model_dir, out)  # one update: CUDA context, allocator, kernel choice
     seconds_per_update = plan.ppo_batch / warm["episodes_per_s"]
     updates = max(1, min(plan.ppo_max_updates, int(plan.ppo_seconds / seconds_per_update)))
     log(f"ppo: warm-up update {seconds_per_update:.1f} s; timing {updates} more")
-    timed = train_ppo(prompts, dataclasses.replace(settings, total_episodes=plan.ppo_batch * (1 + updates),
-                                                   save_every_steps=updates))
+    timed = train_ppo(prompts, dataclasses.replace(section, total_episodes=plan.ppo_batch * (1 + updates),
+                                                   save_every_steps=updates), model_dir, model_dir, out)
     shutil.rmtree(out, ignore_errors=True)
     log(f"ppo: {timed['episodes_per_s']:.2f} episodes/s at batch {plan.ppo_batch}")
     return {"episodes_per_s": timed["episodes_per_s"], "episodes": timed["episodes"] - warm["episodes"],
@@ -286,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     from transformers import AutoTokenizer
 
-    from instructflow.models.sft import quiet_progress_bars
+    from instructflow.models.recipe_io import quiet_progress_bars
     from instructflow.tasks.config import load_config
 
     warnings.filterwarnings("ignore")  # library deprecation noise; the figures are what matter here

@@ -121,7 +121,8 @@ def measure(model_dir: Path, rows: list[dict], packed: bool, args, precision: st
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from instructflow.models.sft import HideFlashAttentionPackingWarnings, drop_printer, ensure_pad
+    from instructflow.models.recipe_io import drop_printer, ensure_pad
+    from instructflow.models.sft import HideFlashAttentionPackingWarnings
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -181,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoTokenizer
 
-    from instructflow.models.sft import SFTInputError, quiet_progress_bars, resolve_precision
+    from instructflow.models.recipe_io import quiet_progress_bars, resolve_precision
+    from instructflow.models.sft import SFTInputError
 
     quiet_progress_bars()
     args.scratch = tempfile.mkdtemp(prefix="sft-throughput-")  # the Trainer wants an output_dir; nothing is saved

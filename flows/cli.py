@@ -106,7 +106,8 @@ def run(profile: Optional[str] = ProfileOpt, home: Optional[str] = HomeOpt, conf
 @app.command()
 def stage(name: str = typer.Argument(..., help="Stage name (see `instructflow status`)."),
           profile: Optional[str] = ProfileOpt, home: Optional[str] = HomeOpt, config: Optional[str] = ConfigOpt,
-          force: bool = typer.Option(False, "--force", help="Ignore reusable work (stored verdicts, finished checkpoints)."),
+          force: bool = typer.Option(False, "--force", help="Redo the stage's reusable work: retrain from "
+                                     "scratch, re-sample, re-ask the judge."),
           downstream: bool = typer.Option(False, "--downstream", help="Continue through the stages after it (stale ones)."),
           verbose: bool = VerboseOpt):
     """Rerun exactly one stage (always runs), optionally followed by its stale downstream stages."""
@@ -140,6 +141,10 @@ def status(profile: Optional[str] = ProfileOpt, home: Optional[str] = HomeOpt, c
         fail(str(exc), code=1)
     try:
         report = live or {"running": False, **stage_status(cfg, home_path, wh)}
+        if wh is not None and not live:
+            from instructflow.warehouse.queries import open_batches
+
+            report["open_batches"] = [b["batch_id"] or b["input_file_id"] for b in open_batches(wh)]
     finally:
         if wh is not None:
             wh.close()
@@ -164,6 +169,9 @@ def status(profile: Optional[str] = ProfileOpt, home: Optional[str] = HomeOpt, c
         table.add_row(name, f"[{colours[entry['state']]}]{entry['state']}[/]", entry["last_run"] or "-",
                       metrics or "-", "; ".join(entry["why"]) or "-")
     Console().print(table)
+    if report.get("open_batches"):
+        console.print(f"open batches: {len(report['open_batches'])} ({', '.join(report['open_batches'][:5])}): "
+                      "the next generate run polls them; `instructflow batches` lists them", highlight=False)
 
 
 PROFILE_SOURCES = {"option": "--profile", "env": "$INSTRUCTFLOW_PROFILE", "last_run": "the last run's",
@@ -323,6 +331,63 @@ def _teacher_check(cfg) -> tuple[str, str, bool]:
         return ("teacher", f"{teacher.endpoint} answered {response.status_code}", response.status_code < 400)
     except httpx.HTTPError as exc:
         return ("teacher", f"{teacher.endpoint} unreachable: {type(exc).__name__}", False)
+
+
+@app.command()
+def batches(home: Optional[str] = HomeOpt, profile: Optional[str] = ProfileOpt, config: Optional[str] = ConfigOpt,
+            cancel: Optional[str] = typer.Option(None, "--cancel", help="Cancel this batch id at its endpoint "
+                                                 "(what it finished is still collected by the next generate run)."),
+            as_json: bool = typer.Option(False, "--json", help="Print the batches as one JSON list.")):
+    """Teacher batches (teacher.mode = "batch"): the newest first, open ones marked; --cancel ID cancels one."""
+    from instructflow.warehouse import queries
+
+    if cancel is None:
+        _, wh = _read_existing_warehouse(home)
+        try:
+            found = queries.batch_rows(wh)
+        finally:
+            wh.close()
+        if as_json:
+            print(json.dumps(found, default=str))
+            return
+        table = Table(title="teacher batches (newest first)")
+        table.add_column("batch id", no_wrap=True)
+        for column in ("stage", "status", "lines", "done", "failed", "created", "collected"):
+            table.add_column(column, overflow="fold")
+        for b in found:
+            table.add_row(b["batch_id"] or f"(not created: {b['input_file_id']})", b["stage"], b["status"],
+                          str(b["requests"]), str(b["completed"] or 0), str(b["failed"] or 0), str(b["created_at"]),
+                          str(b["collected_at"] or "[yellow]open[/]"))
+        Console().print(table)
+        return
+    from instructflow.flows.common import data_home
+    from instructflow.tasks.batch import BatchAPI, BatchAPIError
+    from instructflow.tasks.config import ConfigError, teacher_api_key
+    from instructflow.tasks.teacher import TeacherSettings
+    from instructflow.warehouse.store import WarehouseError, open_warehouse
+
+    try:
+        wh = open_warehouse(data_home(home))
+    except WarehouseError as exc:
+        fail(str(exc), code=1)
+    try:
+        row = next((b for b in queries.batch_rows(wh, limit=1_000_000) if b["batch_id"] == cancel), None)
+        if row is None:
+            fail(f"no batch {cancel!r} in this warehouse (`instructflow batches` lists them)", code=1)
+        cfg, _ = _config_for_reading(profile, config, wh)
+        api = BatchAPI(TeacherSettings(base_url=row["endpoint"], model=cfg.teacher.model or "batch",
+                                       api_key=teacher_api_key(cfg.teacher)))
+        try:
+            batch = api.cancel(cancel)
+        finally:
+            api.close()
+        queries.mark_batch_cancelling(wh, cancel, batch.status)
+        console.print(f"batch {cancel}: {batch.status} (the next generate run collects what it finished and "
+                      "resubmits only the rest)", highlight=False)
+    except (ConfigError, BatchAPIError) as exc:
+        fail(str(exc), code=1)
+    finally:
+        wh.close()
 
 
 export_app = typer.Typer(help="Write the SFT set (kept generated instructions and seed instances) in the formats the field shares.", no_args_is_help=True)
@@ -516,14 +581,14 @@ def _print_summary(cfg, home_path: Path, results: dict) -> None:
 # (stage, metric, label) for the closing lines of `instructflow run`
 HEADLINE = [("filter", "kept", "kept instructions"), ("sft", "eval_loss_before", "SFT eval loss before"),
             ("sft", "eval_loss_after", "after"), ("reward", "accuracy_after", "reward accuracy (held-out pairs)"),
-            ("ppo", "reward_first", "PPO reward first"), ("ppo", "reward_last", "last"), ("ppo", "kl_last", "KL last"),
+            ("ppo", "reward_first", "PPO reward first"), ("ppo", "reward_last", "last"), ("ppo", "reward_slope", "slope per update"), ("ppo", "kl_last", "KL last"),
+            ("evaluate", "rm_score_sft", "RM score SFT"), ("evaluate", "rm_score_ppo", "PPO"),
+            ("evaluate", "rm_holdout_score_sft", "held-out RM score SFT"), ("evaluate", "rm_holdout_score_ppo", "PPO"),
             ("evaluate", "win_rate_ppo_vs_sft", "PPO-vs-SFT win rate")]
 
 
 def _print_outcome(home_path: Path, results: dict) -> None:
     """The few numbers people look at, then where the report and the dashboard are."""
-    from instructflow.flows.common import warehouse_for
-    from instructflow.flows.report import write_report
     from instructflow.flows.server import running_dashboard
 
     out = Console(soft_wrap=True)  # stdout, after the summary table
@@ -531,8 +596,10 @@ def _print_outcome(home_path: Path, results: dict) -> None:
              if key in (results.get(stage) or {})]
     if shown:
         out.print("[bold]" + " · ".join(shown) + "[/]")
-    report_path = write_report(warehouse_for(home_path), home_path, home_path / "report.html")
-    out.print(f"report: {report_path}")
+    # written once, after each stage (`publish_status`), so `report` during a run sees it too
+    report_path = home_path / "report.html"
+    out.print(f"report: {report_path}" if report_path.exists() else
+              f"report: none yet (no stage ran); `instructflow report --home {home_path}` writes one")
     live = running_dashboard(home_path)
     if live:
         out.print(f"dashboard: {live[: -len('/api')]} (runs, and each stage's artifacts under /artifacts)")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from instructflow.tasks.config import Config, load_config
+from instructflow.warehouse import queries
 from instructflow.warehouse.store import Warehouse, WarehouseError, open_warehouse
 
 
@@ -107,12 +108,11 @@ def publish_status(cfg: Config, home: Path, live_stage: str | None) -> None:
 
 
 def seed_paths(cfg: Config) -> list[Path]:
-    """The configured seed files/dirs; "bundled" is the package's own seeds/ folder."""
-    from instructflow.tasks.seeds import bundled_seed_dir
+    """The configured seed files/dirs; `bundled` is the package's seed file (not its seeds/ folder,
+    which also ships the preference sample)."""
+    from instructflow.tasks.seeds import shipped_path
 
-    # the file, not the folder: the folder also ships other data (preference samples)
-    return [bundled_seed_dir() / "seed_tasks.jsonl" if entry == "bundled" else Path(entry).expanduser()
-            for entry in cfg.seeds]
+    return [shipped_path(entry, "seed_tasks.jsonl") for entry in cfg.seeds]
 
 
 def stable_hash(value: Any) -> str:
@@ -193,7 +193,7 @@ def stage_context(stage: str, profile: str, home: str | None, config: str | None
     if own_run:
         run_id = wh.start_run(cfg.profile, f"stage {stage}", flow_run_id=_flow_run_id())
     inputs = stage_inputs(stage, cfg, wh)
-    stage_run_id = wh.start_stage_run(run_id, stage, inputs["config"], input_hash(inputs), inputs)
+    stage_run_id = wh.start_stage_run(run_id, stage, input_hash(inputs), inputs)
     ctx = StageContext(stage=stage, cfg=cfg, home=home_path, wh=wh, run_id=run_id, stage_run_id=stage_run_id,
                        force=force, inputs=inputs)
     publish_status(cfg, home_path, stage)
@@ -212,8 +212,7 @@ def stage_context(stage: str, profile: str, home: str | None, config: str | None
     # Inputs are re-read at the end: a stage that changes its own inputs (generate adds candidates
     # the filter hashes) must be recorded against what it finally consumed.
     final_inputs = stage_inputs(stage, cfg, wh)
-    wh.execute("UPDATE stage_runs SET input_hash = ?, inputs = ? WHERE stage_run_id = ?",
-               [input_hash(final_inputs), json.dumps(final_inputs), stage_run_id])
+    queries.record_final_inputs(wh, stage_run_id, input_hash(final_inputs), final_inputs)
     wh.finish_stage_run(stage_run_id, "success", ctx.metrics, ctx.output_hash or stable_hash(ctx.metrics))
     if own_run:
         wh.finish_run(run_id, "success")

@@ -10,11 +10,12 @@ from prefect import flow, task
 from prefect.cache_policies import NONE
 
 from instructflow.flows.common import StageContext, publish_artifacts, stable_hash, stage_context
-from instructflow.flows.preferences import judge_pairs
-from instructflow.flows.sft import heldout_prompts
 from instructflow.flows.stages import StageSpec
 from instructflow.flows.teacher import teacher_session
+from instructflow.tasks.judge import judge_pairs, win_rate
 from instructflow.tasks.plots import plot_bars, plot_histograms
+from instructflow.tasks.preferences import split_pairs
+from instructflow.tasks.prompts import format_prompt, heldout_prompts
 from instructflow.warehouse import queries
 
 
@@ -24,13 +25,13 @@ def measure(ctx: StageContext, prompts: list[tuple[str, str]], sft: str, ppo: st
     from instructflow.models.reward import score
     from instructflow.models.sampling import generate_responses
 
-    e = ctx.cfg.evaluate
-    formatted = [p for _, p in prompts]
+    evaluate = ctx.cfg.evaluate
+    formatted = [prompt for _, prompt in prompts]
     # greedy decoding: the comparison is between policies, not between sampling draws
     sft_out = [r[0] for r in generate_responses(Path(sft), formatted, k=1, temperature=0.0,
-                                                max_new_tokens=e.max_new_tokens, seed=e.seed)]
+                                                max_new_tokens=evaluate.max_new_tokens, seed=evaluate.seed)]
     ppo_out = [r[0] for r in generate_responses(Path(ppo), formatted, k=1, temperature=0.0,
-                                                max_new_tokens=e.max_new_tokens, seed=e.seed)]
+                                                max_new_tokens=evaluate.max_new_tokens, seed=evaluate.seed)]
     rm_sft = score(Path(reward), formatted, sft_out)
     rm_ppo = score(Path(reward), formatted, ppo_out)
     kl = policy_kl(Path(ppo), Path(sft), formatted, ppo_out)
@@ -39,11 +40,55 @@ def measure(ctx: StageContext, prompts: list[tuple[str, str]], sft: str, ppo: st
             for (inst, fmt), s, p, a, b, k in zip(prompts, sft_out, ppo_out, rm_sft, rm_ppo, kl)]
 
 
+HOLDOUT_CHECK_PAIRS = 32  # the held-out RM's accuracy is measured on this many of the reward stage's train pairs
+
+
+@task(name="train-holdout-reward", cache_policy=NONE)
+def train_holdout_reward(ctx: StageContext, sft: str) -> dict:
+    """evaluate.holdout_reward: a second reward model from the SFT checkpoint, trained on the reward
+    stage's eval split only (same split function and seed, so PPO's reward model never trained on one
+    of its pairs) and checked on pairs PPO's reward model trained on. Reused while its inputs are unchanged."""
+    from transformers import AutoTokenizer
+
+    from instructflow.models.reward import train_reward
+
+    tokenizer = AutoTokenizer.from_pretrained(sft)
+    rows = [{"pair_key": p["pair_key"], "prompt": format_prompt(ctx.cfg, tokenizer, p["prompt"]),
+             "chosen": p["chosen"], "rejected": p["rejected"]} for p in queries.training_pairs(ctx.wh)]
+    seen, holdout = split_pairs(rows, ctx.cfg.reward.eval_fraction, ctx.cfg.reward.seed)
+    if len(holdout) < 2 or not seen:
+        raise ValueError(f"evaluate.holdout_reward needs >= 2 pairs outside the reward model's training set, "
+                         f"got {len(holdout)} of {len(rows)}: raise reward.eval_fraction or add pairs")
+    holdout_keys, seen_keys = [r["pair_key"] for r in holdout], {r["pair_key"] for r in seen}
+    if seen_keys & set(holdout_keys):  # the whole point of this model: never a pair PPO's RM learned from
+        raise RuntimeError("holdout reward split overlaps the reward model's training pairs")
+    output_dir = ctx.out_dir / f"holdout-reward-{stable_hash([sorted(holdout_keys), sft, vars(ctx.cfg.reward)])}"
+    result = train_reward(without_keys(holdout), without_keys(seen[:HOLDOUT_CHECK_PAIRS]), ctx.cfg.reward, Path(sft),
+                          output_dir, on_step=lambda step, values: ctx.step(step, {f"holdout_rm_{k}": v
+                                                                                   for k, v in values.items()}))
+    return {"checkpoint": str(result["checkpoint"]), "train_pairs": len(holdout),
+            "accuracy_after": result["accuracy_after"], "margin_after": result["margin_after"]}
+
+
+def without_keys(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "pair_key"} for row in rows]
+
+
+@task(name="score-holdout-reward", cache_policy=NONE)
+def score_holdout(rows: list[dict], checkpoint: str) -> None:
+    from instructflow.models.reward import score
+
+    prompts = [r["prompt"] for r in rows]
+    for key, side in (("rm_holdout_score_sft", "sft_response"), ("rm_holdout_score_ppo", "ppo_response")):
+        for row, value in zip(rows, score(Path(checkpoint), prompts, [r[side] for r in rows])):
+            row[key] = value
+
+
 @task(name="judge-ppo-vs-sft", cache_policy=NONE)
 def judge(ctx: StageContext, rows: list[dict]) -> None:
     pairs = [(r["instruction"], r["ppo_response"], r["sft_response"]) for r in rows]
     with teacher_session(ctx.cfg, ctx.home) as settings:
-        verdicts = asyncio.run(judge_pairs(ctx.wh, settings, "evaluate", pairs))
+        verdicts = asyncio.run(judge_pairs(ctx.wh, settings, "evaluate", pairs, force=ctx.force))
     for row, verdict in zip(rows, verdicts):
         same = row["ppo_response"].strip() == row["sft_response"].strip()
         row["judge_outcome"] = "tie" if same else {"a": "ppo", "b": "sft"}.get(verdict["outcome"], verdict["outcome"])
@@ -53,33 +98,45 @@ def judge(ctx: StageContext, rows: list[dict]) -> None:
 def evaluate_flow(profile: str = "cpu", home: str | None = None, config: str | None = None,
                   run_id: str | None = None, force: bool = False) -> dict:
     with stage_context("evaluate", profile, home, config, run_id, force) as ctx:
-        e = ctx.cfg.evaluate
+        evaluate = ctx.cfg.evaluate
         sft, reward, ppo = (ctx.wh.latest_checkpoint(k) for k in ("sft", "reward", "ppo_policy"))
         if not (sft and reward and ppo):
             raise ValueError("evaluate needs SFT, reward and PPO checkpoints: run the earlier stages first")
         # prompts after the ones PPO trained on (the split wraps around when it is too small)
-        prompts = heldout_prompts(ctx.cfg, ctx.wh, ctx.cfg.ppo.prompt_source, e.prompts, ctx.cfg.ppo.seed,
+        prompts = heldout_prompts(ctx.cfg, ctx.wh, ctx.cfg.ppo.prompt_source, evaluate.prompts, ctx.cfg.ppo.seed,
                                   skip=ctx.cfg.ppo.prompts)
         rows = measure(ctx, prompts, sft["path"], ppo["path"], reward["path"])
-        if e.judge:
+        holdout = train_holdout_reward(ctx, sft["path"]) if evaluate.holdout_reward else None
+        if holdout:
+            score_holdout(rows, holdout["checkpoint"])
+        if evaluate.judge:
             judge(ctx, rows)
         queries.insert_eval_results(ctx.wh, ctx.stage_run_id, rows)
         outcomes = [r["judge_outcome"] for r in rows if r["judge_outcome"] in ("ppo", "sft", "tie")]
-        wins = sum(1.0 if o == "ppo" else 0.5 if o == "tie" else 0.0 for o in outcomes)
         metrics = {"prompts": len(rows),
                    "rm_score_sft": statistics.fmean(r["rm_score_sft"] for r in rows),
                    "rm_score_ppo": statistics.fmean(r["rm_score_ppo"] for r in rows),
                    "kl_ppo": statistics.fmean(r["kl_ppo"] for r in rows),
-                   "win_rate_ppo_vs_sft": wins / len(outcomes) if outcomes else None,
+                   "win_rate_ppo_vs_sft": win_rate(outcomes, "ppo"),
                    "judged": len(outcomes),
                    "judge_disagreements": sum(r["judge_outcome"] == "disagree" for r in rows),
                    "judge_invalid": sum(r["judge_outcome"] == "invalid" for r in rows),
                    "policy_checkpoint": ppo["path"]}
+        if holdout:  # side by side with rm_score_*: a gain PPO's own RM sees but this one does not is reward hacking
+            metrics |= {"rm_holdout_score_sft": statistics.fmean(r["rm_holdout_score_sft"] for r in rows),
+                        "rm_holdout_score_ppo": statistics.fmean(r["rm_holdout_score_ppo"] for r in rows),
+                        "rm_holdout_train_pairs": holdout["train_pairs"],
+                        "rm_holdout_accuracy": holdout["accuracy_after"],
+                        "rm_holdout_checkpoint": holdout["checkpoint"]}
         ctx.finish(metrics, output_hash=stable_hash([metrics, ctx.inputs]))
         plots = {
             "reward-model score": plot_histograms(ctx.out_dir / "rm_scores.png", "reward-model score, held-out prompts",
                                                   {"SFT": [r["rm_score_sft"] for r in rows],
                                                    "PPO": [r["rm_score_ppo"] for r in rows]}, xlabel="score"),
+            "held-out reward-model score": plot_histograms(
+                ctx.out_dir / "rm_holdout_scores.png", "held-out reward model (never seen by PPO), held-out prompts",
+                {"SFT": [r["rm_holdout_score_sft"] for r in rows], "PPO": [r["rm_holdout_score_ppo"] for r in rows]},
+                xlabel="score") if holdout else None,
             "judge outcomes": plot_bars(ctx.out_dir / "judge.png", "teacher judge, PPO vs SFT (both orders)",
                                         {k: sum(r["judge_outcome"] == k for r in rows)
                                          for k in ("ppo", "sft", "tie", "disagree", "invalid")}, ylabel="prompts"),

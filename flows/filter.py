@@ -9,12 +9,11 @@ from prefect.cache_policies import NONE
 from rich.progress import track
 
 from instructflow.flows.common import StageContext, publish_artifacts, seed_paths, stage_context
-from instructflow.flows.generate import sync_seeds
 from instructflow.flows.stages import StageSpec
 from instructflow.tasks.config import Config
 from instructflow.tasks.generate import build_filter, candidate_pool_id, judge_candidate
 from instructflow.tasks.plots import plot_histograms
-from instructflow.tasks.seeds import load_seeds, seeds_content_hash
+from instructflow.tasks.seeds import load_seeds, seeds_content_hash, sync_seed_tasks
 from instructflow.warehouse import queries
 from instructflow.warehouse.store import Warehouse
 
@@ -42,7 +41,7 @@ def filter_flow(profile: str = "cpu", home: str | None = None, config: str | Non
                 run_id: str | None = None, force: bool = False) -> dict:
     with stage_context("filter", profile, home, config, run_id, force) as ctx:
         started = time.monotonic()
-        sync_seeds(ctx)
+        sync_seed_tasks(ctx.wh, seed_paths(ctx.cfg), max_chars=ctx.cfg.generate.max_seed_chars)
         scores = refilter(ctx)
         counts = queries.candidate_counts(ctx.wh)
         metrics = {"candidates": counts["candidates"], "kept": counts["kept"],

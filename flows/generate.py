@@ -12,19 +12,12 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 from instructflow.flows.common import StageContext, publish_artifacts, seed_paths, stage_context
 from instructflow.flows.stages import StageSpec
 from instructflow.flows.teacher import teacher_session
+from instructflow.tasks.batch_generate import BatchGenerator, check_batch_endpoint
 from instructflow.tasks.generate import Generator, Tally
 from instructflow.tasks.plots import plot_bars
-from instructflow.tasks.seeds import load_seeds
+from instructflow.tasks.seeds import sync_seed_tasks
 from instructflow.tasks.teacher import TeacherClient, TeacherSettings
 from instructflow.warehouse import queries
-
-
-@task(name="sync-seeds", cache_policy=NONE)
-def sync_seeds(ctx: StageContext) -> int:
-    """Mirror the seed files into the warehouse (all-or-nothing: a bad file changes nothing)."""
-    seeds = load_seeds(seed_paths(ctx.cfg), max_chars=ctx.cfg.generate.max_seed_chars)
-    queries.replace_seed_tasks(ctx.wh, seeds)
-    return len(seeds)
 
 
 @task(name="generate-instructions", cache_policy=NONE)
@@ -40,7 +33,8 @@ def generate_instructions(ctx: StageContext, settings: TeacherSettings) -> Tally
         async def go() -> Tally:
             client = TeacherClient(settings)
             try:
-                generator = Generator(ctx.wh, ctx.cfg, client, on_update=show)
+                kind = BatchGenerator if ctx.cfg.teacher.mode == "batch" else Generator
+                generator = kind(ctx.wh, ctx.cfg, client, on_update=show)
                 show(generator.tally)
                 await generator.run()
                 return generator.tally
@@ -56,7 +50,8 @@ def generate_flow(profile: str = "cpu", home: str | None = None, config: str | N
     with stage_context("generate", profile, home, config, run_id, force) as ctx:
         started = time.monotonic()
         kept_before = queries.candidate_counts(ctx.wh)["kept"]
-        sync_seeds(ctx)
+        sync_seed_tasks(ctx.wh, seed_paths(ctx.cfg), max_chars=ctx.cfg.generate.max_seed_chars)
+        check_batch_endpoint(ctx.cfg)
         with teacher_session(ctx.cfg, ctx.home) as settings:
             tally = generate_instructions(ctx, settings)
         minutes = (time.monotonic() - started) / 60
@@ -71,7 +66,8 @@ def generate_flow(profile: str = "cpu", home: str | None = None, config: str | N
             "kept_this_run": counts["kept"] - kept_before,
             "kept_per_minute": round((counts["kept"] - kept_before) / minutes, 3) if minutes else 0.0,
             "requests_this_run": tally.requests, "requests_per_s": round(tally.requests_per_s, 2),
-            "throttled": tally.throttled, "commits": tally.commits,
+            "cpu_ms_per_request": round(tally.cpu_ms_per_request, 3),
+            "throttled": tally.throttled, "commits": tally.commits, "teacher_mode": ctx.cfg.teacher.mode,
         }
         ctx.finish(metrics, output_hash=queries.candidates_fingerprint(ctx.wh))
         plot = plot_bars(ctx.out_dir / "rejections.png", "candidates by verdict",

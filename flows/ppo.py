@@ -9,27 +9,17 @@ from prefect import flow, task
 from prefect.cache_policies import NONE
 
 from instructflow.flows.common import StageContext, publish_artifacts, stable_hash, stage_context
-from instructflow.flows.sft import heldout_prompts
 from instructflow.flows.stages import StageSpec
 from instructflow.tasks.config import Config
+from instructflow.tasks.prompts import heldout_prompts
 from instructflow.warehouse.store import Warehouse
 
 
 @task(name="train-ppo", cache_policy=NONE)
 def train(ctx: StageContext, prompts: list[str], policy: Path, reward: Path, output_dir: Path) -> dict:
-    from instructflow.models.ppo import PPOSettings, train_ppo
+    from instructflow.models.ppo import train_ppo
 
-    p = ctx.cfg.ppo
-    settings = PPOSettings(policy_model=policy, reward_model=reward, output_dir=output_dir,
-                           total_episodes=p.total_episodes, batch_size=p.batch_size, grad_accum=p.grad_accum,
-                           num_mini_batches=p.num_mini_batches, num_ppo_epochs=p.num_ppo_epochs,
-                           learning_rate=p.learning_rate, response_length=p.response_length,
-                           temperature=p.temperature, kl_coef=p.kl_coef, cliprange=p.cliprange, vf_coef=p.vf_coef,
-                           missing_eos_penalty=p.missing_eos_penalty, max_prompt_length=p.max_prompt_length,
-                           save_every_steps=p.save_every_steps, keep_rounds=p.keep_rounds or None,
-                           save_optimizer=p.save_optimizer, lora=p.lora,
-                           gradient_checkpointing=p.gradient_checkpointing, precision=p.precision, seed=p.seed)
-    return train_ppo(prompts, settings, on_step=ctx.step)
+    return train_ppo(prompts, ctx.cfg.ppo, policy, reward, output_dir, on_step=ctx.step)
 
 
 @flow(name="ppo", log_prints=True)
@@ -45,7 +35,7 @@ def ppo_flow(profile: str = "cpu", home: str | None = None, config: str | None =
         if ctx.force and output_dir.exists():
             shutil.rmtree(output_dir)
         result = train(ctx, prompts, Path(sft["path"]), Path(reward["path"]), output_dir)
-        metrics = {k: result.get(k) for k in ("steps", "episodes", "reward_first", "reward_last", "kl_last",
+        metrics = {k: result.get(k) for k in ("steps", "episodes", "reward_first", "reward_last", "reward_slope", "kl_last",
                                               "policy_checkpoint", "value_checkpoint", "episodes_per_s", "wall_s",
                                               "resumed_from", "skipped_prompts")}
         metrics.update(policy_checkpoint=str(result["policy_checkpoint"]), value_checkpoint=str(result["value_checkpoint"]),

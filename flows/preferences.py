@@ -12,30 +12,33 @@ from prefect.cache_policies import NONE
 from rich.progress import Progress
 
 from instructflow.flows.common import StageContext, publish_artifacts, stable_hash, stage_context
-from instructflow.flows.sft import heldout_prompts
 from instructflow.flows.stages import StageSpec
 from instructflow.flows.teacher import teacher_session
 from instructflow.tasks.config import Config
-from instructflow.tasks.judge import JUDGE_DECODING, combine_orders, pairwise_judge_prompt, parse_pairwise_verdict
+from instructflow.tasks.judge import judge_pairs
 from instructflow.tasks.preferences import load_preference_file, pair_key, sample_pairs
-from instructflow.tasks.teacher import TeacherClient, TeacherRequest, TeacherSettings
+from instructflow.tasks.prompts import heldout_prompts
+from instructflow.tasks.seeds import shipped_path
 from instructflow.warehouse import queries
 from instructflow.warehouse.store import Warehouse
 
 
 @task(name="sample-responses", cache_policy=NONE)
 def sample_responses(ctx: StageContext, model_path: str, prompts: list[str]) -> dict[str, list[str]]:
-    """K samples per prompt from the SFT model; prompts sampled before (same model) are reused."""
+    """K samples per prompt from the SFT model; prompts sampled before (same model) are reused, unless forced."""
     from instructflow.models.sampling import generate_responses
 
-    p = ctx.cfg.preferences
+    preferences = ctx.cfg.preferences
+    if ctx.force:
+        queries.forget_responses(ctx.wh, "preferences", model_path, prompts)
     stored = queries.stored_responses(ctx.wh, "preferences", model_path, prompts)
-    missing = [q for q in prompts if len(stored.get(q, [])) < p.k]
+    missing = [q for q in prompts if len(stored.get(q, [])) < preferences.k]
     if missing:
         with Progress() as progress:
             bar = progress.add_task("sampling responses", total=len(missing))
-            samples = generate_responses(Path(model_path), missing, k=p.k, temperature=p.temperature, top_p=p.top_p,
-                                         max_new_tokens=p.max_new_tokens, seed=p.seed,
+            samples = generate_responses(Path(model_path), missing, k=preferences.k,
+                                         temperature=preferences.temperature, top_p=preferences.top_p,
+                                         max_new_tokens=preferences.max_new_tokens, seed=preferences.seed,
                                          on_progress=lambda done, total: progress.update(bar, completed=done))
         fresh = dict(zip(missing, samples))
         queries.insert_responses(ctx.wh, "preferences", model_path, fresh)
@@ -43,88 +46,43 @@ def sample_responses(ctx: StageContext, model_path: str, prompts: list[str]) -> 
     return stored
 
 
-def judge_requests(instruction: str, a: str, b: str) -> tuple[TeacherRequest, TeacherRequest]:
-    key = pair_key(instruction, a, b)
-    return (TeacherRequest(key=f"judge:{key}:ab", prompt=pairwise_judge_prompt(instruction, a, b),
-                           params=dict(JUDGE_DECODING)),
-            TeacherRequest(key=f"judge:{key}:ba", prompt=pairwise_judge_prompt(instruction, b, a),
-                           params=dict(JUDGE_DECODING)))
-
-
-async def judge_pairs(wh: Warehouse, settings: TeacherSettings, stage: str,
-                      pairs: list[tuple[str, str, str]]) -> list[dict]:
-    """Ask the teacher about each (instruction, a, b) in both orders; stored verdicts are not re-asked.
-    Returns rows with verdicts mapped to the (a, b) order and the combined outcome a|b|tie|disagree|invalid."""
-    requests = [r for inst, a, b in pairs for r in judge_requests(inst, a, b)]
-    texts: dict[str, str | None] = {}
-    todo = []
-    for request in requests:
-        stored = queries.stored_request(wh, request.key)
-        if stored is not None:
-            texts[request.key] = stored["texts"][0] if stored["texts"] and not stored["error"] else None
-        else:
-            todo.append(request)
-    if todo:
-        client = TeacherClient(settings)
-        prompts = {r.key: r.prompt for r in todo}
-
-        def keep(result) -> None:  # stored the moment it finishes: a killed run re-asks nothing
-            queries.record_teacher_result(wh, result, stage, "judge", prompts[result.key])
-            texts[result.key] = result.text if result.ok else None
-
-        try:
-            await client.complete_all(todo, on_result=keep)
-        finally:
-            await client.aclose()
-    rows = []
-    for inst, a, b in pairs:
-        ab, ba = judge_requests(inst, a, b)
-        verdict_ab = parse_pairwise_verdict(texts.get(ab.key) or "")
-        swapped = parse_pairwise_verdict(texts.get(ba.key) or "")
-        verdict_ba = {"a": "b", "b": "a"}.get(swapped, swapped)  # mapped back to the (a, b) order
-        outcome = {"x": "a", "y": "b"}.get(combine_orders(verdict_ab, swapped), combine_orders(verdict_ab, swapped))
-        rows.append({"prompt": inst, "response_a": a, "response_b": b, "verdict_ab": verdict_ab,
-                     "verdict_ba": verdict_ba, "outcome": outcome, "judge_model": settings.model,
-                     "judge_text_ab": texts.get(ab.key), "judge_text_ba": texts.get(ba.key)})
-    return rows
-
-
 @task(name="judge-pairs", cache_policy=NONE)
 def judge(ctx: StageContext, samples: dict[str, list[str]], instruction_of: dict[str, str]) -> int:
     pairs = [(instruction_of[prompt], texts[i], texts[j]) for prompt, texts in samples.items()
              for i, j in sample_pairs(len(texts)) if texts[i].strip() != texts[j].strip()]
     with teacher_session(ctx.cfg, ctx.home) as settings:
-        rows = asyncio.run(judge_pairs(ctx.wh, settings, "preferences", pairs))
+        rows = asyncio.run(judge_pairs(ctx.wh, settings, "preferences", pairs, force=ctx.force))
     for row in rows:
         row.update(source="judged", pair_key=pair_key(row["prompt"], row["response_a"], row["response_b"]),
                    chosen={"a": row["response_a"], "b": row["response_b"]}.get(row["outcome"]),
                    rejected={"a": row["response_b"], "b": row["response_a"]}.get(row["outcome"]))
-    return queries.insert_pairs(ctx.wh, rows)
+    return queries.replace_judged_pairs(ctx.wh, rows)
 
 
 @task(name="import-preferences", cache_policy=NONE)
 def import_files(wh: Warehouse, files: list[str]) -> int:
     """All files are parsed before anything is written: one bad line imports nothing."""
     pairs = [pair for path in files for pair in load_preference_file(path)]
-    return queries.insert_pairs(wh, [{"source": "imported", "prompt": p.prompt, "response_a": p.chosen,
-                                      "response_b": p.rejected, "outcome": "a", "chosen": p.chosen,
-                                      "rejected": p.rejected, "origin": p.origin, "pair_key": p.key}
-                                     for p in pairs])
+    return queries.insert_pairs(wh, [{"source": "imported", "prompt": pair.prompt, "response_a": pair.chosen,
+                                      "response_b": pair.rejected, "outcome": "a", "chosen": pair.chosen,
+                                      "rejected": pair.rejected, "origin": pair.origin, "pair_key": pair.key}
+                                     for pair in pairs])
 
 
 @flow(name="preferences", log_prints=True)
 def preferences_flow(profile: str = "cpu", home: str | None = None, config: str | None = None,
                      run_id: str | None = None, force: bool = False) -> dict:
     with stage_context("preferences", profile, home, config, run_id, force) as ctx:
-        p = ctx.cfg.preferences
-        files = [str(Path(f).expanduser()) for f in resolve_import_files(p.import_files)]
+        preferences = ctx.cfg.preferences
+        files = [str(f) for f in resolve_import_files(preferences.import_files)]
         for path in files:  # a bad line fails the stage now, in one line, before any sampling
             load_preference_file(path)
         sft = ctx.wh.latest_checkpoint("sft")
         if sft is None:
             raise RuntimeError("preferences samples from the SFT model, and there is none yet: "
                                "run `instructflow stage sft` first")
-        chosen_prompts = heldout_prompts(ctx.cfg, ctx.wh, p.prompt_source, p.prompts, p.seed)
+        chosen_prompts = heldout_prompts(ctx.cfg, ctx.wh, preferences.prompt_source, preferences.prompts,
+                                         preferences.seed)
         instruction_of = {prompt: text for text, prompt in chosen_prompts}
         samples = sample_responses(ctx, sft["path"], [prompt for _, prompt in chosen_prompts])
         new_pairs = judge(ctx, samples, instruction_of)
@@ -139,10 +97,8 @@ def preferences_flow(profile: str = "cpu", home: str | None = None, config: str 
 
 
 def resolve_import_files(files: list[str]) -> list[Path]:
-    """'bundled:NAME' names a file shipped in the package's seeds/ folder."""
-    from instructflow.tasks.seeds import bundled_seed_dir
-
-    return [bundled_seed_dir() / f.split(":", 1)[1] if f.startswith("bundled:") else Path(f) for f in files]
+    """`bundled:NAME` names a file shipped in the package's seeds/ folder (bare `bundled`: the sample)."""
+    return [shipped_path(f, "preferences_sample.jsonl") for f in files]
 
 
 def preferences_data_inputs(cfg: Config, wh: Warehouse) -> dict:

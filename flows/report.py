@@ -5,7 +5,7 @@ import html
 import json
 from pathlib import Path
 
-from instructflow.flows.stages import stage_names
+from instructflow.flows.stages import stages
 from instructflow.tasks.plots import png_data_uri
 from instructflow.warehouse import queries
 from instructflow.warehouse.store import Warehouse
@@ -29,8 +29,9 @@ def write_report(wh: Warehouse, home: Path, out: Path) -> Path:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>instructflow report</title>"
              f"<style>{CSS}</style></head><body><h1>instructflow report</h1>"
              f"<p class='muted'>data home {html.escape(str(home))}</p>"]
-    for stage in stage_names():
-        parts.append(f"<h2>{stage}</h2>")
+    for spec in stages():
+        stage = spec.name
+        parts.append(f"<h2>{stage}</h2><p>{html.escape(spec.summary)}</p>")
         run = runs.get(stage)
         if run is None:
             parts.append("<p class='muted'>never run</p>")

@@ -9,32 +9,19 @@ from prefect import flow, task
 from prefect.cache_policies import NONE
 
 from instructflow.flows.common import StageContext, publish_artifacts, stable_hash, stage_context
-from instructflow.flows.sft import format_prompt
 from instructflow.flows.stages import StageSpec
 from instructflow.tasks.config import Config
-from instructflow.tasks.preferences import hashed_order
+from instructflow.tasks.preferences import split_pairs
+from instructflow.tasks.prompts import format_prompt
 from instructflow.warehouse import queries
 from instructflow.warehouse.store import Warehouse
 
 
-def split_pairs(pairs: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    order = hashed_order([p["pair_key"] for p in pairs], seed)
-    n_eval = max(1, round(len(pairs) * eval_fraction)) if len(pairs) >= 2 else 0
-    held = set(order[:n_eval])
-    return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
-
-
 @task(name="train-reward", cache_policy=NONE)
 def train(ctx: StageContext, train_rows: list[dict], eval_rows: list[dict], sft_path: Path, output_dir: Path) -> dict:
-    from instructflow.models.reward import RewardSettings, train_reward
+    from instructflow.models.reward import train_reward
 
-    r = ctx.cfg.reward
-    settings = RewardSettings(sft_model=sft_path, output_dir=output_dir, max_length=r.max_length, epochs=r.epochs,
-                              max_steps=r.max_steps, learning_rate=r.learning_rate, batch_size=r.batch_size,
-                              grad_accum=r.grad_accum, center_rewards_coefficient=r.center_rewards_coefficient,
-                              lora=r.lora, gradient_checkpointing=r.gradient_checkpointing, precision=r.precision,
-                              eval_steps=r.eval_steps, save_steps=r.save_steps, seed=r.seed)
-    return train_reward(train_rows, eval_rows, settings, on_step=ctx.step)
+    return train_reward(train_rows, eval_rows, ctx.cfg.reward, sft_path, output_dir, on_step=ctx.step)
 
 
 @flow(name="reward", log_prints=True)

@@ -17,7 +17,7 @@ class StageSpec:
     upstream: tuple[str, ...] = ()       # stages whose outputs it consumes (their output hashes feed its input hash)
     data_inputs: Callable[[Config, Warehouse], dict] | None = None   # warehouse/file fingerprints it consumes
     outputs_exist: Callable[[Config, Warehouse], bool] | None = None  # a fresh stage whose outputs vanished reruns
-    summary: str = ""
+    summary: str = ""                    # one line under the stage's heading in the report
 
 
 def _registry() -> list[StageSpec]:

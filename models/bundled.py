@@ -16,9 +16,6 @@ import fcntl
 import hashlib
 import importlib.metadata
 import json
-import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -79,8 +76,11 @@ def build_dir_atomically(target: Path, marker: dict[str, Any], build: Callable[[
     """Return `target`, building it with `build(tmp_dir)` unless its marker already says it is current.
 
     The build happens in a temp dir next to `target` and is renamed into place, so a crash or
-    Ctrl-C mid-build never leaves a half-written dir that looks finished.
+    Ctrl-C mid-build never leaves a half-written dir that looks finished (models/recipe_io.py
+    `write_dir_atomically`, the one mechanism for that).
     """
+    from instructflow.models.recipe_io import write_dir_atomically
+
     is_current = is_current or (lambda found: found == marker)
     found = read_marker(target)
     if found is not None and is_current(found):
@@ -90,17 +90,12 @@ def build_dir_atomically(target: Path, marker: dict[str, Any], build: Callable[[
         found = read_marker(target)  # another process may have finished it while we waited
         if found is not None and is_current(found):
             return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+
+        def build_with_marker(tmp: Path) -> None:
             build(tmp)
-            (tmp / MARKER_NAME).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
-            tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
-            if target.exists():
-                shutil.rmtree(target)
-            os.rename(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            (tmp / MARKER_NAME).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")  # last
+
+        write_dir_atomically(target, build_with_marker)
     return target
 
 

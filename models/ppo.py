@@ -48,16 +48,16 @@ import contextlib
 import copy
 import gc
 import json
-import os
 import shutil
-import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from transformers import TrainerCallback
 
+from instructflow.models.recipe_io import check_config, resolve_precision, write_dir_atomically
+from instructflow.tasks.config import PPOConfig
 from instructflow.tasks.plots import plot_lines
 
 # our name -> the key in the dict PPOTrainer logs once per update
@@ -78,36 +78,6 @@ METRIC_NAMES = {
 }
 
 
-@dataclass
-class PPOSettings:
-    policy_model: Path  # SFT checkpoint (actor; the frozen reference is a second copy of it)
-    reward_model: Path  # reward model dir (critic initialised from it unless value_model given)
-    output_dir: Path
-    value_model: Path | None = None
-    total_episodes: int = 64  # rollouts in the whole run; a multiple of batch_size * grad_accum
-    batch_size: int = 8  # per_device_train_batch_size: prompts per micro batch
-    grad_accum: int = 1  # micro batches per rollout batch
-    num_mini_batches: int = 1
-    num_ppo_epochs: int = 4
-    learning_rate: float = 3e-6
-    response_length: int = 53  # max new tokens per rollout
-    temperature: float = 0.7
-    kl_coef: float = 0.05
-    cliprange: float = 0.2
-    vf_coef: float = 0.1
-    missing_eos_penalty: float = 1.0  # subtracted from the score of a rollout that never emits eos (0: off)
-    max_prompt_length: int = 256  # longer prompts are dropped (trimming would cut the chat format)
-    save_every_steps: int = 2  # "rounds": PPO updates between saved (policy, value) pairs
-    lora: bool = False
-    gradient_checkpointing: bool = False
-    precision: str = "auto"  # "auto" (bf16 on a GPU that supports it, else fp32), "fp32" or "bf16"
-    seed: int = 42
-    lora_r: int = 16
-    lora_alpha: int = 32
-    keep_rounds: int | None = None  # keep only the newest N rounds on disk (None: keep all)
-    save_optimizer: bool = True  # AdamW state in the newest round (2x trainable weights); False: resume restarts Adam
-
-
 class PPOInputError(ValueError):
     pass
 
@@ -120,9 +90,11 @@ class Round:
     state: dict[str, Any]
 
 
-def train_ppo(prompts: Sequence[str], settings: PPOSettings,
-              on_step: Callable[[int, dict], None] | None = None) -> dict:
-    """Train the policy with PPO on `prompts` (already in the policy's prompt format); resume if possible.
+def train_ppo(prompts: Sequence[str], cfg: PPOConfig, policy_model: Path, reward_model: Path, output_dir: Path,
+              value_model: Path | None = None, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Train the policy with PPO on `prompts` (already in the policy's prompt format) with the `ppo` section
+    `cfg`; resume if possible. `policy_model` is the SFT checkpoint (actor, and the frozen reference), the
+    critic starts from `value_model` or else `reward_model`.
 
     Returns steps, episodes, reward_first, reward_last, kl_last, policy_checkpoint, value_checkpoint,
     episodes_per_s (this call), wall_s, resumed_from (round dir or None), plot, skipped_prompts,
@@ -133,19 +105,20 @@ def train_ppo(prompts: Sequence[str], settings: PPOSettings,
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, set_seed
 
     started = time.time()
-    s = replace(settings, policy_model=Path(settings.policy_model), reward_model=Path(settings.reward_model),
-                output_dir=Path(settings.output_dir),
-                value_model=Path(settings.value_model) if settings.value_model is not None else None)
-    _check_settings(s)
-    rollout_batch = s.batch_size * s.grad_accum
-    total_updates = s.total_episodes // rollout_batch
+    models = {"policy_model": Path(policy_model), "reward_model": Path(reward_model),
+              "value_model": Path(value_model) if value_model is not None else None}
+    _check_inputs(cfg, models)
+    policy_model, reward_model, value_model = models["policy_model"], models["reward_model"], models["value_model"]
+    output_dir = Path(output_dir)
+    rollout_batch = cfg.batch_size * cfg.grad_accum
+    total_updates = cfg.total_episodes // rollout_batch
 
     # ---- tokenizer and prompts ----------------------------------------------------------------
-    tokenizer = _checked_tokenizer(s)
-    queries, skipped = tokenize_prompts(tokenizer, prompts, s.max_prompt_length)
+    tokenizer = _checked_tokenizer(models)
+    queries, skipped = tokenize_prompts(tokenizer, prompts, cfg.max_prompt_length)
     if not queries:
         raise PPOInputError(f"train_ppo: none of the {len(prompts)} prompts is usable "
-                            f"({skipped} empty or longer than max_prompt_length={s.max_prompt_length} tokens)")
+                            f"({skipped} empty or longer than max_prompt_length={cfg.max_prompt_length} tokens)")
     prompts_used = len(queries)
     # TRL's dataloader drops incomplete batches and loops forever: fewer prompts than a batch would hang it
     while len(queries) < rollout_batch:
@@ -153,44 +126,42 @@ def train_ppo(prompts: Sequence[str], settings: PPOSettings,
     dataset = Dataset.from_dict({"input_ids": queries})
 
     # ---- where to start: fresh or the newest complete round ------------------------------------
-    rounds_dir = s.output_dir / "rounds"
+    rounds_dir = output_dir / "rounds"
     resume = last_complete_round(rounds_dir)
     step, episodes, history = 0, 0, []
     if resume is not None:
-        _check_resumable(resume, s, rollout_batch)
+        _check_resumable(resume, cfg, policy_model, rollout_batch)
         step, episodes, history = resume.step, resume.episodes, list(resume.state.get("history", []))
     print(f"ppo: {'resuming from ' + str(resume.path) if resume else 'fresh start'}; "
           f"{step}/{total_updates} updates done, {prompts_used} prompts ({skipped} skipped)")
 
     # ---- the four models ------------------------------------------------------------------------
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = s.precision
-    if precision == "auto":
-        precision = "bf16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    precision = resolve_precision(cfg.precision, PPOInputError, fp16_ok=False)  # the PPO loop has no loss scaling
     frozen_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
-    actor_dir = resume.path / "policy" if resume else s.policy_model
-    critic_dir = resume.path / "value" if resume else (s.value_model or s.reward_model)
+    actor_dir = resume.path / "policy" if resume else policy_model
+    critic_dir = resume.path / "value" if resume else (value_model or reward_model)
     actor = AutoModelForCausalLM.from_pretrained(actor_dir, dtype=torch.float32)
-    reference = AutoModelForCausalLM.from_pretrained(s.policy_model, dtype=frozen_dtype)
-    reward = AutoModelForSequenceClassification.from_pretrained(s.reward_model, num_labels=1, dtype=frozen_dtype)
+    reference = AutoModelForCausalLM.from_pretrained(policy_model, dtype=frozen_dtype)
+    reward = AutoModelForSequenceClassification.from_pretrained(reward_model, num_labels=1, dtype=frozen_dtype)
     critic = AutoModelForSequenceClassification.from_pretrained(critic_dir, num_labels=1, dtype=torch.float32)
     for model in (reference, reward, critic):
         model.config.pad_token_id = tokenizer.pad_token_id  # sequence classifiers find the last token by it
     reference.eval().requires_grad_(False)
     reward.eval().requires_grad_(False)
-    if s.lora:
-        actor, critic = _with_lora(actor, "CAUSAL_LM", s), _with_lora(critic, "SEQ_CLS", s)
-    if s.gradient_checkpointing:
+    if cfg.lora:
+        actor, critic = _with_lora(actor, "CAUSAL_LM", cfg), _with_lora(critic, "SEQ_CLS", cfg)
+    if cfg.gradient_checkpointing:
         for model in (actor, critic):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    save_tokenizer = AutoTokenizer.from_pretrained(s.policy_model)  # as loaded: without our left padding
+    save_tokenizer = AutoTokenizer.from_pretrained(policy_model)  # as loaded: without our left padding
 
     # ---- one optimizer and LR schedule across all chunks (see the module docstring) -------------
     trainable = [p for model in (actor, critic) for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=s.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                                   fused=True)  # as TRL's default "adamw_torch_fused"; several times faster on CPU
-    if resume is not None and (resume.path / "optimizer.pt").is_file() and not s.lora:
+    if resume is not None and (resume.path / "optimizer.pt").is_file() and not cfg.lora:
         optimizer.load_state_dict(torch.load(resume.path / "optimizer.pt", map_location="cpu", weights_only=True))
     first_step = step
     # TRL steps the scheduler once per update; u counts the updates of this call
@@ -203,7 +174,7 @@ def train_ppo(prompts: Sequence[str], settings: PPOSettings,
 
     # ---- PPO in chunks of save_every_steps updates, a round saved after each ----------------------
     train_started = time.time()
-    s.output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
     last_round = resume
     autocast = torch.autocast(device_type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     # TRL calls gc.collect() twice per update; with transformers' import-time objects moved out of the
@@ -211,37 +182,39 @@ def train_ppo(prompts: Sequence[str], settings: PPOSettings,
     gc.freeze()
     try:
         while step < total_updates:
-            updates = min(s.save_every_steps, total_updates - step)
-            set_seed(s.seed + step)  # python, numpy (minibatch shuffles), torch (prompt order, sampling)
-            trainer = _ppo_trainer(s, updates * rollout_batch, s.seed + step, tokenizer, actor, reference, reward,
-                                   critic, dataset, optimizer, scheduler)
+            updates = min(cfg.save_every_steps, total_updates - step)
+            set_seed(cfg.seed + step)  # python, numpy (minibatch shuffles), torch (prompt order, sampling)
+            trainer = _ppo_trainer(cfg, output_dir, updates * rollout_batch, cfg.seed + step, tokenizer, actor,
+                                   reference, reward, critic, dataset, optimizer, scheduler)
             trainer.add_callback(_ReportSteps(first_step=step, first_episode=episodes, report=report))
             with autocast:
                 trainer.train()
             step, episodes = step + updates, episodes + updates * rollout_batch
             del trainer
             gc.collect()
-            state = {"global_step": step, "episodes": episodes, "seed": s.seed, "next_chunk_seed": s.seed + step,
-                     "rollout_batch": rollout_batch, "total_episodes": s.total_episodes,
-                     "policy_model": str(s.policy_model.resolve()), "reward_model": str(s.reward_model.resolve()),
-                     "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
+            state = {"global_step": step, "episodes": episodes, "seed": cfg.seed, "next_chunk_seed": cfg.seed + step,
+                     "rollout_batch": rollout_batch, "total_episodes": cfg.total_episodes,
+                     "policy_model": str(policy_model.resolve()), "reward_model": str(reward_model.resolve()),
+                     "settings": {**asdict(cfg), **{k: str(v) if v is not None else None for k, v in models.items()}},
                      "history": history}
             saved = save_round(rounds_dir, step, actor, critic, save_tokenizer, state,
-                               optimizer=optimizer if s.save_optimizer and not s.lora else None)
+                               optimizer=optimizer if cfg.save_optimizer and not cfg.lora else None)
             last_round = Round(saved, step, episodes, state)
-            _prune_rounds(rounds_dir, keep=s.keep_rounds, newest=saved)
+            _prune_rounds(rounds_dir, keep=cfg.keep_rounds or None, newest=saved)
     finally:
         gc.unfreeze()
     train_wall = time.time() - train_started
 
     # ---- final pair, plot, summary -------------------------------------------------------------
-    final_dir = s.output_dir / "final"
+    final_dir = output_dir / "final"
     if last_round is None:  # total_updates == 0 cannot happen (checked), but keep the invariant explicit
         raise PPOInputError("train_ppo: nothing trained and no saved round")
-    _replace_dir_atomically(final_dir, lambda tmp: shutil.copytree(
+    write_dir_atomically(final_dir, lambda tmp: shutil.copytree(
         last_round.path, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("optimizer.pt")))
+    from instructflow.tasks.trend import least_squares_slope
+
     steps_seen = [h["step"] for h in history]
-    plot = plot_lines(s.output_dir / "ppo.png", "PPO: reward-model score and KL to the SFT model",
+    plot = plot_lines(output_dir / "ppo.png", "PPO: reward-model score and KL to the SFT model",
                       {"reward": (steps_seen, [h["reward"] for h in history]),
                        "rlhf_reward": (steps_seen, [h["rlhf_reward"] for h in history]),
                        "kl": (steps_seen, [h["kl"] for h in history])}, xlabel="PPO update")
@@ -251,6 +224,7 @@ def train_ppo(prompts: Sequence[str], settings: PPOSettings,
         "episodes": episodes,
         "reward_first": history[0]["reward"] if history else None,
         "reward_last": history[-1]["reward"] if history else None,
+        "reward_slope": least_squares_slope(steps_seen, [h["reward"] for h in history]),  # per update
         "kl_last": history[-1]["kl"] if history else None,
         "policy_checkpoint": str(final_dir / "policy"),
         "value_checkpoint": str(final_dir / "value"),
@@ -267,61 +241,41 @@ def train_ppo(prompts: Sequence[str], settings: PPOSettings,
 # ------------------------------------------------------------------------------------------------
 # Input checks
 
-def _check_settings(s: PPOSettings) -> None:
-    for name in ("policy_model", "reward_model", "value_model"):
-        path = getattr(s, name)
+def _check_inputs(cfg: PPOConfig, models: dict[str, Path | None]) -> None:
+    """The section's values (checked when the config loaded; again here for a hand-built one) and the model dirs."""
+    check_config(cfg, PPOInputError)
+    for name, path in models.items():
         if path is not None and not (path / "config.json").is_file():
-            raise PPOInputError(f"PPOSettings.{name}: {path} is not a model dir (no config.json)")
-    positive = ("total_episodes", "batch_size", "grad_accum", "num_mini_batches", "num_ppo_epochs",
-                "response_length", "max_prompt_length", "save_every_steps", "lora_r")
-    for name in positive:
-        if not isinstance(getattr(s, name), int) or getattr(s, name) < 1:
-            raise PPOInputError(f"PPOSettings.{name}: must be a positive integer, got {getattr(s, name)!r}")
-    rollout_batch = s.batch_size * s.grad_accum
-    if s.total_episodes % rollout_batch:
-        raise PPOInputError(f"PPOSettings.total_episodes: {s.total_episodes} is not a multiple of the rollout batch "
-                            f"batch_size * grad_accum = {rollout_batch}")
-    if rollout_batch % s.num_mini_batches:
-        raise PPOInputError(f"PPOSettings.num_mini_batches: {s.num_mini_batches} does not divide the rollout batch "
-                            f"{rollout_batch}")
-    for name in ("learning_rate", "temperature"):
-        if not getattr(s, name) > 0:
-            raise PPOInputError(f"PPOSettings.{name}: must be > 0, got {getattr(s, name)!r}")
-    if s.missing_eos_penalty < 0:
-        raise PPOInputError(f"PPOSettings.missing_eos_penalty: must be >= 0, got {s.missing_eos_penalty!r}")
-    if s.precision not in ("auto", "fp32", "bf16"):
-        raise PPOInputError(f"PPOSettings.precision: {s.precision!r} is not one of 'auto', 'fp32', 'bf16'")
-    if s.keep_rounds is not None and s.keep_rounds < 1:
-        raise PPOInputError(f"PPOSettings.keep_rounds: must be None or >= 1, got {s.keep_rounds!r}")
+            raise PPOInputError(f"train_ppo: {name} {path} is not a model dir (no config.json)")
 
 
-def _checked_tokenizer(s: PPOSettings):
+def _checked_tokenizer(models: dict[str, Path | None]):
     """The policy's tokenizer (left padding), after checking reward/value models speak the same one."""
     from transformers import AutoConfig, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(s.policy_model)
+    policy_model = models["policy_model"]
+    tokenizer = AutoTokenizer.from_pretrained(policy_model)
     if tokenizer.pad_token_id is None:
-        raise PPOInputError(f"PPOSettings.policy_model: {s.policy_model} tokenizer has no pad token")
+        raise PPOInputError(f"train_ppo: policy_model {policy_model} tokenizer has no pad token")
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise PPOInputError(f"PPOSettings.policy_model: {s.policy_model} tokenizer pads with eos "
+        raise PPOInputError(f"train_ppo: policy_model {policy_model} tokenizer pads with eos "
                             f"({tokenizer.eos_token!r}); PPO needs a distinct pad token (see ensure_distinct_pad)")
     vocab = tokenizer.get_vocab()
-    for name in ("policy_model", "reward_model", "value_model"):
-        path = getattr(s, name)
+    for name, path in models.items():
         if path is None:
             continue
         config = AutoConfig.from_pretrained(path)
         if getattr(config, "vocab_size", len(tokenizer)) < len(tokenizer):
-            raise PPOInputError(f"PPOSettings.{name}: {path} has vocab_size {config.vocab_size} but the policy "
+            raise PPOInputError(f"train_ppo: {name} {path} has vocab_size {config.vocab_size} but the policy "
                                 f"tokenizer has {len(tokenizer)} tokens")
         if name == "policy_model" or not (path / "tokenizer_config.json").is_file():
             continue
         other = AutoTokenizer.from_pretrained(path)
         if len(other) != len(tokenizer) or other.get_vocab() != vocab:
-            raise PPOInputError(f"PPOSettings.{name}: {path} tokenizer differs from the policy's "
+            raise PPOInputError(f"train_ppo: {name} {path} tokenizer differs from the policy's "
                                 f"({len(other)} vs {len(tokenizer)} tokens); all PPO models must share one")
         if other.pad_token_id != tokenizer.pad_token_id:
-            raise PPOInputError(f"PPOSettings.{name}: {path} pad token id {other.pad_token_id} differs from the "
+            raise PPOInputError(f"train_ppo: {name} {path} pad token id {other.pad_token_id} differs from the "
                                 f"policy's {tokenizer.pad_token_id}")
     tokenizer.padding_side = "left"  # prompts are left-padded so every response starts at the same column
     return tokenizer
@@ -340,24 +294,24 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str], max_prompt_length: int) 
     return queries, skipped
 
 
-def _check_resumable(found: Round, s: PPOSettings, rollout_batch: int) -> None:
+def _check_resumable(found: Round, cfg: PPOConfig, policy_model: Path, rollout_batch: int) -> None:
     state = found.state
     if state.get("rollout_batch") != rollout_batch:
         raise PPOInputError(f"{found.path}/state.json: saved with rollout batch {state.get('rollout_batch')}, "
                             f"settings give {rollout_batch}; use a fresh output_dir")
-    if state.get("policy_model") != str(s.policy_model.resolve()):
+    if state.get("policy_model") != str(policy_model.resolve()):
         raise PPOInputError(f"{found.path}/state.json: started from policy {state.get('policy_model')}, "
-                            f"settings give {s.policy_model}; use a fresh output_dir")
-    if found.episodes > s.total_episodes:
+                            f"this run gives {policy_model}; use a fresh output_dir")
+    if found.episodes > cfg.total_episodes:
         raise PPOInputError(f"{found.path}/state.json: {found.episodes} episodes already done, more than "
-                            f"PPOSettings.total_episodes={s.total_episodes}")
+                            f"ppo.total_episodes={cfg.total_episodes}")
 
 
 # ------------------------------------------------------------------------------------------------
 # One chunk: a PPOTrainer for `episodes` rollouts
 
-def _ppo_trainer(s: PPOSettings, episodes: int, seed: int, tokenizer, actor, reference, reward, critic, dataset,
-                 optimizer, scheduler):
+def _ppo_trainer(cfg: PPOConfig, output_dir: Path, episodes: int, seed: int, tokenizer, actor, reference, reward,
+                 critic, dataset, optimizer, scheduler):
     import warnings
 
     from transformers import PrinterCallback, ProgressCallback
@@ -367,12 +321,12 @@ def _ppo_trainer(s: PPOSettings, episodes: int, seed: int, tokenizer, actor, ref
         from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     config = PPOConfig(
-        output_dir=str(s.output_dir), report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
-        total_episodes=episodes, per_device_train_batch_size=s.batch_size, gradient_accumulation_steps=s.grad_accum,
-        local_rollout_forward_batch_size=s.batch_size, num_mini_batches=s.num_mini_batches,
-        num_ppo_epochs=s.num_ppo_epochs, learning_rate=s.learning_rate,
-        response_length=s.response_length, temperature=s.temperature, kl_coef=s.kl_coef, cliprange=s.cliprange,
-        vf_coef=s.vf_coef, stop_token="eos", missing_eos_penalty=s.missing_eos_penalty or None,
+        output_dir=str(output_dir), report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
+        total_episodes=episodes, per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        local_rollout_forward_batch_size=cfg.batch_size, num_mini_batches=cfg.num_mini_batches,
+        num_ppo_epochs=cfg.num_ppo_epochs, learning_rate=cfg.learning_rate,
+        response_length=cfg.response_length, temperature=cfg.temperature, kl_coef=cfg.kl_coef, cliprange=cfg.cliprange,
+        vf_coef=cfg.vf_coef, stop_token="eos", missing_eos_penalty=cfg.missing_eos_penalty or None,
         num_sample_generations=0, seed=seed,
         bf16=False, fp16=False, gradient_checkpointing=False,  # handled by us, see the module docstring
     )
@@ -404,10 +358,10 @@ class _ReportSteps(TrainerCallback):
         self.report(self.first_step + state.global_step, metrics)
 
 
-def _with_lora(model, task_type: str, s: PPOSettings):
+def _with_lora(model, task_type: str, cfg: PPOConfig):
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
+    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
                         task_type=task_type)  # SEQ_CLS also trains the score head in full (modules_to_save)
     return get_peft_model(model, config)
 
@@ -442,7 +396,7 @@ def save_round(rounds_dir: Path, step: int, actor, critic, tokenizer, state: dic
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
 
-    return _replace_dir_atomically(Path(rounds_dir) / f"round-{step:06d}", write)
+    return write_dir_atomically(Path(rounds_dir) / f"round-{step:06d}", write)
 
 
 def _plain_model(model):
@@ -450,27 +404,6 @@ def _plain_model(model):
     from peft import PeftModel
 
     return copy.deepcopy(model).merge_and_unload() if isinstance(model, PeftModel) else model
-
-
-def _replace_dir_atomically(target: Path, write: Callable[[Path], None]) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a crash mid-write
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        tmp.chmod(0o755)
-        if target.exists():  # e.g. final/ of an earlier call; the old one is gone only once the new one is whole
-            old = target.with_name(f".{target.name}.tmp-old-{os.getpid()}")
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
 
 
 def _prune_rounds(rounds_dir: Path, keep: int | None, newest: Path) -> None:

@@ -11,48 +11,22 @@ training (and the scores PPO and evaluation see) are all measured one way.
 Pairs longer than `max_length` tokens are dropped by TRL during training (counted in `dropped_pairs`);
 `score()` keeps the last `max_length` tokens of a long input instead, so the reply's end is scored.
 
-Resume, final dir, metrics.json and the empty-eval fallback work as in `models/sft.py`.
+Resume, final dir, metrics.json and the empty-eval fallback work as in `models/sft.py` (models/recipe_io.py).
 """
 from __future__ import annotations
 
-import dataclasses
-import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from instructflow.models.sft import (ProgressCallback, ReportSteps, StepCallback, check_model_dir, check_rows,
-                                     drop_printer, ensure_pad, finished_metrics, fingerprint, is_main_rank, lora_config,
-                                     publish_final, quiet_progress_bars, read_json, resolve_precision,
-                                     start_or_resume, update_run, METRICS_FILE)
+from instructflow.models.recipe_io import (ProgressCallback, ReportSteps, StepCallback, check_config, check_model_dir,
+                                           check_rows, drop_printer, ensure_pad, fingerprint,
+                                           is_main_rank, lora_config, publish_final, quiet_progress_bars,
+                                           resolve_precision, save_trained_model, start_or_resume, trainer_args,
+                                           update_run)
+from instructflow.tasks.config import RewardConfig
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
-
-
-@dataclass
-class RewardSettings:
-    sft_model: Path
-    output_dir: Path
-    max_length: int = 512
-    epochs: float = 1.0
-    max_steps: int = -1                # > 0 overrides epochs
-    learning_rate: float = 1e-5
-    batch_size: int = 4                # pairs per device
-    grad_accum: int = 1
-    center_rewards_coefficient: float = 0.01
-    lora: bool = False
-    gradient_checkpointing: bool = False
-    precision: str = "auto"            # auto: bf16 if the GPU supports it, else fp16 on GPU, fp32 on CPU
-    eval_steps: int = 50
-    save_steps: int = 50
-    seed: int = 42
-    # not set by the flow; sensible defaults
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    logging_steps: int = 1
-    save_total_limit: int = 2
 
 
 class RewardInputError(ValueError):
@@ -147,142 +121,92 @@ def load_reward_model(sft_model: Path, seed: int):
         return AutoModelForSequenceClassification.from_pretrained(sft_model, num_labels=1, dtype=torch.float32)
 
 
-def save_merged_lora(settings: RewardSettings, adapter_dir: Path, out_dir: Path, tokenizer) -> None:
-    """Merge the LoRA adapter (and its trained score head, saved as modules_to_save) into a plain model."""
-    from peft import PeftModel
-
-    base = load_reward_model(settings.sft_model, settings.seed)
-    if base.get_input_embeddings().num_embeddings < len(tokenizer):
-        base.resize_token_embeddings(len(tokenizer))
-    base.config.pad_token_id = tokenizer.pad_token_id
-    PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-
-
-def train_reward(train: Sequence[dict], eval: Sequence[dict], settings: RewardSettings,
+def train_reward(train: Sequence[dict], eval: Sequence[dict], cfg: RewardConfig, sft_model: Path, output_dir: Path,
                  on_step: StepCallback | None = None, on_progress: ProgressCallback | None = None) -> dict:
-    """Train a reward model on prompt/chosen/rejected rows; returns metrics (also in final/metrics.json)."""
+    """Train a reward model from `sft_model` on prompt/chosen/rejected rows with the `reward` section `cfg`;
+    returns metrics (also in output_dir/final/metrics.json)."""
     started = time.time()
-    # 1. inputs
+    # 1. inputs (the section's values were checked when the config loaded; again here for hand-built ones)
     train_rows = check_rows(train, "train", PAIR_FIELDS, RewardInputError)
     eval_rows = check_rows(eval, "eval", PAIR_FIELDS, RewardInputError)
     if not train_rows:
         raise RewardInputError("train set is empty: no preference pairs to learn from")
-    settings = dataclasses.replace(settings, sft_model=check_model_dir(settings.sft_model, "sft_model",
-                                                                       RewardInputError),
-                                   output_dir=Path(settings.output_dir).expanduser().resolve())
-    if settings.batch_size < 1 or settings.grad_accum < 1:
-        raise RewardInputError(f"batch_size={settings.batch_size} and grad_accum={settings.grad_accum} must be >= 1")
-    if settings.max_steps <= 0 and settings.epochs <= 0:
-        raise RewardInputError(f"nothing to train: max_steps={settings.max_steps} and epochs={settings.epochs}")
-    precision = resolve_precision(settings.precision, RewardInputError)
+    check_config(cfg, RewardInputError)
+    sft_model = check_model_dir(sft_model, "sft_model", RewardInputError)
+    output_dir = Path(output_dir).expanduser().resolve()
+    precision = resolve_precision(cfg.precision, RewardInputError)
     eval_on_train = not eval_rows  # documented fallback: in-sample accuracy, flagged in the metrics
-    if eval_on_train:
-        eval_rows = train_rows
-    job = fingerprint(settings, train_rows, eval_rows)
+    eval_rows = eval_rows or train_rows
+    job = fingerprint(cfg, {"sft_model": sft_model}, train_rows, eval_rows)
 
-    # 2. already done?
-    done = finished_metrics(settings.output_dir, job, RewardInputError)
+    # 2. already done? else start, or resume from the newest complete checkpoint
+    done, run, resume_from = start_or_resume(output_dir, job, RewardInputError)
     if done is not None:
         return done
-    run, resume_from = start_or_resume(settings.output_dir, job, RewardInputError)
 
     # 3. tokenizer, model, data
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer
-    from trl import RewardConfig, RewardTrainer
+    from trl import RewardConfig as TRLRewardConfig, RewardTrainer
 
     quiet_progress_bars()
-    tokenizer = AutoTokenizer.from_pretrained(settings.sft_model)
-    model = load_reward_model(settings.sft_model, settings.seed)
+    tokenizer = AutoTokenizer.from_pretrained(sft_model)
+    model = load_reward_model(sft_model, cfg.seed)
     ensure_pad(tokenizer, model)  # pad != eos: the reward is read at the eos that ends each reply
-    dropped = count_too_long(tokenizer, train_rows, settings.max_length)
+    dropped = count_too_long(tokenizer, train_rows, cfg.max_length)
     if dropped == len(train_rows):
-        raise RewardInputError(f"every train pair is longer than max_length={settings.max_length} tokens; "
+        raise RewardInputError(f"every train pair is longer than max_length={cfg.max_length} tokens; "
                                "raise max_length")
 
     # 4. held-out accuracy and margin before training (measured once per job, kept across resumes;
     #    only rank 0 reports metrics, so only rank 0 measures)
     if "accuracy_before" not in run and is_main_rank():
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        accuracy, margin = pair_stats(*score_pairs(model.to(device), tokenizer, eval_rows, settings.max_length,
-                                                   settings.batch_size * 2))
-        run = update_run(settings.output_dir, run, accuracy_before=accuracy, margin_before=margin)
+        accuracy, margin = pair_stats(*score_pairs(model.to(device), tokenizer, eval_rows, cfg.max_length,
+                                                   cfg.batch_size * 2))
+        run = update_run(output_dir, run, accuracy_before=accuracy, margin_before=margin)
         if on_step is not None:
             on_step(0, {"heldout_accuracy": accuracy, "heldout_margin": margin})
 
     # 5. train (resume_from_checkpoint restores weights, optimizer, scheduler, RNG and step)
-    config = RewardConfig(
-        output_dir=str(settings.output_dir / "checkpoints"),
-        max_length=settings.max_length,
-        center_rewards_coefficient=settings.center_rewards_coefficient or None,
-        num_train_epochs=settings.epochs,
-        max_steps=settings.max_steps,
-        per_device_train_batch_size=settings.batch_size,
-        per_device_eval_batch_size=settings.batch_size,
-        gradient_accumulation_steps=settings.grad_accum,
-        learning_rate=settings.learning_rate,
+    config = TRLRewardConfig(
+        **trainer_args(cfg, output_dir / "checkpoints", precision),
+        max_length=cfg.max_length,
+        center_rewards_coefficient=cfg.center_rewards_coefficient or None,
         lr_scheduler_type="linear",
-        activation_checkpointing=settings.gradient_checkpointing,  # the new name; TRL defaults the old one to True
-        dataloader_pin_memory=torch.cuda.is_available(),
-        use_cpu=not torch.cuda.is_available(),  # also makes `torchrun` on CPU real (gloo) data parallelism
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        seed=settings.seed,
-        eval_strategy="steps",
-        eval_steps=settings.eval_steps,
-        save_strategy="steps",
-        save_steps=settings.save_steps,
-        save_total_limit=settings.save_total_limit,
-        logging_steps=settings.logging_steps,
-        report_to="none",
-        disable_tqdm=True,
     )
-    peft_config = lora_config(settings, "SEQ_CLS") if settings.lora else None
+    peft_config = lora_config(cfg, "SEQ_CLS") if cfg.lora else None
     trainer = RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(train_rows),
                             eval_dataset=Dataset.from_list(eval_rows), processing_class=tokenizer,
                             peft_config=peft_config, callbacks=[ReportSteps(on_step, on_progress)])
     drop_printer(trainer)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
-    # 6. final model, held-out scores through score(), metrics, plot
-    final = settings.output_dir / "final"
-    tmp = settings.output_dir / ".final.tmp"
-    adapter_dir = settings.output_dir / ".adapter.tmp"
-    main_rank = is_main_rank()
-    if main_rank:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(adapter_dir, ignore_errors=True)
-    trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(adapter_dir if peft_config else tmp))  # every rank: gathers sharded weights
+    # 6. final model (LoRA and its trained score head merged), held-out scores through score(), metrics, plot
+    tmp = save_trained_model(trainer, output_dir, tokenizer,
+                             (lambda: load_reward_model(sft_model, cfg.seed)) if peft_config else None)
     metrics: dict[str, Any] = {}
-    if main_rank:
-        if peft_config:
-            save_merged_lora(settings, adapter_dir, tmp, tokenizer)
-            shutil.rmtree(adapter_dir, ignore_errors=True)
+    if is_main_rank():
         prompts = [r["prompt"] for r in eval_rows]
-        chosen = score(tmp, prompts, [r["chosen"] for r in eval_rows], settings.batch_size * 2, settings.max_length)
-        rejected = score(tmp, prompts, [r["rejected"] for r in eval_rows], settings.batch_size * 2,
-                         settings.max_length)
+        chosen = score(tmp, prompts, [r["chosen"] for r in eval_rows], cfg.batch_size * 2, cfg.max_length)
+        rejected = score(tmp, prompts, [r["rejected"] for r in eval_rows], cfg.batch_size * 2, cfg.max_length)
         accuracy_after, margin_after = pair_stats(chosen, rejected)
         if on_step is not None:
             on_step(trainer.state.global_step, {"heldout_accuracy": accuracy_after, "heldout_margin": margin_after})
-        plot = plot_rewards(settings.output_dir / "rewards.png", chosen, rejected)
+        plot = plot_rewards(output_dir / "rewards.png", chosen, rejected)
         metrics = {
             "train_pairs": len(train_rows), "eval_pairs": 0 if eval_on_train else len(eval_rows),
             "eval_on_train": eval_on_train, "dropped_pairs": dropped,
             "accuracy_before": float(run["accuracy_before"]), "accuracy_after": accuracy_after,
             "margin_before": float(run["margin_before"]), "margin_after": margin_after,
             "reward_chosen_mean": sum(chosen) / len(chosen), "reward_rejected_mean": sum(rejected) / len(rejected),
-            "steps": int(trainer.state.global_step), "checkpoint": str(final),
+            "steps": int(trainer.state.global_step), "checkpoint": str(output_dir / "final"),
             "wall_s": time.time() - started, "resumed_from": str(resume_from) if resume_from else None,
-            "precision": precision, "lora": "lora" if settings.lora else None,
+            "precision": precision, "lora": "lora" if cfg.lora else None,
             "plot": str(plot), "fingerprint": job,
         }
-        publish_final(tmp, final, metrics)
-    trainer.accelerator.wait_for_everyone()
-    return metrics if main_rank else {**(read_json(final / METRICS_FILE) or {})}
+    return publish_final(trainer, tmp, metrics)
 
 
 def plot_rewards(path: Path, chosen: Sequence[float], rejected: Sequence[float]) -> Path:

@@ -27,6 +27,8 @@ def generate_responses(model_dir: Path, prompts: Sequence[str], *, k: int = 1, t
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    from instructflow.models.recipe_io import resolve_precision
+
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"generate_responses: {model_dir}/config.json not found (not a model dir)")
@@ -45,7 +47,8 @@ def generate_responses(model_dir: Path, prompts: Sequence[str], *, k: int = 1, t
         tokenizer.pad_token = tokenizer.eos_token
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    # the recipes' precision rule (bf16 where the GPU has it, else fp32), applied to the weights: no autocast here
+    dtype = torch.bfloat16 if resolve_precision("auto", ValueError, fp16_ok=False) == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
 
     greedy = temperature == 0

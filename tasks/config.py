@@ -19,6 +19,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from instructflow.tasks.heuristics import DEFAULT_BLACKLIST
+
 PACKAGED_CONFIG = "instructflow.toml"
 
 
@@ -49,6 +51,10 @@ class TeacherConfig:
     continuous_batching: bool = False   # embedded only: `transformers serve --continuous-batching` (see README)
     max_requests_per_minute: float = 0.0  # the endpoint's request budget, paced; 0 = none (429s still slow us down)
     max_tokens_per_minute: float = 0.0    # the endpoint's token budget (prompt + completion), paced; 0 = none
+    mode: str = choice("sync", "sync", "batch")  # "batch": generate sends Batch API jobs (half price, see README)
+    batch_poll_s: float = 30.0          # batch mode: seconds between polls of an open batch
+    # batch mode: USD per 1M tokens, model -> [prompt, completion]; a model missing here costs half of `prices`
+    batch_prices: dict = field(default_factory=dict)
     # USD per 1M tokens: model -> [prompt, completion]. Unknown models cost 0 and are flagged.
     prices: dict = field(default_factory=lambda: {"gpt-4o-mini": [0.15, 0.6], "gpt-4o": [2.5, 10.0],
                                                   "gpt-4.1-mini": [0.4, 1.6]})
@@ -58,7 +64,6 @@ class TeacherConfig:
 class GenerateConfig:
     recipe: str = choice("self-instruct", "self-instruct", "alpaca")
     target_kept: int = 40               # stop once this many generated instructions passed every filter
-    requests_per_round: int = 4         # unused: the streaming scheduler has no rounds (accepted so old configs load)
     max_requests: int = 200             # hard cap on instruction requests, so a weak teacher cannot loop forever
     n_demos: int = 8                    # self-instruct: demonstrations per prompt
     n_machine_demos: int = 2            # self-instruct: of which from the machine pool when available
@@ -66,6 +71,9 @@ class GenerateConfig:
     alpaca_instructions: int = 20
     truncation: str = choice("recipe", "recipe", "drop_response", "drop_last")
     instances: bool = True              # generate instances (classification step + output/input-first)
+    # "reference": self-instruct's few-shot instance prompts; "chat": per instance, ask for an input,
+    # then send instruction + input as a chat message for the output (small chat teachers follow it)
+    instance_prompt: str = choice("reference", "reference", "chat")
     max_instances: int = 5
     max_tokens: int = 0                 # 0 = the recipe's reference value; small models/tests lower it
     instance_max_tokens: int = 0
@@ -74,15 +82,14 @@ class GenerateConfig:
     commit_ms: float = 500.0            # ... or once the oldest has waited this long (a SIGKILL loses at most that)
     key_attempts: int = 3               # a failed request key is retried by later runs until it was tried this often
     max_failed_fraction: float = 0.5    # the stage fails when more of this run's requests failed than this
+    batch_size: int = 500               # batch mode: instruction prompts per batch (self-instruct: per round)
     seed: int = 42
 
 
 @dataclass
 class FilterConfig:
     # heuristic filters (applied inline by generate and re-derived by the filter stage)
-    blacklist: list = field(default_factory=lambda: [
-        "image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
-        "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram"])
+    blacklist: list = field(default_factory=lambda: list(DEFAULT_BLACKLIST))
     min_words: int = 4                  # fewer words are rejected (the reference rejects <= 3)
     max_words: int = 150                # more words are rejected
     # ROUGE-L near-duplicate filter
@@ -106,6 +113,7 @@ class SFTConfig:
     batch_size: int = 4
     grad_accum: int = 1
     warmup_ratio: float = 0.03
+    lr_scheduler: str = choice("cosine", "cosine", "linear", "constant", "constant_with_warmup")
     lora: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
@@ -144,6 +152,8 @@ class RewardConfig:
     grad_accum: int = 1
     center_rewards_coefficient: float = 0.01
     lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
     gradient_checkpointing: bool = False
     precision: str = choice("auto", "auto", "fp32", "bf16", "fp16")
     eval_steps: int = 50
@@ -171,7 +181,9 @@ class PPOConfig:
     save_every_steps: int = 2           # PPO updates between saved (policy, value) rounds
     keep_rounds: int = 0                # keep only the newest N rounds on disk (0 = all)
     save_optimizer: bool = True         # AdamW state in the newest round: exact resume, ~2x model size on disk
-    lora: bool = False
+    lora: bool = False                  # LoRA on actor and critic (rank lora_r, all linear layers)
+    lora_r: int = 16
+    lora_alpha: int = 32
     gradient_checkpointing: bool = False
     precision: str = choice("auto", "auto", "fp32", "bf16")   # the PPO loop has no fp16 loss scaling
     seed: int = 42
@@ -182,6 +194,9 @@ class EvaluateConfig:
     prompts: int = 16
     max_new_tokens: int = 64
     judge: bool = True
+    # a second reward model, trained (with the `reward` settings) on the reward stage's eval pairs only,
+    # which PPO's reward model never trained on: scores SFT and PPO too, a check for reward hacking
+    holdout_reward: bool = False
     seed: int = 7
 
 
@@ -206,6 +221,7 @@ class Config:
 
 
 SECTIONS = {f.name: f for f in dataclasses.fields(Config) if f.name not in ("profile", "source")}
+SECTION_OF = {type(f.default_factory()): name for name, f in SECTIONS.items() if name != "seeds"}
 
 
 def packaged_text() -> str:
@@ -265,10 +281,14 @@ def _coerce(label: str, where: str, value: Any, annotation: Any, meta: dict) -> 
         raise ConfigError(f"{label}: {where} must be {origin.__name__}, got {type(value).__name__} {value!r}")
     if origin is float:
         value = float(value)
-    choices = meta.get("choices")
-    if choices and value not in choices:
-        raise ConfigError(f"{label}: {where} must be one of {', '.join(choices)}, got {value!r}")
-    return value
+    return value  # choices and ranges: check_section, once the section is built
+
+
+# Keys that once existed: a user file that still sets one gets a line saying what to do instead.
+REMOVED_KEYS = {
+    "generate.requests_per_round": "removed (the streaming scheduler has no rounds: it keeps teacher.max_concurrency "
+                                   "requests in flight); delete this line",
+}
 
 
 def _build_section(label: str, prefix: str, cls: type, raw: Any):
@@ -277,7 +297,10 @@ def _build_section(label: str, prefix: str, cls: type, raw: Any):
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values = {}
+    section = prefix.rsplit(".", 1)[-1]
     for key, value in raw.items():
+        if f"{section}.{key}" in REMOVED_KEYS:
+            raise ConfigError(f"{label}: {prefix}.{key}: {REMOVED_KEYS[f'{section}.{key}']}")
         if key not in fields:
             near = [n for n in fields if n.startswith(key[:3])]
             hint = f" (did you mean {near[0]}?)" if near else f" (known: {', '.join(fields)})"
@@ -327,7 +350,8 @@ RANGES: dict[str, Range] = {
     "teacher.max_concurrency": AT_LEAST_1, "teacher.max_retries": AT_LEAST_0, "teacher.timeout_s": POSITIVE,
     "teacher.backoff_base_s": AT_LEAST_0, "teacher.backoff_max_s": AT_LEAST_0, "teacher.startup_timeout_s": POSITIVE,
     "teacher.max_requests_per_minute": AT_LEAST_0, "teacher.max_tokens_per_minute": AT_LEAST_0,
-    "generate.target_kept": AT_LEAST_0, "generate.requests_per_round": AT_LEAST_1, "generate.max_requests": AT_LEAST_0,
+    "teacher.batch_poll_s": POSITIVE, "generate.batch_size": AT_LEAST_1,
+    "generate.target_kept": AT_LEAST_0, "generate.max_requests": AT_LEAST_0,
     "generate.n_demos": AT_LEAST_1, "generate.n_machine_demos": AT_LEAST_0, "generate.alpaca_demos": AT_LEAST_1,
     "generate.alpaca_instructions": AT_LEAST_1, "generate.max_instances": AT_LEAST_1,
     "generate.max_tokens": AT_LEAST_0, "generate.instance_max_tokens": AT_LEAST_0,
@@ -335,7 +359,7 @@ RANGES: dict[str, Range] = {
     "generate.key_attempts": AT_LEAST_1, "generate.max_failed_fraction": FRACTION, "generate.seed": SEED,
     "filter.min_words": AT_LEAST_0, "filter.max_words": AT_LEAST_1, "filter.threshold": FRACTION,
     "filter.top_k": AT_LEAST_0,
-    "sft.eval_fraction": OPEN_FRACTION, "sft.max_length": AT_LEAST_1, "sft.epochs": POSITIVE, "sft.max_steps": STEPS,
+    "sft.eval_fraction": OPEN_FRACTION, "sft.max_length": Range(8), "sft.epochs": POSITIVE, "sft.max_steps": STEPS,
     "sft.learning_rate": POSITIVE, "sft.batch_size": AT_LEAST_1, "sft.grad_accum": AT_LEAST_1,
     "sft.warmup_ratio": Range(0, 1, open_hi=True), "sft.lora_r": AT_LEAST_1, "sft.lora_alpha": AT_LEAST_1,
     "sft.eval_steps": AT_LEAST_1, "sft.save_steps": AT_LEAST_1, "sft.seed": SEED, "sft.num_processes": AT_LEAST_0,
@@ -344,36 +368,71 @@ RANGES: dict[str, Range] = {
     "reward.eval_fraction": OPEN_FRACTION, "reward.max_length": AT_LEAST_1, "reward.epochs": POSITIVE,
     "reward.max_steps": STEPS, "reward.learning_rate": POSITIVE, "reward.batch_size": AT_LEAST_1,
     "reward.grad_accum": AT_LEAST_1, "reward.center_rewards_coefficient": AT_LEAST_0, "reward.eval_steps": AT_LEAST_1,
-    "reward.save_steps": AT_LEAST_1, "reward.seed": SEED,
+    "reward.save_steps": AT_LEAST_1, "reward.seed": SEED, "reward.lora_r": AT_LEAST_1, "reward.lora_alpha": AT_LEAST_1,
     "ppo.prompts": AT_LEAST_1, "ppo.total_episodes": AT_LEAST_1, "ppo.batch_size": AT_LEAST_1,
     "ppo.grad_accum": AT_LEAST_1, "ppo.num_mini_batches": AT_LEAST_1, "ppo.num_ppo_epochs": AT_LEAST_1,
     "ppo.learning_rate": POSITIVE, "ppo.response_length": AT_LEAST_1, "ppo.temperature": POSITIVE,
     "ppo.kl_coef": AT_LEAST_0, "ppo.cliprange": POSITIVE, "ppo.vf_coef": AT_LEAST_0,
     "ppo.missing_eos_penalty": AT_LEAST_0, "ppo.max_prompt_length": AT_LEAST_1, "ppo.save_every_steps": AT_LEAST_1,
-    "ppo.keep_rounds": AT_LEAST_0, "ppo.seed": SEED,
+    "ppo.keep_rounds": AT_LEAST_0, "ppo.seed": SEED, "ppo.lora_r": AT_LEAST_1, "ppo.lora_alpha": AT_LEAST_1,
     "evaluate.prompts": AT_LEAST_1, "evaluate.max_new_tokens": AT_LEAST_1, "evaluate.seed": SEED,
 }
 
 
-def _validate_ranges(label: str, prefix: str, cfg: Config) -> None:
-    for where, allowed in RANGES.items():
-        section, key = where.split(".")
-        value = getattr(getattr(cfg, section), key)
-        if value not in allowed:
-            raise ConfigError(f"{label}: {prefix}.{where} must be {allowed}, got {value!r}")
-    # keys whose range depends on another key (the PPO ones are what models/ppo.py would refuse later)
-    rollout_batch = cfg.ppo.batch_size * cfg.ppo.grad_accum
-    checks = [
-        ("generate.n_machine_demos", cfg.generate.n_machine_demos <= cfg.generate.n_demos, "<= generate.n_demos"),
-        ("filter.max_words", cfg.filter.max_words >= cfg.filter.min_words, ">= filter.min_words"),
-        ("ppo.total_episodes", cfg.ppo.total_episodes % rollout_batch == 0,
-         "a multiple of ppo.batch_size * ppo.grad_accum"),
-        ("ppo.num_mini_batches", rollout_batch % cfg.ppo.num_mini_batches == 0,
-         "a divisor of ppo.batch_size * ppo.grad_accum"),
-    ]
-    for where, ok, what in checks:
+def accelerate_config_file(name: str) -> Path | None:
+    """`sft.accelerate_config` as a file: a shipped config (models/accelerate/NAME.yaml) or a path; None if neither."""
+    shipped = resources.files("instructflow.models").joinpath("accelerate", f"{name}.yaml")
+    path = Path(str(shipped)) if shipped.is_file() else Path(name).expanduser()
+    return path if path.is_file() else None
+
+
+def _cross_key_rules(name: str, section: Any) -> list[tuple[str, bool, str]]:
+    """(key, ok, what it must be) for keys whose range depends on another key of the same section."""
+    if name == "generate":
+        return [("n_machine_demos", section.n_machine_demos <= section.n_demos, "<= generate.n_demos")]
+    if name == "filter":
+        return [("max_words", section.max_words >= section.min_words, ">= filter.min_words")]
+    if name == "sft":
+        found = section.launcher != "accelerate" or accelerate_config_file(section.accelerate_config) is not None
+        return [("accelerate_config", found,
+                 f"a shipped accelerate config (ddp, deepspeed_zero2, deepspeed_zero3) or a YAML file, "
+                 f"got {section.accelerate_config!r}")]
+    if name == "ppo":  # what the PPO loop would otherwise refuse only after SFT and reward have trained
+        rollout_batch = section.batch_size * section.grad_accum
+        return [("total_episodes", section.total_episodes % rollout_batch == 0,
+                 f"a multiple of ppo.batch_size * ppo.grad_accum (= {rollout_batch}), got {section.total_episodes}"),
+                ("num_mini_batches", rollout_batch % section.num_mini_batches == 0,
+                 f"a divisor of ppo.batch_size * ppo.grad_accum (= {rollout_batch}), got {section.num_mini_batches}")]
+    return []
+
+
+def check_section(label: str, section: Any, prefix: str | None = None) -> None:
+    """Every value of one section a stage would refuse: choices, RANGES, cross-key rules. Runs for every
+    section when the config loads (`prefix` = profiles.NAME.SECTION); the recipes in models/ run it again
+    on a section built by hand (tests, benches), so the rule lives here only. What depends on the machine
+    (fp16 and qlora need CUDA) is checked by the recipe, where the machine is known."""
+    name = SECTION_OF[type(section)]
+    prefix = prefix or name
+    hints = get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value, where = getattr(section, f.name), f"{prefix}.{f.name}"
+        _coerce(label, where, value, hints[f.name], {})
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"{label}: {where} must be one of {', '.join(choices)}, got {value!r}")
+        allowed = RANGES.get(f"{name}.{f.name}")
+        if allowed is not None and value not in allowed:
+            raise ConfigError(f"{label}: {where} must be {allowed}, got {value!r}")
+    for key, ok, what in _cross_key_rules(name, section):
         if not ok:
-            raise ConfigError(f"{label}: {prefix}.{where} must be {what}")
+            raise ConfigError(f"{label}: {prefix}.{key} must be {what}")
+
+
+def section_from_dict(label: str, name: str, raw: Any):
+    """One section from a plain dict (e.g. the SFT job file), checked as a config file's section is."""
+    section = _build_section(label, name, type(SECTIONS[name].default_factory()), raw)
+    check_section(label, section)
+    return section
 
 
 def load_config(profile: str | None = None, path: str | Path | None = None) -> Config:
@@ -408,7 +467,8 @@ def load_config(profile: str | None = None, path: str | Path | None = None) -> C
             sections[key] = _build_section(label, f"{prefix}.{key}", SECTIONS[key].default_factory().__class__, value)
     cfg = Config(profile=name, source=label, **sections)
     _apply_env_overrides(cfg)
-    _validate_ranges(label, prefix, cfg)
+    for key in SECTION_OF.values():
+        check_section(label, getattr(cfg, key), f"{prefix}.{key}")
     return cfg
 
 

@@ -8,7 +8,8 @@ Candidate ids are handed out in that handling order, so `candidate_id` order is 
 the filter stage re-derives the same verdicts in.
 
 Every request has a deterministic key (`instructions:000042`, `classify:<candidate>`,
-`instances:<candidate>`). Results are written in group commits (every `generate.commit_every`
+`instances:<candidate>`; with generate.instance_prompt = "chat", `instance_input:<candidate>` and
+`instance_output:<candidate>`). Results are written in group commits (every `generate.commit_every`
 results or `generate.commit_ms`), one transaction per batch with a request's candidates and
 instances, so a SIGKILL loses at most the uncommitted batch. Resume is by construction: the next
 instruction keys are the missing (or failed, within `generate.key_attempts`) keys below the highest
@@ -103,6 +104,8 @@ class Tally:
     throttled: int = 0
     commits: int = 0
     started: float = field(default_factory=time.monotonic)
+    cpu_started: float = field(default_factory=time.process_time)
+    cpu_s: float = 0.0  # CPU of the whole process (loop, commit thread, progress bar), as of the last update
 
     def add_result(self, result: TeacherResult) -> None:
         self.requests += 1
@@ -114,6 +117,11 @@ class Tally:
     @property
     def requests_per_s(self) -> float:
         return self.requests / max(time.monotonic() - self.started, 1e-9)
+
+    @property
+    def cpu_ms_per_request(self) -> float:
+        """Process CPU per request: what bounds the rate on a busy machine, unlike wall time."""
+        return 1000 * self.cpu_s / max(self.requests, 1)
 
     def line(self, target: int) -> str:
         top = ", ".join(f"{k}={v}" for k, v in self.rejected.most_common(4)) or "none"
@@ -137,9 +145,10 @@ class InstanceWork:
     candidate_id: int
     instruction: str
     replaces: bool
-    classify: tuple[TeacherResult, str] | None = None  # (result, prompt)
+    classify: tuple[TeacherResult, str] | None = None  # (result, prompt) of the first step: classify or instance_input
     instances: tuple[TeacherResult, str] | None = None
     is_classification: bool = False
+    chat_input: str = ""  # instance_prompt = "chat": the input the first request wrote
 
 
 class Generator:
@@ -168,6 +177,9 @@ class Generator:
         self.instructions_handled = 0
         self.instructions_in_flight = 0
         self._last_update = 0.0
+        # chat instance prompts need the input before the output is asked for: batch mode (one batch
+        # per round) keeps the reference prompts
+        self.chat_instances = cfg.generate.instance_prompt == "chat" and cfg.teacher.mode != "batch"
 
     # --- prompts --------------------------------------------------------------------------------
     def _decoding(self, base: dict, max_tokens: int) -> dict:
@@ -196,8 +208,34 @@ class Generator:
         work.result = await self.client.complete(work.request, on_retry=self._count_retry)
         return work
 
+    def instance_step_keys(self) -> tuple[str, str]:
+        """The purposes (and key prefixes) of an instance step's two requests. The chat style has
+        its own keys, so a home that switches styles never meets a stored key of the other one."""
+        return ("instance_input", "instance_output") if self.chat_instances else ("classify", "instances")
+
+    async def send_chat_instance_step(self, work: InstanceWork) -> InstanceWork:
+        """generate.instance_prompt = "chat": an input for the task, then the task with it as a chat
+        message; the reply is the output (one instance)."""
+        prompt = recipes.chat_input_prompt(work.instruction)
+        asked = await self.client.complete(TeacherRequest(key=f"instance_input:{work.candidate_id}", prompt=prompt,
+                                                          params=dict(recipes.CHAT_INPUT_DECODING)),
+                                           on_retry=self._count_retry)
+        work.classify = (asked, prompt)
+        if not asked.ok:  # the step failed; a rerun retries it whole
+            return work
+        work.chat_input = recipes.parse_chat_input(asked.text or "")
+        prompt = recipes.chat_output_prompt(work.instruction, work.chat_input)
+        inst = await self.client.complete(TeacherRequest(
+            key=f"instance_output:{work.candidate_id}", prompt=prompt,
+            params=self._decoding(recipes.CHAT_OUTPUT_DECODING, self.cfg.generate.instance_max_tokens)),
+            on_retry=self._count_retry)
+        work.instances = (inst, prompt)
+        return work
+
     async def send_instance_step(self, work: InstanceWork) -> InstanceWork:
         """Classification, then output-first (classification) or input-first instances (self-instruct)."""
+        if self.chat_instances:
+            return await self.send_chat_instance_step(work)
         prompt = recipes.classify_prompt(work.instruction)
         clf = await self.client.complete(TeacherRequest(key=f"classify:{work.candidate_id}", prompt=prompt,
                                                         params=dict(recipes.CLASSIFY_DECODING)),
@@ -271,17 +309,23 @@ class Generator:
         steps = [work.classify] + ([work.instances] if work.instances else [])
         for result, _ in steps:
             self._stop_if_fatal(result)
-        for (result, prompt), purpose in zip(steps, ("classify", "instances")):
+        step_keys = self.instance_step_keys()
+        for (result, prompt), purpose in zip(steps, step_keys):
             self.tally.add_result(result)
             self.batch.requests.append(self._request_row(result, purpose, prompt))
         if work.replaces:
-            self.batch.replaced_keys += [f"classify:{work.candidate_id}", f"instances:{work.candidate_id}"]
+            self.batch.replaced_keys += [f"{key}:{work.candidate_id}" for key in step_keys]
         if work.instances is None:
             return
-        self.batch.classifications.append((work.candidate_id, work.is_classification))
         inst = work.instances[0]
+        g = self.cfg.generate
+        if self.chat_instances:
+            if inst.ok and inst.text is not None:
+                pairs = recipes.clean_instances([(work.chat_input, recipes.parse_chat_output(inst.text, inst.finish_reason))])
+                self.batch.instances += [(work.candidate_id, i, inp, out) for i, (inp, out) in enumerate(pairs)]
+            return
+        self.batch.classifications.append((work.candidate_id, work.is_classification))
         if inst.ok and inst.text is not None:
-            g = self.cfg.generate
             pairs = recipes.clean_instances(recipes.parse_instances(inst.text, work.is_classification,
                                                                     g.max_instances), g.max_instances)
             self.batch.instances += [(work.candidate_id, i, inp, out) for i, (inp, out) in enumerate(pairs)]
@@ -336,7 +380,7 @@ class Generator:
         steps: deque[InstanceWork] = deque()
         if g.instances and g.recipe == "self-instruct":  # a killed run's unfinished or failed instance steps
             steps.extend(InstanceWork(r["candidate_id"], r["instruction"], bool(r["stored"]))
-                         for r in queries.instance_steps_to_do(self.wh)
+                         for r in queries.instance_steps_to_do(self.wh, self.instance_step_keys())
                          if not r["stored"] or 1 + r["replaced"] < g.key_attempts)
         states = queries.instruction_key_states(self.wh)
         failed_keys = {row["request_key"] for row in states if row["failed"]}
@@ -407,6 +451,7 @@ class Generator:
             self._last_update = now
             self.tally.in_flight, self.tally.limit = self.client.in_flight, int(self.client.limit)
             self.tally.throttled = self.client.throttled
+            self.tally.cpu_s = time.process_time() - self.tally.cpu_started
             self.on_update(self.tally)
 
     def _count_retry(self, request: TeacherRequest, attempt: int, error: str) -> None:

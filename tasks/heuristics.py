@@ -17,11 +17,13 @@ import re
 import string
 from typing import Sequence
 
-# Words a text-only model cannot act on (the self-instruct list plus alpaca's additions).
+# Words a text-only model cannot act on (the self-instruct list plus alpaca's additions): the
+# default of the `filter.blacklist` config key.
 DEFAULT_BLACKLIST: tuple[str, ...] = (
     "image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
     "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram",
 )
+
 
 @functools.lru_cache(maxsize=1024)
 def _word_pattern(word: str) -> re.Pattern:

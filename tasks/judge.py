@@ -1,12 +1,20 @@
-"""AlpacaFarm-style pairwise judge as pure logic: the prompt, the verdict parser, and the rule that
-combines the two orders.
+"""AlpacaFarm-style pairwise judge: the prompt, the verdict parser and the rule that combines the
+two orders (pure logic), then `judge_pairs`, which asks the teacher and keeps every verdict in the
+warehouse (the preferences and evaluate stages both judge with it).
 
-The caller asks each pair twice, once as (a=x, b=y) and once swapped (a=y, b=x), to cancel the
-judge's position bias: a pair counts only when both orders agree.
+Each pair is asked twice, once as (a=x, b=y) and once swapped (a=y, b=x), to cancel the judge's
+position bias: a pair counts only when both orders agree.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+
+from instructflow.tasks.preferences import pair_key
+from instructflow.tasks.teacher import TeacherClient, TeacherRequest, TeacherSettings
+from instructflow.warehouse import queries
+from instructflow.warehouse.store import Warehouse
 
 JUDGE_DECODING: dict = {"temperature": 0.0, "max_tokens": 12}
 
@@ -96,3 +104,72 @@ def combine_orders(first: str | None, second_swapped: str | None) -> str:
         raise ValueError(f"verdicts must be 'a', 'b', 'tie' or None, got {first!r} and {second_swapped!r}")
     x_first, x_second = as_first[first], as_second[second_swapped]
     return x_first if x_first == x_second else "disagree"
+
+
+def win_rate(outcomes: list[str | None], side: str) -> float | None:
+    """The share of judged prompts `side` won, a tie counting half; prompts whose two orders
+    disagreed or could not be read are not judged. None when nothing was judged."""
+    judged = [o for o in outcomes if o not in ("disagree", "invalid", None)]
+    if not judged:
+        return None
+    return sum(1.0 if o == side else 0.5 if o == "tie" else 0.0 for o in judged) / len(judged)
+
+
+# What a stored verdict depends on besides the pair: editing the prompt or the decoding changes this,
+# so old verdicts are not reused for a different question.
+JUDGE_PROMPT_VERSION = hashlib.sha256((pairwise_judge_prompt("{instruction}", "{a}", "{b}")
+                                       + json.dumps(JUDGE_DECODING, sort_keys=True)).encode()).hexdigest()[:8]
+
+
+def judge_request_key(judge_model: str, instruction: str, a: str, b: str, order: str) -> str:
+    """One verdict's request key: the judge model and the prompt version are part of it, so a new
+    judge (or a new prompt) asks again instead of reusing another judge's stored verdict."""
+    judge = hashlib.sha256(judge_model.encode()).hexdigest()[:12]
+    return f"judge:{JUDGE_PROMPT_VERSION}:{judge}:{pair_key(instruction, a, b)}:{order}"
+
+
+def judge_requests(judge_model: str, instruction: str, a: str, b: str) -> tuple[TeacherRequest, TeacherRequest]:
+    return (TeacherRequest(key=judge_request_key(judge_model, instruction, a, b, "ab"),
+                           prompt=pairwise_judge_prompt(instruction, a, b), params=dict(JUDGE_DECODING)),
+            TeacherRequest(key=judge_request_key(judge_model, instruction, a, b, "ba"),
+                           prompt=pairwise_judge_prompt(instruction, b, a), params=dict(JUDGE_DECODING)))
+
+
+async def judge_pairs(wh: Warehouse, settings: TeacherSettings, stage: str, pairs: list[tuple[str, str, str]],
+                      force: bool = False) -> list[dict]:
+    """Ask the teacher about each (instruction, a, b) in both orders. Verdicts this judge gave before
+    are not re-asked unless `force`; a forced answer replaces the stored one (which moves to history).
+    Returns rows with verdicts mapped to the (a, b) order and the combined outcome a|b|tie|disagree|invalid."""
+    requests = [r for inst, a, b in pairs for r in judge_requests(settings.model, inst, a, b)]
+    texts: dict[str, str | None] = {}
+    todo = []
+    for request in requests:
+        stored = None if force else queries.stored_request(wh, request.key)
+        if stored is not None:
+            texts[request.key] = stored["texts"][0] if stored["texts"] and not stored["error"] else None
+        else:
+            todo.append(request)
+    if todo:
+        client = TeacherClient(settings)
+        prompts = {r.key: r.prompt for r in todo}
+
+        def keep(result) -> None:  # stored the moment it finishes: a killed run re-asks nothing
+            queries.replace_teacher_result(wh, result, stage, "judge", prompts[result.key])
+            texts[result.key] = result.text if result.ok else None
+
+        try:
+            await client.complete_all(todo, on_result=keep)
+        finally:
+            await client.aclose()
+    rows = []
+    for inst, a, b in pairs:
+        ab, ba = judge_requests(settings.model, inst, a, b)
+        verdict_ab = parse_pairwise_verdict(texts.get(ab.key) or "")
+        swapped = parse_pairwise_verdict(texts.get(ba.key) or "")
+        verdict_ba = {"a": "b", "b": "a"}.get(swapped, swapped)  # mapped back to the (a, b) order
+        combined = combine_orders(verdict_ab, swapped)
+        outcome = {"x": "a", "y": "b"}.get(combined, combined)
+        rows.append({"prompt": inst, "response_a": a, "response_b": b, "verdict_ab": verdict_ab,
+                     "verdict_ba": verdict_ba, "outcome": outcome, "judge_model": settings.model,
+                     "judge_text_ab": texts.get(ab.key), "judge_text_ba": texts.get(ba.key)})
+    return rows

@@ -120,3 +120,12 @@ def sample_pairs(n_samples: int) -> list[tuple[int, int]]:
 def hashed_order(items: Sequence[str], seed: int) -> list[int]:
     """A seeded, order-independent ordering of items (indices), for picking prompt subsets."""
     return sorted(range(len(items)), key=lambda i: hashlib.sha256(f"{seed}:{items[i]}".encode()).hexdigest())
+
+
+def split_pairs(pairs: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, eval) by a seeded hash of each pair's `pair_key`: the reward model trains on the first
+    part; evaluate's held-out reward model (`evaluate.holdout_reward`) trains on the second."""
+    order = hashed_order([p["pair_key"] for p in pairs], seed)
+    n_eval = max(1, round(len(pairs) * eval_fraction)) if len(pairs) >= 2 else 0
+    held = set(order[:n_eval])
+    return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]

@@ -352,3 +352,58 @@ def clean_instances(pairs: Sequence[tuple[str, str]], max_instances: int = 5) ->
         if inst_input and output_of.setdefault(inst_input, output) != output:
             return []
     return list(dict.fromkeys(valid))[:max_instances]
+
+
+# --- chat-native instances (generate.instance_prompt = "chat") -------------------------------------
+# A small chat teacher (the embedded SmolLM2-135M) rarely writes the few-shot "Input:/Output:" format
+# above, so almost no instruction got an instance. It can follow a plain chat request, so here one
+# instance takes two requests: "write an input for this task", then the task itself (instruction +
+# that input) as the user message, whose reply is the output. No classification step.
+
+CHAT_INPUT_DECODING: dict = {"temperature": 0.7, "top_p": 0.9, "max_tokens": 64}
+CHAT_OUTPUT_DECODING: dict = {"temperature": 0.3, "top_p": 0.9, "max_tokens": 256}
+
+_NO_INPUT_REPLIES = ("none", "none.", "no input", "no input.", "n/a", "<noinput>", "null")
+# replies that talk about the task (or as the assistant) instead of giving an input to it, or echo the request
+_META_REPLY = re.compile(r"^(the|this) (task|ai|assistant|input)\b|^(task|here is|here's|sure|certainly|of course|"
+                         r"i'm|i am|i can|i will|i'd|as an ai)\b|would work on", re.IGNORECASE)
+
+
+def chat_input_prompt(instruction: str) -> str:
+    return (f"Here is a task for an AI assistant:\n\n{_one_line(instruction)}\n\n"
+            "Write one example input for this task: the text, sentence, list or question the assistant "
+            "would work on. Write only the input itself. If the task needs no input, write None.")
+
+
+def parse_chat_input(text: str) -> str:
+    """The input in a reply to `chat_input_prompt`; "" when the task needs none (or the reply gives
+    none). Takes what follows an "Input:" label when there is one (up to an "Output:" label), else the
+    first paragraph that is not a preamble ("Here is an example input:") or talk about the task."""
+    text = text.replace("**", "").strip()
+    labelled = re.search(r"(?im)^[ \t]*(?:example )?input\s*:[ \t]*", text)
+    if labelled:
+        text = re.split(r"(?im)^[ \t]*output\s*:", text[labelled.end():])[0]
+    for paragraph in re.split(r"\n\s*\n", text):
+        paragraph = paragraph.strip().strip('"').strip()
+        if not paragraph or paragraph.endswith(":"):
+            continue
+        if paragraph.lower() in _NO_INPUT_REPLIES or _META_REPLY.search(paragraph.split(". ")[0]):
+            return ""
+        return paragraph
+    return ""
+
+
+def chat_output_prompt(instruction: str, inst_input: str) -> str:
+    """The task as a user would send it: the instruction, then its input (if any) after a blank line."""
+    return _one_line(instruction) + (f"\n\n{inst_input.strip()}" if inst_input.strip() else "")
+
+
+def parse_chat_output(text: str, finish_reason: str | None) -> str:
+    """The output in a reply to `chat_output_prompt`: the reply itself, stripped; a reply cut off by
+    the token limit ends at its last complete sentence (and is "" when it has none), so SFT never
+    learns to stop mid-word."""
+    text = text.strip()
+    if finish_reason == "length":
+        ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", text)]
+        text = text[:ends[-1]] if ends else ""
+    return text.strip()

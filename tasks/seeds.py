@@ -253,6 +253,26 @@ def bundled_seed_dir() -> Path:
     return Path(str(resources.files("instructflow.seeds")))
 
 
+def sync_seed_tasks(wh, paths: Sequence[str | Path], max_chars: int | None = None) -> int:
+    """Mirror the seed files into the warehouse's seed_tasks (all-or-nothing: a bad file changes nothing)."""
+    from instructflow.warehouse import queries
+
+    seeds = load_seeds(paths, max_chars=max_chars)
+    queries.replace_seed_tasks(wh, seeds)
+    return len(seeds)
+
+
+def shipped_path(entry: str, default_name: str) -> Path:
+    """A configured data file or folder. `bundled:NAME` (the canonical spelling) is the file NAME shipped
+    in the package's seeds/ folder; a bare `bundled` is accepted too and means `bundled:<default_name>`;
+    anything else is a path (`~` expanded)."""
+    if entry == "bundled":
+        entry = f"bundled:{default_name}"
+    if entry.startswith("bundled:"):
+        return bundled_seed_dir() / entry.split(":", 1)[1]
+    return Path(entry).expanduser()
+
+
 def seeds_content_hash(tasks: Sequence[SeedTask]) -> str:
     """sha256 over a canonical JSON of the tasks, in order. `source` is left out on purpose: the same
     seeds installed at another path (CI, a wheel) must hash the same."""

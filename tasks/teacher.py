@@ -264,8 +264,6 @@ class TeacherClient:
     def __init__(self, settings: TeacherSettings, *, rng: random.Random | None = None):
         self.settings = settings
         self.rng = rng or random.Random()
-        self.stats: dict[str, float] = {"requests": 0, "failed": 0, "retries": 0, "prompt_tokens": 0,
-                                        "completion_tokens": 0, "cost_usd": 0.0, "unpriced": 0}
         # Live flow control, for progress bars and stage metrics.
         self.limit = float(settings.max_concurrency)  # the AIMD in-flight limit
         self.in_flight = 0
@@ -287,9 +285,9 @@ class TeacherClient:
     def _session(self) -> openai.AsyncOpenAI:
         loop = asyncio.get_running_loop()
         if self._openai is None or self._loop is not loop:
-            s = self.settings
-            self._openai = openai.AsyncOpenAI(base_url=s.base_url, api_key=s.api_key, max_retries=0,
-                                              timeout=s.timeout_s)
+            settings = self.settings
+            self._openai = openai.AsyncOpenAI(base_url=settings.base_url, api_key=settings.api_key, max_retries=0,
+                                              timeout=settings.timeout_s)
             self._loop = loop
             self.in_flight = 0
             self._waiters.clear()
@@ -352,7 +350,7 @@ class TeacherClient:
     async def complete(self, request: TeacherRequest,
                        on_retry: Callable[[TeacherRequest, int, str], None] | None = None) -> TeacherResult:
         """Send one request, retrying transient failures; returns a result for API/network errors, never raises."""
-        s = self.settings
+        settings = self.settings
         params = dict(request.params)
         attempts, latency = 0, 0.0
         token_estimate = len(request.prompt) // 4 + int(params.get("max_tokens") or 256)
@@ -367,10 +365,10 @@ class TeacherClient:
             finally:
                 latency = time.monotonic() - started
                 self._release(outcome, token_estimate)
-            if outcome.error is None or not outcome.retryable or attempts > s.max_retries:
+            if outcome.error is None or not outcome.retryable or attempts > settings.max_retries:
                 break
-            delay = backoff_delay(attempts, s.backoff_base_s, s.backoff_max_s, self.rng, outcome.retry_after_s)
-            self.stats["retries"] += 1
+            delay = backoff_delay(attempts, settings.backoff_base_s, settings.backoff_max_s, self.rng,
+                                  outcome.retry_after_s)
             logger.info("teacher request %s attempt %d failed (%s); retrying in %.2fs",
                         request.key, attempts, outcome.error, delay)
             if on_retry is not None:
@@ -382,23 +380,24 @@ class TeacherClient:
             error = f"{error} (gave up after {attempts} attempts)"
         result = self._result(request, params, outcome.response, error, attempts, latency)
         result.fatal = outcome.fatal
-        self._account(result)
+        if not result.ok:  # usage is counted once, from the stored results (`queries.teacher_totals`)
+            logger.warning("teacher request %s failed: %s", result.key, result.error)
         return result
 
     async def _send(self, client: openai.AsyncOpenAI, prompt: str, params: dict) -> _Attempt:
-        s = self.settings
-        kwargs = {k: v for k, v in params.items() if k in OPENAI_KWARGS[s.api]}
-        extra = {k: v for k, v in params.items() if k not in OPENAI_KWARGS[s.api]}
+        settings = self.settings
+        kwargs = {k: v for k, v in params.items() if k in OPENAI_KWARGS[settings.api]}
+        extra = {k: v for k, v in params.items() if k not in OPENAI_KWARGS[settings.api]}
         if extra:
             kwargs["extra_body"] = extra
         try:
-            if s.api == "chat":
+            if settings.api == "chat":
                 messages = [{"role": "user", "content": prompt}]
-                if s.system_prompt is not None:
-                    messages.insert(0, {"role": "system", "content": s.system_prompt})
-                response = await client.chat.completions.create(model=s.model, messages=messages, **kwargs)
+                if settings.system_prompt is not None:
+                    messages.insert(0, {"role": "system", "content": settings.system_prompt})
+                response = await client.chat.completions.create(model=settings.model, messages=messages, **kwargs)
             else:
-                response = await client.completions.create(model=s.model, prompt=prompt, **kwargs)
+                response = await client.completions.create(model=settings.model, prompt=prompt, **kwargs)
         except openai.APIStatusError as exc:
             status, detail = exc.status_code, _status_detail(exc)
             return _Attempt(error=self._redact(f"HTTP {status}: {detail}"),
@@ -407,7 +406,7 @@ class TeacherClient:
                             fatal=status in FATAL_STATUS or (status in (400, 422) and bool(UNKNOWN_MODEL.search(detail))),
                             throttled=status == 429)
         except openai.APITimeoutError:
-            return _Attempt(error=f"timeout after {s.timeout_s:g}s", retryable=True)
+            return _Attempt(error=f"timeout after {settings.timeout_s:g}s", retryable=True)
         except openai.APIConnectionError as exc:
             cause = exc.__cause__ or exc.__context__
             detail = f"{type(cause).__name__}: {cause}" if cause is not None else exc.message
@@ -426,13 +425,13 @@ class TeacherClient:
 
     def _result(self, request: TeacherRequest, params: dict, response: Any, error: str | None, attempts: int,
                 latency: float) -> TeacherResult:
-        s = self.settings
+        settings = self.settings
         texts: list[str] = []
         finish_reasons: list[str | None] = []
         prompt_tokens = completion_tokens = 0
         if response is not None:
             for choice in response.choices or []:
-                text = choice.message.content if s.api == "chat" else choice.text
+                text = choice.message.content if settings.api == "chat" else choice.text
                 text, finish_reason = apply_stop(text or "", params.get("stop"), choice.finish_reason)
                 texts.append(text)
                 finish_reasons.append(finish_reason)
@@ -445,10 +444,12 @@ class TeacherClient:
                                                    f"(the endpoint ignores n; send n separate requests instead)")
             if not texts and error is None:
                 error = "response has no choices"
-        cost, known = cost_usd(s.prices, s.model, prompt_tokens, completion_tokens)
+        cost, known = cost_usd(settings.prices, settings.model, prompt_tokens, completion_tokens)
         if not known:
-            self._warn_once(f"price:{s.model}", f"no price for teacher model {s.model!r}: cost counted as 0")
-        return TeacherResult(key=request.key, prompt_hash=prompt_hash(s.model, request.prompt, params), model=s.model,
+            self._warn_once(f"price:{settings.model}",
+                            f"no price for teacher model {settings.model!r}: cost counted as 0")
+        return TeacherResult(key=request.key, prompt_hash=prompt_hash(settings.model, request.prompt, params),
+                             model=settings.model,
                              params=params, texts=texts, finish_reasons=finish_reasons, prompt_tokens=prompt_tokens,
                              completion_tokens=completion_tokens, latency_s=latency, attempts=attempts, error=error,
                              cost_usd=cost, price_known=known)
@@ -457,16 +458,6 @@ class TeacherClient:
         if tag not in self._warned:
             self._warned.add(tag)
             logger.warning(message)
-
-    def _account(self, result: TeacherResult) -> None:
-        self.stats["requests"] += 1
-        self.stats["failed"] += 0 if result.ok else 1
-        self.stats["prompt_tokens"] += result.prompt_tokens
-        self.stats["completion_tokens"] += result.completion_tokens
-        self.stats["cost_usd"] += result.cost_usd
-        self.stats["unpriced"] += 0 if result.price_known else 1
-        if not result.ok:
-            logger.warning("teacher request %s failed: %s", result.key, result.error)
 
     # --- many requests ---------------------------------------------------------------------------
     async def complete_all(self, requests: Iterable[TeacherRequest],

@@ -48,6 +48,7 @@ def test_missing_bundled_package_says_how_to_install(monkeypatch):
 
 # ---- conversion --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_converted_dir_is_a_plain_llama_with_distinct_pad(bundled_dir):
     marker = json.loads((bundled_dir / MARKER_NAME).read_text())
     assert marker["gguf_size"] == bundled_gguf_path().stat().st_size and len(marker["gguf_sha256"]) == 64
@@ -68,6 +69,7 @@ def test_converted_dir_is_a_plain_llama_with_distinct_pad(bundled_dir):
     assert "<|im_start|>" in tokenizer.chat_template
 
 
+@pytest.mark.slow
 def test_second_call_is_a_fast_no_op(bundled_dir):
     weights_mtime = (bundled_dir / "model.safetensors").stat().st_mtime_ns
     started = time.perf_counter()
@@ -76,6 +78,7 @@ def test_second_call_is_a_fast_no_op(bundled_dir):
     assert (bundled_dir / "model.safetensors").stat().st_mtime_ns == weights_mtime
 
 
+@pytest.mark.slow
 def test_greedy_chat_answer_is_sensible(bundled_dir):
     tokenizer = AutoTokenizer.from_pretrained(bundled_dir)
     model = AutoModelForCausalLM.from_pretrained(bundled_dir)
@@ -124,6 +127,7 @@ def test_failed_build_leaves_previous_dir_and_no_temp_dirs(tmp_path):
 
 # ---- pad token -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_ensure_distinct_pad_prefers_endoftext_then_adds_pad(bundled_dir):
     tokenizer = AutoTokenizer.from_pretrained(bundled_dir)
     assert ensure_distinct_pad(tokenizer) is False  # already distinct: nothing to do
@@ -140,6 +144,7 @@ def test_ensure_distinct_pad_prefers_endoftext_then_adds_pad(bundled_dir):
 
 # ---- tiny Llamas ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_tiny_llama_is_deterministic_idempotent_and_loads_as_policy_and_reward(bundled_dir, tmp_path):
     first = build_tiny_llama(tmp_path / "a", tokenizer_dir=bundled_dir, seed=3)
     second = build_tiny_llama(tmp_path / "b", tokenizer_dir=bundled_dir, seed=3)
@@ -167,6 +172,7 @@ def test_tiny_llama_is_deterministic_idempotent_and_loads_as_policy_and_reward(b
     assert reward(**batch).logits.shape == (2, 1)
 
 
+@pytest.mark.slow
 def test_tiny_llama_rejects_bad_arguments(bundled_dir, tmp_path):
     with pytest.raises(ValueError, match="hidden_size=66 is not divisible by num_heads=4"):
         build_tiny_llama(tmp_path / "x", tokenizer_dir=bundled_dir, hidden_size=66)

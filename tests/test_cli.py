@@ -19,6 +19,7 @@ def test_help_lists_commands():
         assert command in out.stdout
 
 
+@pytest.mark.slow
 def test_status_on_empty_home(tmp_path):
     home = tmp_path / "fresh"
     out = cli("status", "--json", home=home)
@@ -39,12 +40,14 @@ def test_status_on_empty_home(tmp_path):
     (["report"], "no warehouse in"),
     (["export", "alpaca", "--out", "x.json"], "no warehouse in"),
 ])
+@pytest.mark.slow
 def test_bad_arguments_one_line(tmp_path, args, message):
     out = cli(*args, home=tmp_path / "h")
     assert out.returncode != 0
     assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_malformed_config_names_file(tmp_path):
     bad = tmp_path / "instructflow.toml"
     bad.write_text("[profiles.cpu.sft]\nmax_stepz = 3\n")
@@ -53,6 +56,7 @@ def test_malformed_config_names_file(tmp_path):
     assert "instructflow.toml: profiles.cpu.sft.max_stepz: unknown key" in out.stderr
 
 
+@pytest.mark.slow
 def test_unwritable_home(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
@@ -60,6 +64,7 @@ def test_unwritable_home(tmp_path):
     assert out.returncode != 0 and "is not writable" in out.stderr
 
 
+@pytest.mark.slow
 def test_locked_and_newer_warehouse_are_refused_untouched(tmp_path):
     home = tmp_path / "h"
     home.mkdir()
@@ -71,3 +76,24 @@ def test_locked_and_newer_warehouse_are_refused_untouched(tmp_path):
     out = cli("run", "--profile", "tiny", home=home)
     assert out.returncode != 0 and "newer than this instructflow supports" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_doctor_reports_every_check_and_exits_1_on_a_problem(tmp_path):
+    import socket
+
+    with socket.socket() as sock:  # a loopback port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    home = tmp_path / "h"
+    out = cli("doctor", "--profile", "tiny", home=home, COLUMNS="400", INSTRUCTFLOW_TEACHER_ENDPOINT=dead,
+              INSTRUCTFLOW_TEACHER_MODEL="m", INSTRUCTFLOW_TEACHER_API_KEY="sk-doctor-secret")
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    rows = {line.split("│")[1].strip(): line for line in out.stdout.splitlines() if line.count("│") == 4}
+    for check in ("python", "torch", "prefect", "duckdb", "config", "data home", "bundled model", "teacher", "gpu",
+                  "prefect api", "Prefect startup timeout", "scheduler"):
+        assert check in rows, (check, out.stdout[-3000:])
+    assert "problem" in rows["teacher"] and f"{dead} unreachable" in rows["teacher"]
+    assert [name for name, line in rows.items() if "problem" in line] == ["teacher"]   # the one problem, said once
+    assert str(home.resolve()) in rows["data home"] and ".gguf" in rows["bundled model"]
+    assert "sk-doctor-secret" not in out.stdout + out.stderr

@@ -6,8 +6,8 @@ import dataclasses
 import pytest
 
 from cliutil import cli
-from instructflow.tasks.config import (RANGES, SECTIONS, ConfigError, list_profiles, load_config,
-                                       teacher_api_key)
+from instructflow.tasks.config import (RANGES, SECTIONS, ConfigError, PPOConfig, check_section, list_profiles,
+                                       load_config, teacher_api_key)
 
 
 def write(tmp_path, text):
@@ -36,8 +36,15 @@ def test_packaged_profiles_load_and_tiny_inherits_cpu():
     ("[profiles.a.teacher]\ntimeout_s = 0\n", "profiles.a.teacher.timeout_s must be > 0, got 0.0"),
     ("[profiles.a.preferences]\ntop_p = 0\n", "profiles.a.preferences.top_p must be > 0 and <= 1, got 0.0"),
     ("[profiles.a.generate]\nmax_seed_chars = 0\n", "profiles.a.generate.max_seed_chars must be >= 1, got 0"),
+    ("[profiles.a.generate]\nrequests_per_round = 4\n",
+     "profiles.a.generate.requests_per_round: removed (the streaming scheduler has no rounds"),
     ("[profiles.a.sft]\nseed = -1\n", "profiles.a.sft.seed must be between 0 and 4294967295, got -1"),
     ("[profiles.a.ppo]\nprecision = 'fp16'\n", "profiles.a.ppo.precision must be one of auto, fp32, bf16"),
+    ("[profiles.a.sft]\nmax_length = 4\n", "profiles.a.sft.max_length must be >= 8, got 4"),
+    ("[profiles.a.sft]\nlauncher = 'accelerate'\naccelerate_config = 'nope'\n",
+     "profiles.a.sft.accelerate_config must be a shipped accelerate config (ddp, deepspeed_zero2, deepspeed_zero3) "
+     "or a YAML file, got 'nope'"),
+    ("[profiles.a.sft]\nlr_scheduler = 'cosin'\n", "profiles.a.sft.lr_scheduler must be one of cosine, linear"),
     ("[profiles.a.ppo]\nbatch_size = 4\nnum_mini_batches = 3\ntotal_episodes = 8\n",
      "profiles.a.ppo.num_mini_batches must be a divisor of ppo.batch_size * ppo.grad_accum"),
     ("[profiles.a.filter]\nmin_words = 10\nmax_words = 5\n", "profiles.a.filter.max_words must be >= filter.min_words"),
@@ -51,6 +58,17 @@ def test_bad_config_names_file_and_key(tmp_path, body, message):
         load_config("a", path)
     text = str(info.value)
     assert message in text and str(path) in text and "\n" not in text
+
+
+def test_a_section_built_by_hand_meets_the_same_rules_as_a_loaded_one():
+    """What the recipes in models/ run on a section they did not get from load_config (tests, benches)."""
+    for profile in list_profiles():
+        check_section("settings", load_config(profile).ppo)
+    with pytest.raises(ConfigError, match=r"^settings: ppo\.total_episodes must be a multiple of "
+                                          r"ppo\.batch_size \* ppo\.grad_accum \(= 8\), got 10$"):
+        check_section("settings", PPOConfig(total_episodes=10))
+    with pytest.raises(ConfigError, match=r"^settings: ppo\.precision must be one of auto, fp32, bf16, got 'fp16'$"):
+        check_section("settings", PPOConfig(precision="fp16"))
 
 
 def test_unknown_profile_lists_known(tmp_path):
@@ -108,6 +126,7 @@ def test_readme_documents_every_range():
     assert not missing, f"README's range list lacks: {missing}"
 
 
+@pytest.mark.slow
 def test_negative_max_steps_refused_by_the_cli_in_one_line(tmp_path):
     path = write(tmp_path, "[profiles.a]\ninherits = 'tiny'\n[profiles.a.sft]\nmax_steps = -5\n")
     home = tmp_path / "home"

@@ -7,9 +7,12 @@ import signal
 import time
 
 import duckdb
+import pytest
 
 from cliutil import cli_popen
 from instructflow.tasks.seeds import bundled_seed_dir
+
+pytestmark = pytest.mark.slow  # starts a server, Prefect, or trains
 
 
 def test_scheduled_deployment_runs_to_completion(tmp_path, prefect_api):

@@ -13,6 +13,8 @@ from instructflow.models.evaluate import policy_kl
 from instructflow.models.sampling import generate_responses
 from instructflow.models.tiny import build_tiny_llama
 
+pytestmark = pytest.mark.slow  # starts a server, Prefect, or trains
+
 QUESTIONS = ["What is the capital of France?", "Name a fruit that is yellow.", "How many legs does a cat have?",
              "Say hello in Spanish."]
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import pytest
+
 from cliutil import cli
 from instructflow.flows.common import close_warehouses, warehouse_for
 from instructflow.warehouse import queries
 
 from test_filter_stage import store_candidates
+
+pytestmark = pytest.mark.slow  # starts a server, Prefect, or trains
 
 NEW_INSTRUCTIONS = ["Explain how a lighthouse keeper schedules maintenance during long winter storms.",
                     "List three reasons why sourdough dough rises slowly in a cold kitchen.",

@@ -11,6 +11,8 @@ from rouge_score import rouge_scorer
 from instructflow.flows.common import warehouse_for
 from instructflow.warehouse import queries
 
+pytestmark = pytest.mark.slow  # starts a server, Prefect, or trains
+
 
 @dataclass
 class StoredResult:  # the shape the teacher client returns, for rows a teacher would have produced

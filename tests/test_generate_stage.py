@@ -33,6 +33,7 @@ def query(home: Path, sql: str, params=()):
         con.close()
 
 
+@pytest.mark.slow
 def test_generate_stage_end_to_end_against_embedded_teacher(tmp_path):
     home = tmp_path / "home"
     out = cli("stage", "generate", "--profile", "tiny", home=home)
@@ -72,10 +73,11 @@ def prefect_servers_of(home: Path) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_resumes_without_duplicates_or_loss(tmp_path):
     home = tmp_path / "home"
     config = write_config(tmp_path, "[profiles.t.generate]\nmax_requests = 30\ntarget_kept = 1000\n"
-                                    "requests_per_round = 2\n[profiles.t.teacher]\nmax_concurrency = 1\n")
+                                    "[profiles.t.teacher]\nmax_concurrency = 1\n")
     run = cli_popen("stage", "generate", "--profile", "t", "--config", str(config), home=home)
     log = home / "logs" / "teacher-server.log"
     deadline = time.monotonic() + 180
@@ -150,6 +152,7 @@ instances = false
     return path
 
 
+@pytest.mark.slow
 def test_faults_are_retried_counted_and_never_dropped(tmp_path, server):
     home = tmp_path / "home"
     # one request at a time so the schedule maps onto requests deterministically:
@@ -167,7 +170,6 @@ backoff_base_s = 0.05
 backoff_max_s = 0.2
 [profiles.t.generate]
 max_requests = 4
-requests_per_round = 1
 instances = false
 """)
         out = cli("stage", "generate", "--profile", "t", "--config", str(config), home=home)
@@ -197,6 +199,7 @@ def test_next_keys_fill_gaps_and_retry_failures_first():
     assert instruction_keys_to_send([], max_requests=5, key_attempts=3) == ([], 0)
 
 
+@pytest.mark.slow
 def test_gap_in_stored_keys_is_filled_exactly(tmp_path, server):
     """issue 14.1: a home with a hole in its keys (as an out-of-order kill leaves) resumes by sending
     exactly the missing key, resends nothing stored, and finishes."""
@@ -223,6 +226,7 @@ def test_gap_in_stored_keys_is_filled_exactly(tmp_path, server):
     assert [r[0] for r in runs] == ["success", "success"]
 
 
+@pytest.mark.slow
 def test_sigkill_with_a_group_commit_pending_resends_exactly_the_lost_keys(tmp_path, server):
     """issue 13: results are committed in batches; a SIGKILL while a batch is pending loses that batch
     only, and the rerun sends exactly its keys (nothing stored twice, nothing stored resent). The
@@ -264,6 +268,7 @@ def test_sigkill_with_a_group_commit_pending_resends_exactly_the_lost_keys(tmp_p
     assert query(home, verdicts) == generated
 
 
+@pytest.mark.slow
 def test_refused_endpoint_stops_at_once_and_a_fixed_one_recovers_the_failures(tmp_path, server):
     """issue 14.2: a 401 stops the stage at once with one line naming the endpoint and the cause; an
     unreachable endpoint fails the stage (most requests failed) with the failures stored; a rerun
@@ -301,3 +306,127 @@ def test_refused_endpoint_stops_at_once_and_a_fixed_one_recovers_the_failures(tm
     assert sorted(k for k, _ in history) == sorted(k for (k,) in failed) and all(e for _, e in history)
     assert query(home, "SELECT status FROM stage_runs WHERE stage = 'generate' ORDER BY started_at DESC")[0][0] == \
         "success"
+
+
+@pytest.mark.slow
+def test_alpaca_recipe_through_the_generator(tmp_path, server):
+    """The alpaca recipe in the generator against the real tiny server: every request carries the
+    alpaca prompt and decoding, none asks for a classification or instances (alpaca writes the
+    instance with the instruction), and a rerun sends nothing."""
+    import asyncio
+
+    from instructflow.flows.teacher import teacher_session
+    from instructflow.tasks import recipes
+    from instructflow.tasks.config import load_config
+    from instructflow.tasks.generate import Generator
+    from instructflow.tasks.seeds import bundled_seed_dir, sync_seed_tasks
+    from instructflow.tasks.teacher import TeacherClient
+    from instructflow.warehouse.store import open_warehouse
+
+    config = write_config(tmp_path, f"""
+[profiles.t.teacher]
+endpoint = "{server.base_url}"
+model = "{server.model_name}"
+[profiles.t.generate]
+recipe = "alpaca"
+max_requests = 2
+instances = true
+""")
+    cfg = load_config("t", config)
+    (tmp_path / "home").mkdir()
+    wh = open_warehouse(tmp_path / "home")
+
+    async def generate():
+        client = TeacherClient(settings)
+        try:
+            generator = Generator(wh, cfg, client)
+            await generator.run()
+            return generator.tally
+        finally:
+            await client.aclose()
+
+    try:
+        sync_seed_tasks(wh, [bundled_seed_dir() / "seed_tasks.jsonl"])
+        with teacher_session(cfg, tmp_path / "home") as settings:
+            first = asyncio.run(generate())
+            sent = wh.rows("SELECT request_key, purpose, prompt, params FROM teacher_requests ORDER BY request_key")
+            again = asyncio.run(generate())
+        assert first.requests == 2 and again.requests == 0
+        assert [r["request_key"] for r in sent] == ["instructions:000000", "instructions:000001"]
+        assert {r["purpose"] for r in sent} == {"instructions"}
+        header = recipes.ALPACA_REQUIREMENTS.format(n=cfg.generate.alpaca_instructions)
+        demos = cfg.generate.alpaca_demos
+        for row in sent:
+            assert row["prompt"].startswith(header) and row["prompt"].endswith(f"###\n{demos + 1}. Instruction:")
+            params = json.loads(row["params"])
+            assert (params["temperature"], params["top_p"], params["max_tokens"]) == (1.0, 1.0, 48)
+            assert params["stop"] == ["\n20", "20."]
+        assert wh.scalar("SELECT count(*) FROM teacher_requests") == 2
+    finally:
+        wh.close()
+
+
+@pytest.mark.slow
+def test_chat_instance_prompts_through_the_generator(tmp_path, server):
+    """generate.instance_prompt = "chat" (issue 16) against the real tiny server: a kept instruction
+    gets an input request, then the instruction + the parsed input as the output request; no
+    classification; what passes the instance filters is stored; a rerun sends nothing."""
+    import asyncio
+
+    from instructflow.flows.teacher import teacher_session
+    from instructflow.tasks import recipes
+    from instructflow.tasks.config import load_config
+    from instructflow.tasks.generate import Generator
+    from instructflow.tasks.seeds import bundled_seed_dir, sync_seed_tasks
+    from instructflow.tasks.teacher import TeacherClient
+    from instructflow.warehouse.store import open_warehouse
+
+    config = write_config(tmp_path, f"""
+[profiles.t.teacher]
+endpoint = "{server.base_url}"
+model = "{server.model_name}"
+[profiles.t.generate]
+instance_prompt = "chat"
+max_requests = 2
+""")
+    cfg = load_config("t", config)
+    (tmp_path / "home").mkdir()
+    wh = open_warehouse(tmp_path / "home")
+
+    async def generate():
+        client = TeacherClient(settings)
+        try:
+            generator = Generator(wh, cfg, client)
+            await generator.run()
+            return generator.tally
+        finally:
+            await client.aclose()
+
+    try:
+        sync_seed_tasks(wh, [bundled_seed_dir() / "seed_tasks.jsonl"])
+        with teacher_session(cfg, tmp_path / "home") as settings:
+            asyncio.run(generate())
+            # the tiny random teacher's instructions never pass the filters: keep one as if they had
+            cid, instruction = wh.rows("SELECT candidate_id, instruction FROM candidates ORDER BY 1 LIMIT 1")[0].values()
+            wh.execute("UPDATE candidates SET verdict = 'kept', reason = NULL, heuristic_reason = NULL "
+                       "WHERE candidate_id = ?", [cid])
+            second = asyncio.run(generate())
+            again = asyncio.run(generate())
+        sent = {r["request_key"]: r for r in wh.rows(
+            "SELECT request_key, purpose, prompt, params, texts, finish_reason FROM teacher_requests "
+            "WHERE purpose <> 'instructions'")}
+        assert second.requests == 2 and again.requests == 0
+        assert sorted(sent) == [f"instance_input:{cid}", f"instance_output:{cid}"]
+        asked, answered = sent[f"instance_input:{cid}"], sent[f"instance_output:{cid}"]
+        assert (asked["purpose"], answered["purpose"]) == ("instance_input", "instance_output")
+        assert asked["prompt"] == recipes.chat_input_prompt(instruction)
+        parsed_input = recipes.parse_chat_input(json.loads(asked["texts"])[0])
+        assert answered["prompt"] == recipes.chat_output_prompt(instruction, parsed_input)
+        assert json.loads(asked["params"])["max_tokens"] == 64
+        assert json.loads(answered["params"])["max_tokens"] == cfg.generate.instance_max_tokens
+        output = recipes.parse_chat_output(json.loads(answered["texts"])[0], answered["finish_reason"])
+        stored = wh.rows("SELECT input, output FROM instances WHERE candidate_id = ?", [cid])
+        assert [(r["input"], r["output"]) for r in stored] == recipes.clean_instances([(parsed_input, output)])
+        assert wh.scalar("SELECT is_classification FROM candidates WHERE candidate_id = ?", [cid]) is None
+    finally:
+        wh.close()

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # starts a server, Prefect, or trains
+
 REPO = Path(__file__).resolve().parents[1]
 
 

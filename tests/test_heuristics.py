@@ -3,12 +3,27 @@ from __future__ import annotations
 
 import pytest
 
-from instructflow.tasks.heuristics import DEFAULT_BLACKLIST, heuristic_reject_reason
+from instructflow.tasks.config import load_config
+from instructflow.tasks.generate import build_filter, judge_candidate
+from instructflow.tasks.heuristics import heuristic_reject_reason
+
+# self-instruct's blacklist plus alpaca's additions, as the reference scripts spell them
+REFERENCE_BLACKLIST = ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
+                       "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram"]
 
 
-def test_default_blacklist_is_the_18_reference_words():
-    assert len(DEFAULT_BLACKLIST) == 18 and len(set(DEFAULT_BLACKLIST)) == 18
-    assert {"image", "go to", "flowchart", "diagram", "music"} <= set(DEFAULT_BLACKLIST)
+@pytest.mark.parametrize("profile", ["cpu", "tiny", "gpu"])
+def test_the_packaged_profiles_reject_exactly_the_reference_words(profile):
+    """Through the function generate and filter call, with the config they load: the list production uses."""
+    cfg = load_config(profile)
+    near_dup = build_filter(cfg, [])
+
+    def verdict(instruction: str):
+        return judge_candidate(cfg, near_dup, instruction, False, lambda: "cand:1")[:2]
+
+    for word in REFERENCE_BLACKLIST:
+        assert verdict(f"Please describe the {word} for our team today.") == ("rejected", f"blacklist:{word}"), word
+    assert verdict("Please describe the weather for our team today.") == ("kept", None)  # no other word is listed
 
 
 @pytest.mark.parametrize("instruction, reason", [

@@ -1,9 +1,12 @@
-"""Judge prompt shape, verdict parsing variants, and the two-order combination table."""
+"""Judge prompt shape, verdict parsing variants, the two-order combination table, what a stored
+verdict is keyed by, and the win rate evaluate reports."""
 from __future__ import annotations
 
 import pytest
 
-from instructflow.tasks.judge import JUDGE_DECODING, combine_orders, pairwise_judge_prompt, parse_pairwise_verdict
+from instructflow.tasks import judge
+from instructflow.tasks.judge import (JUDGE_DECODING, combine_orders, judge_requests, pairwise_judge_prompt,
+                                      parse_pairwise_verdict, win_rate)
 
 
 def test_prompt_puts_the_pair_last_in_order():
@@ -83,3 +86,30 @@ def test_parse_then_combine_end_to_end():
     ab = parse_pairwise_verdict("**Output (a)** is clearly better.")
     ba = parse_pairwise_verdict("Output (b)")
     assert combine_orders(ab, ba) == "x"
+
+
+def test_request_keys_name_the_judge_and_the_prompt_version(monkeypatch):
+    pair = ("Name a prime number.", "Seven.", "Eight.")
+    ab, ba = judge_requests("judge-one", *pair)
+    assert (ab.key, ba.key) == tuple(r.key for r in judge_requests("judge-one", *pair))   # stable across runs
+    assert ab.key.endswith(":ab") and ba.key.endswith(":ba") and ab.key[:-3] == ba.key[:-3]
+    assert not {ab.key, ba.key} & {r.key for r in judge_requests("judge-two", *pair)}      # another judge asks again
+    assert ab.prompt == pairwise_judge_prompt(*pair) and ba.prompt == pairwise_judge_prompt(pair[0], pair[2], pair[1])
+    monkeypatch.setattr(judge, "JUDGE_PROMPT_VERSION", "edited")   # a changed prompt asks again too
+    assert judge_requests("judge-one", *pair)[0].key != ab.key
+
+
+@pytest.mark.parametrize("outcomes, rate", [
+    (["ppo", "ppo", "sft", "sft"], 0.5),
+    (["ppo", "ppo", "ppo", "sft"], 0.75),
+    (["ppo", "tie"], 0.75),                                # a tie is half a win
+    (["tie", "tie", "tie"], 0.5),
+    (["sft", "disagree", "invalid", None], 0.0),           # only prompts both orders agreed on are judged
+    (["ppo", "disagree", "disagree", "disagree"], 1.0),
+    (["disagree", "invalid"], None),                       # nothing judged: no rate, not 0
+    ([], None),
+])
+def test_win_rate(outcomes, rate):
+    assert win_rate(outcomes, "ppo") == rate
+    if rate is not None:
+        assert win_rate(outcomes, "sft") == pytest.approx(1 - rate)   # the two sides' rates add up to one

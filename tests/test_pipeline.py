@@ -3,9 +3,15 @@ does nothing, a seed edit reruns exactly filter and what follows, artifacts are 
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import pytest
 
 from cliutil import cli
 from instructflow.flows.common import close_warehouses, warehouse_for
+from instructflow.warehouse import queries
+
+pytestmark = pytest.mark.slow  # starts a server, Prefect, or trains
 
 STAGES = ["generate", "filter", "sft", "preferences", "reward", "ppo", "evaluate"]
 
@@ -33,6 +39,7 @@ def test_pipeline_end_to_end_rerun_and_seed_edit(seeded_home):
     from prefect.settings import PREFECT_API_URL
 
     home, config, seeds = seeded_home
+    config.write_text(config.read_text() + "[profiles.t.evaluate]\nholdout_reward = true\n")
     results = pipeline(profile="t", home=str(home), config=str(config))
     assert list(results) == STAGES
     wh = warehouse_for(home)
@@ -42,6 +49,15 @@ def test_pipeline_end_to_end_rerun_and_seed_edit(seeded_home):
     for kind in ("sft", "reward", "ppo_policy", "ppo_value"):
         assert wh.latest_checkpoint(kind) is not None, kind
     assert results["evaluate"]["prompts"] > 0 and results["ppo"]["steps"] > 0
+    # evaluate.holdout_reward: a second RM trained on exactly the pairs the first one held out, scored
+    # side by side with the first
+    evaluate, reward = results["evaluate"], results["reward"]
+    assert evaluate["rm_holdout_train_pairs"] == reward["eval_pairs"] > 0 and reward["train_pairs"] > 0
+    assert reward["train_pairs"] + evaluate["rm_holdout_train_pairs"] == len(queries.training_pairs(wh))
+    assert evaluate["rm_holdout_checkpoint"] != reward["checkpoint"]
+    assert all(isinstance(evaluate[k], float) for k in ("rm_score_sft", "rm_score_ppo", "rm_holdout_score_sft",
+                                                         "rm_holdout_score_ppo", "rm_holdout_accuracy"))
+    assert evaluate["rm_holdout_score_sft"] != evaluate["rm_score_sft"]   # another model, not a copy of the first
     cfg = load_config("t", config)
     assert {e["state"] for e in stage_status(cfg, home, wh)["stages"].values()} == {"fresh"}
 
@@ -58,6 +74,7 @@ def test_pipeline_end_to_end_rerun_and_seed_edit(seeded_home):
     done = cli("run", "--profile", "t", "--config", str(config), home=home, PREFECT_API_URL=PREFECT_API_URL.value())
     assert done.returncode == 0, done.stderr[-3000:]
     assert "kept instructions" in done.stdout and "PPO-vs-SFT win rate" in done.stdout
+    assert "RM score SFT" in done.stdout and "held-out RM score SFT" in done.stdout
     assert f"report: {home / 'report.html'}" in done.stdout and "instructflow dashboard" in done.stdout
     assert "<h2>evaluate</h2>" in (home / "report.html").read_text()
     wh = warehouse_for(home)
@@ -79,4 +96,29 @@ def test_pipeline_end_to_end_rerun_and_seed_edit(seeded_home):
     assert rows["generate"] == "skipped"
     assert rows["filter"] == "success" and rows["sft"] == "success"
     assert {rows[s] for s in STAGES[2:]} == {"success"}
+    assert {e["state"] for e in stage_status(cfg, home, wh)["stages"].values()} == {"fresh"}
+
+    # `stage ppo --force --downstream` after an evaluate-only config edit: ppo retrains from scratch
+    # (its finished run folder is discarded), then of the stages after it only the stale one runs
+    text = config.read_text()
+    header = "[profiles.t.evaluate]\n"
+    config.write_text(text.replace(header, header + "judge = false\n") if header in text else
+                      text + header + "judge = false\n")
+    policy = Path(wh.latest_checkpoint("ppo_policy")["path"])
+    [run_dir] = [d for d in (home / "stages" / "ppo").glob("run-*") if d in policy.parents]   # the current one
+    (run_dir / "left-by-the-test").write_text("a forced rerun discards this folder")
+    runs_before = {s: wh.scalar("SELECT count(*) FROM stage_runs WHERE stage = ?", [s]) for s in STAGES}
+    close_warehouses()
+    done = cli("stage", "ppo", "--force", "--downstream", "--profile", "t", "--config", str(config), home=home,
+               PREFECT_API_URL=PREFECT_API_URL.value())
+    assert done.returncode == 0, done.stderr[-3000:]
+    wh = warehouse_for(home)
+    runs_after = {s: wh.scalar("SELECT count(*) FROM stage_runs WHERE stage = ?", [s]) for s in STAGES}
+    assert {s: runs_after[s] - runs_before[s] for s in STAGES} == {**{s: 0 for s in STAGES}, "ppo": 1, "evaluate": 1}
+    assert not (run_dir / "left-by-the-test").exists()
+    ppo = wh.last_stage_run("ppo")
+    assert ppo.status == "success" and ppo.metrics["resumed_from"] is None and ppo.metrics["steps"] > 0
+    evaluate = wh.last_stage_run("evaluate")
+    assert evaluate.status == "success" and evaluate.metrics["judged"] == 0   # the edited config, judge off
+    cfg = load_config("t", config)
     assert {e["state"] for e in stage_status(cfg, home, wh)["stages"].values()} == {"fresh"}

@@ -24,9 +24,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, LlamaForSequenceClassification
 
 from instructflow.models.bundled import ensure_bundled_hf_dir
-from instructflow.models.ppo import METRIC_NAMES, PPOInputError, PPOSettings, last_complete_round, train_ppo
+from instructflow.models.ppo import PPOInputError, last_complete_round, train_ppo
 from instructflow.models.sampling import generate_responses
 from instructflow.models.tiny import build_tiny_llama
+from instructflow.tasks.config import PPOConfig
 
 WORDS = [" yes", " no", " red", " blue", " cat", " dog", " one", " two"]
 PROMPTS = [f"<|im_start|>user\nQuestion {i}: pick a word.<|im_end|>\n<|im_start|>assistant\n" for i in range(16)]
@@ -68,22 +69,26 @@ def models(tmp_path_factory) -> tuple[Path, Path]:
     return root / "policy", root / "reward"
 
 
-def settings(policy: Path, reward: Path, out: Path, **overrides) -> PPOSettings:
+def settings(policy: Path, reward: Path, out: Path, **overrides) -> dict:
+    """train_ppo's keyword arguments: the ppo section, the policy and reward models, the output dir."""
     base = dict(total_episodes=16, batch_size=4, num_ppo_epochs=1, response_length=4, learning_rate=1e-3,
                 save_every_steps=2, seed=7)
-    return PPOSettings(policy_model=policy, reward_model=reward, output_dir=out, **{**base, **overrides})
+    return {"cfg": PPOConfig(**{**base, **overrides}), "policy_model": policy, "reward_model": reward,
+            "output_dir": out}
 
 
 def weights(model) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
+@pytest.mark.slow
 def test_rounds_save_policy_and_value_and_a_crashed_run_resumes_exactly(models, tmp_path):
     policy_dir, reward_dir = models
 
     # 1. uninterrupted: 4 updates of 4 episodes, a round every 2 updates
     seen: list[tuple[int, dict]] = []
-    result = train_ppo(PROMPTS, settings(policy_dir, reward_dir, tmp_path / "a"), on_step=lambda s, m: seen.append((s, m)))
+    result = train_ppo(PROMPTS, **settings(policy_dir, reward_dir, tmp_path / "a"),
+                       on_step=lambda s, m: seen.append((s, m)))
     assert [s for s, _ in seen] == [1, 2, 3, 4]
     assert all(STEP_KEYS <= m.keys() and all(isinstance(v, float) for v in m.values()) for _, m in seen)
     assert [m["episodes"] for _, m in seen] == [4.0, 8.0, 12.0, 16.0]
@@ -118,13 +123,13 @@ def test_rounds_save_policy_and_value_and_a_crashed_run_resumes_exactly(models, 
             raise KeyboardInterrupt("simulated crash")
 
     with pytest.raises(KeyboardInterrupt):
-        train_ppo(PROMPTS, settings(policy_dir, reward_dir, tmp_path / "b"), on_step=crash_at_3)
+        train_ppo(PROMPTS, **settings(policy_dir, reward_dir, tmp_path / "b"), on_step=crash_at_3)
     assert [p.name for p in (tmp_path / "b" / "rounds").iterdir()] == ["round-000002"]
     assert not (tmp_path / "b" / "final").exists()
 
     # 3. ... and rerun: continues at step 3 from round 2, replaying exactly what the uninterrupted run did
     resumed: list[tuple[int, dict]] = []
-    again = train_ppo(PROMPTS, settings(policy_dir, reward_dir, tmp_path / "b"),
+    again = train_ppo(PROMPTS, **settings(policy_dir, reward_dir, tmp_path / "b"),
                       on_step=lambda s, m: resumed.append((s, m)))
     assert again["resumed_from"] == str(tmp_path / "b" / "rounds" / "round-000002")
     assert [s for s, _ in resumed] == [3, 4]
@@ -137,15 +142,16 @@ def test_rounds_save_policy_and_value_and_a_crashed_run_resumes_exactly(models, 
                           weights(final_policy), atol=1e-6)
 
     # 4. a third call has nothing left to do
-    done = train_ppo(PROMPTS, settings(policy_dir, reward_dir, tmp_path / "b"), on_step=crash_at_3)
+    done = train_ppo(PROMPTS, **settings(policy_dir, reward_dir, tmp_path / "b"), on_step=crash_at_3)
     assert done["updates_this_run"] == 0 and done["steps"] == 4 and done["episodes"] == 16
     assert done["resumed_from"].endswith("round-000004")
 
 
+@pytest.mark.slow
 def test_policy_learns_to_end_with_the_rewarded_word(models, tmp_path):
     policy_dir, reward_dir = models
     rewards: list[float] = []
-    result = train_ppo(PROMPTS, settings(policy_dir, reward_dir, tmp_path / "run", total_episodes=48, batch_size=8,
+    result = train_ppo(PROMPTS, **settings(policy_dir, reward_dir, tmp_path / "run", total_episodes=48, batch_size=8,
                                          num_ppo_epochs=4, response_length=2, learning_rate=3e-3,
                                          save_every_steps=3, seed=3),
                        on_step=lambda s, m: rewards.append(m["reward"]))
@@ -161,9 +167,10 @@ def test_policy_learns_to_end_with_the_rewarded_word(models, tmp_path):
     assert yes_rate(result["policy_checkpoint"]) > yes_rate(policy_dir) + 0.2
 
 
+@pytest.mark.slow
 def test_lora_with_gradient_checkpointing_saves_merged_plain_models(models, tmp_path):
     policy_dir, reward_dir = models
-    result = train_ppo(PROMPTS[:3], settings(policy_dir, reward_dir, tmp_path / "lora", total_episodes=8,
+    result = train_ppo(PROMPTS[:3], **settings(policy_dir, reward_dir, tmp_path / "lora", total_episodes=8,
                                              save_every_steps=1, lora=True, lora_r=4, gradient_checkpointing=True,
                                              precision="bf16", keep_rounds=1))
     assert result["steps"] == 2 and result["prompts_used"] == 3  # 3 prompts are repeated to fill a batch of 4
@@ -194,18 +201,19 @@ def test_last_complete_round_ignores_partial_rounds(tmp_path):
     assert found.step == 4 and found.episodes == 16 and found.path == tmp_path / "round-000004"
 
 
+@pytest.mark.slow
 def test_bad_input_raises_ppo_input_error_naming_the_field(models, tmp_path):
     policy_dir, reward_dir = models
-    with pytest.raises(PPOInputError, match="PPOSettings.reward_model: .* not a model dir"):
-        train_ppo(PROMPTS, settings(policy_dir, tmp_path / "missing", tmp_path / "out"))
+    with pytest.raises(PPOInputError, match="reward_model .* is not a model dir"):
+        train_ppo(PROMPTS, **settings(policy_dir, tmp_path / "missing", tmp_path / "out"))
     with pytest.raises(PPOInputError, match="none of the 0 prompts"):
-        train_ppo([], settings(policy_dir, reward_dir, tmp_path / "out"))
+        train_ppo([], **settings(policy_dir, reward_dir, tmp_path / "out"))
     with pytest.raises(PPOInputError, match="none of the 2 prompts .*max_prompt_length=3"):
-        train_ppo(PROMPTS[:2], settings(policy_dir, reward_dir, tmp_path / "out", max_prompt_length=3))
-    with pytest.raises(PPOInputError, match="total_episodes: 10 is not a multiple .* 4"):
-        train_ppo(PROMPTS, settings(policy_dir, reward_dir, tmp_path / "out", total_episodes=10))
-    with pytest.raises(PPOInputError, match="PPOSettings.precision"):
-        train_ppo(PROMPTS, settings(policy_dir, reward_dir, tmp_path / "out", precision="fp8"))
+        train_ppo(PROMPTS[:2], **settings(policy_dir, reward_dir, tmp_path / "out", max_prompt_length=3))
+    with pytest.raises(PPOInputError, match=r"ppo.total_episodes must be a multiple of .* \(= 4\), got 10"):
+        train_ppo(PROMPTS, **settings(policy_dir, reward_dir, tmp_path / "out", total_episodes=10))
+    with pytest.raises(PPOInputError, match="ppo.precision must be one of auto, fp32, bf16, got 'fp8'"):
+        train_ppo(PROMPTS, **settings(policy_dir, reward_dir, tmp_path / "out", precision="fp8"))
 
     pads_with_eos = tmp_path / "pads-with-eos"
     shutil.copytree(policy_dir, pads_with_eos)
@@ -213,17 +221,13 @@ def test_bad_input_raises_ppo_input_error_naming_the_field(models, tmp_path):
     tokenizer.pad_token = tokenizer.eos_token
     tokenizer.save_pretrained(pads_with_eos)
     with pytest.raises(PPOInputError, match="pads with eos"):
-        train_ppo(PROMPTS, settings(pads_with_eos, reward_dir, tmp_path / "out"))
+        train_ppo(PROMPTS, **settings(pads_with_eos, reward_dir, tmp_path / "out"))
 
     other_vocab = tmp_path / "other-vocab"
     shutil.copytree(reward_dir, other_vocab)
     tokenizer = AutoTokenizer.from_pretrained(reward_dir)
     tokenizer.add_tokens(["<|brand-new|>"])
     tokenizer.save_pretrained(other_vocab)
-    with pytest.raises(PPOInputError, match="PPOSettings.reward_model: .* tokenizer differs"):
-        train_ppo(PROMPTS, settings(policy_dir, other_vocab, tmp_path / "out"))
+    with pytest.raises(PPOInputError, match="reward_model .* tokenizer differs"):
+        train_ppo(PROMPTS, **settings(policy_dir, other_vocab, tmp_path / "out"))
     assert not (tmp_path / "out").exists()  # nothing was started
-
-
-def test_metric_names_cover_the_step_keys():
-    assert STEP_KEYS - {"episodes"} <= METRIC_NAMES.keys()

@@ -288,3 +288,40 @@ def test_parse_then_clean_end_to_end():
     text = "Class label: Spam\nInput: WIN A PRIZE NOW\nClass label: Not spam\nInput: See you at lunch.\nClass label:"
     assert recipes.clean_instances(recipes.parse_instances(text, True)) == [
         ("WIN A PRIZE NOW", "Spam"), ("See you at lunch.", "Not spam")]
+
+
+# --- chat-native instances (generate.instance_prompt = "chat") ------------------------------------------
+
+def test_chat_instance_prompts_ask_for_the_input_then_send_the_task():
+    asked = recipes.chat_input_prompt("Find the main verb in\nthe sentence.")
+    assert "Find the main verb in the sentence." in asked and "write None" in asked
+    assert recipes.chat_output_prompt("Find the main verb in the sentence.", " The cat sat. ") == \
+        "Find the main verb in the sentence.\n\nThe cat sat."
+    assert recipes.chat_output_prompt("Suggest a name for a bakery.", "") == "Suggest a name for a bakery."
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("The cat chased the mouse across the yard.", "The cat chased the mouse across the yard."),
+    ('"I loved every minute of it."\n\nThis input is a review.', "I loved every minute of it."),
+    ("Here is an example input:\n\n3, 17, 8, 12", "3, 17, 8, 12"),               # preamble line skipped
+    ("**Input:** 25 C\n**Output:** 77 F", "25 C"),                              # labelled: up to Output:
+    ("Task: Provide tips.\n\nInput: Studying for a test\nOutput: Sleep well.", "Studying for a test"),
+    ("None", ""), ("None.", ""), ("N/A", ""), ("", ""), ("   \n\n ", ""),
+    ("The task is to classify this sentence as a question or statement.", ""),  # talk about the task
+    ("This task asks for a summary.", ""),
+    ("I'm here to help you craft a grammatically correct sentence.", ""),       # the assistant talking
+    ("The text, sentence, list or question the assistant would work on.", ""),  # the request echoed
+])
+def test_parse_chat_input(reply, expected):
+    assert recipes.parse_chat_input(reply) == expected
+
+
+def test_parse_chat_output_cuts_a_truncated_reply_at_its_last_sentence():
+    assert recipes.parse_chat_output("  Set a schedule. Take breaks.  ", "stop") == "Set a schedule. Take breaks."
+    assert recipes.parse_chat_output("Set a schedule. Take breaks. Also it is easy to get caught", "length") == \
+        "Set a schedule. Take breaks."
+    assert recipes.parse_chat_output("An answer with 3.5 in it and no end", "length") == ""
+    assert recipes.parse_chat_output("Done!", "length") == "Done!"
+    # what clean_instances then keeps: one instance, unless the output is empty or repeats the input
+    assert recipes.clean_instances([("x", recipes.parse_chat_output("cut off", "length"))]) == []
+    assert recipes.clean_instances([("", "The Daily Grind")]) == [("", "The Daily Grind")]

@@ -16,6 +16,8 @@ import pytest
 
 from cliutil import cli, cli_env, cli_popen, exe
 
+pytestmark = pytest.mark.slow  # starts a server, Prefect, or trains
+
 
 def python(code: str, env: dict, timeout: int = 120) -> subprocess.CompletedProcess:
     """A fresh interpreter: the test process has imported prefect already, with its own settings."""

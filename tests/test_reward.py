@@ -11,8 +11,11 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaForSequenceClassification
 
 from instructflow.models.bundled import ensure_bundled_hf_dir
-from instructflow.models.reward import RewardInputError, RewardSettings, score, train_reward
+from instructflow.models.reward import RewardInputError, score, train_reward
 from instructflow.models.tiny import build_tiny_llama
+from instructflow.tasks.config import RewardConfig
+
+pytestmark = pytest.mark.slow  # starts a server, Prefect, or trains
 
 WORDS = "apple river stone cloud paper green quick table window music garden silver".split()
 
@@ -44,16 +47,16 @@ def keyword_pairs(n: int, seed: int = 0) -> list[dict]:
     return pairs
 
 
-def settings(tiny: Path, out: Path, **overrides) -> RewardSettings:
-    values = dict(sft_model=tiny, output_dir=out, max_length=64, max_steps=16, learning_rate=3e-3, batch_size=8,
-                  eval_steps=8, save_steps=8, seed=0)
-    return RewardSettings(**{**values, **overrides})
+def settings(tiny: Path, out: Path, **overrides) -> dict:
+    """train_reward's keyword arguments: the reward section, SFT model and output dir."""
+    values = dict(max_length=64, max_steps=16, learning_rate=3e-3, batch_size=8, eval_steps=8, save_steps=8, seed=0)
+    return {"cfg": RewardConfig(**{**values, **overrides}), "sft_model": tiny, "output_dir": out}
 
 
 def test_reward_model_learns_a_keyword_preference(tiny, tmp_path):
     pairs = keyword_pairs(80)
     logged: list[tuple[int, dict]] = []
-    metrics = train_reward(pairs[:64], pairs[64:], settings(tiny, tmp_path / "rm"),
+    metrics = train_reward(pairs[:64], pairs[64:], **settings(tiny, tmp_path / "rm"),
                            on_step=lambda s, v: logged.append((s, v)))
     assert metrics["train_pairs"] == 64 and metrics["eval_pairs"] == 16 and metrics["dropped_pairs"] == 0
     assert metrics["accuracy_before"] <= 0.75  # the random head cannot tell the keywords apart yet
@@ -81,7 +84,7 @@ def test_reward_model_learns_a_keyword_preference(tiny, tmp_path):
     assert sum(c > r for c, r in zip(chosen, rejected)) / 16 == metrics["accuracy_after"]
     assert sum(c - r for c, r in zip(chosen, rejected)) / 16 == pytest.approx(metrics["margin_after"], abs=1e-5)
 
-    again = train_reward(pairs[:64], pairs[64:], settings(tiny, tmp_path / "rm"))
+    again = train_reward(pairs[:64], pairs[64:], **settings(tiny, tmp_path / "rm"))
     assert again["reused"] is True and again["accuracy_after"] == metrics["accuracy_after"]
 
 
@@ -119,10 +122,11 @@ def test_reward_resumes_and_lora_merges(tiny, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_reward(pairs[:16], pairs[16:], settings(tiny, out, max_steps=4, save_steps=2, lora=True, lora_r=4),
+        train_reward(pairs[:16], pairs[16:], **settings(tiny, out, max_steps=4, save_steps=2, lora=True, lora_r=4),
                      on_step=stop_at_step_3)
     steps: list[int] = []
-    metrics = train_reward(pairs[:16], pairs[16:], settings(tiny, out, max_steps=4, save_steps=2, lora=True, lora_r=4),
+    metrics = train_reward(pairs[:16], pairs[16:],
+                           **settings(tiny, out, max_steps=4, save_steps=2, lora=True, lora_r=4),
                            on_step=lambda s, v: steps.append(s))
     assert metrics["resumed_from"] == str(out / "checkpoints" / "checkpoint-2")
     assert steps[0] == 3 and metrics["steps"] == 4 and metrics["lora"] == "lora"
@@ -142,11 +146,11 @@ def test_bad_input_is_one_clear_line(case, message, tiny, tmp_path):
     if case == "empty train":
         train = []
     elif case == "missing sft model":
-        s.sft_model = tmp_path / "nope"
+        s["sft_model"] = tmp_path / "nope"
     elif case == "missing field":
         train = [{"prompt": "p", "chosen": "c"}]
     elif case == "too long":
-        s.max_length = 8
+        s["cfg"].max_length = 8
     with pytest.raises(RewardInputError, match=message) as info:
-        train_reward(train, [], s)
+        train_reward(train, [], **s)
     assert "\n" not in str(info.value)

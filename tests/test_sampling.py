@@ -12,6 +12,8 @@ from instructflow.models.bundled import ensure_bundled_hf_dir
 from instructflow.models.sampling import generate_responses
 from instructflow.models.tiny import build_tiny_llama
 
+pytestmark = pytest.mark.slow  # starts a server, Prefect, or trains
+
 PROMPTS = ["<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n",
            "<|im_start|>user\nWrite one word.<|im_end|>\n<|im_start|>assistant\n",
            "Hello"]

@@ -17,6 +17,8 @@ import pytest
 from cliutil import cli, cli_env, exe
 from instructflow.tasks.seeds import bundled_seed_dir
 
+pytestmark = pytest.mark.slow  # starts a server, Prefect, or trains
+
 # what the tests may shorten: the scheduler's loops and the runner's polling, not the schedules
 FAST_SCHEDULER = {"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5", "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
 # from the first `deploy`: server start (70 s seen on a loaded 2-core machine), registration, the

@@ -236,6 +236,7 @@ def test_a_seed_longer_than_the_limit_is_refused_with_file_and_line(tmp_path):
         load_seed_file(alpaca, max_chars=50)
 
 
+@pytest.mark.slow
 def test_generate_stage_refuses_an_oversized_seed_and_keeps_the_stored_seeds(seeded_home):
     from instructflow.flows.common import warehouse_for
     from instructflow.flows.filter import filter_flow
@@ -267,3 +268,22 @@ def test_content_hash_tracks_content_and_order_but_not_location(tmp_path):
     edited = load_seed_file(write(tmp_path / "two.jsonl", text.replace("Name a fruit.", "Name a fruit!")))
     assert seeds_content_hash(edited) != digest
     assert seeds_content_hash(list(reversed(tasks))) != digest
+
+
+def test_both_bundled_spellings_name_the_shipped_files(tmp_path):
+    from instructflow.flows.common import seed_paths
+    from instructflow.flows.preferences import resolve_import_files
+    from instructflow.tasks.config import load_config
+
+    config = tmp_path / "instructflow.toml"
+    config.write_text("[profiles.a]\ninherits = 'tiny'\nseeds = ['bundled']\n"
+                      "[profiles.b]\ninherits = 'tiny'\nseeds = ['bundled:seed_tasks.jsonl', '~/my-seeds.jsonl']\n"
+                      "[profiles.b.preferences]\nimport_files = ['bundled']\n")
+    short, canonical = load_config("a", config), load_config("b", config)
+    assert seed_paths(canonical)[0] == seed_paths(short)[0] and seed_paths(short)[0].is_file()
+    assert load_seeds(seed_paths(short)) == load_seeds(seed_paths(canonical)[:1])
+    assert seed_paths(canonical)[1] == Path.home() / "my-seeds.jsonl"
+    # the shipped preference sample, spelled either way
+    assert resolve_import_files(canonical.preferences.import_files) == \
+        resolve_import_files(["bundled:preferences_sample.jsonl"])
+    assert resolve_import_files(["bundled"])[0].is_file()

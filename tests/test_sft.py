@@ -12,9 +12,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from instructflow.models.bundled import ensure_bundled_hf_dir
-from instructflow.models.sft import SFTInputError, SFTSettings, main, train_sft, write_job
+from instructflow.models.sft import SFTInputError, main, train_sft, write_job
 from instructflow.models.tiny import build_tiny_llama
+from instructflow.tasks.config import SFTConfig
 from instructflow.tasks.sft_data import InstructionExample, to_prompt_completion
+
+pytestmark = pytest.mark.slow  # starts a server, Prefect, or trains
 
 COLORS = ["red", "green", "blue", "yellow", "black", "white", "pink", "gray"]
 
@@ -33,10 +36,11 @@ def rows(tiny) -> list[dict]:
                                                     "seed"), "alpaca", tokenizer) for i in range(40)]
 
 
-def settings(tiny: Path, out: Path, **overrides) -> SFTSettings:
-    values = dict(base_model=tiny, output_dir=out, max_length=96, max_steps=8, learning_rate=5e-3, batch_size=4,
-                  warmup_ratio=0.0, lr_scheduler="constant", eval_steps=4, save_steps=2, seed=0)
-    return SFTSettings(**{**values, **overrides})
+def settings(tiny: Path, out: Path, **overrides) -> dict:
+    """train_sft's keyword arguments: the sft section, base model and output dir."""
+    values = dict(max_length=96, max_steps=8, learning_rate=5e-3, batch_size=4, warmup_ratio=0.0,
+                  lr_scheduler="constant", eval_steps=4, save_steps=2, seed=0)
+    return {"cfg": SFTConfig(**{**values, **overrides}), "base_model": tiny, "output_dir": out}
 
 
 def completion_loss(model_dir: Path, rows: list[dict], leak_previous_row: bool = False) -> float:
@@ -87,7 +91,7 @@ def test_sft_learns_checkpoints_and_resumes_after_an_interrupt(tiny, rows, tmp_p
             raise Interrupt()
 
     with pytest.raises(Interrupt):
-        train_sft(rows[:36], rows[36:], settings(tiny, out), on_step=stop_at_step_5)
+        train_sft(rows[:36], rows[36:], **settings(tiny, out), on_step=stop_at_step_5)
     assert (out / "checkpoints" / "checkpoint-4" / "trainer_state.json").is_file()
     assert not (out / "final").exists()
     # a checkpoint killed mid-save (no trainer_state.json yet) must be ignored and cleaned up
@@ -96,7 +100,7 @@ def test_sft_learns_checkpoints_and_resumes_after_an_interrupt(tiny, rows, tmp_p
     (partial / "config.json").write_text("{}")
 
     second_run: list[tuple[int, dict]] = []
-    metrics = train_sft(rows[:36], rows[36:], settings(tiny, out), on_step=lambda s, v: second_run.append((s, v)))
+    metrics = train_sft(rows[:36], rows[36:], **settings(tiny, out), on_step=lambda s, v: second_run.append((s, v)))
     assert metrics["resumed_from"] == str(out / "checkpoints" / "checkpoint-4")
     assert not partial.exists()
     assert second_run[0][0] == 5 and "loss" in second_run[0][1]  # the global step continues, no step 0 re-eval
@@ -123,10 +127,10 @@ def test_sft_learns_checkpoints_and_resumes_after_an_interrupt(tiny, rows, tmp_p
     assert json.loads((final / "metrics.json").read_text())["eval_loss_after"] == metrics["eval_loss_after"]
 
     # finished: a rerun returns the stored metrics without training; other data in the same dir is refused
-    again = train_sft(rows[:36], rows[36:], settings(tiny, out), on_step=lambda s, v: pytest.fail("trained again"))
+    again = train_sft(rows[:36], rows[36:], **settings(tiny, out), on_step=lambda s, v: pytest.fail("trained again"))
     assert again["reused"] is True and again["eval_loss_after"] == metrics["eval_loss_after"]
     with pytest.raises(SFTInputError, match="trained with other settings or data"):
-        train_sft(rows[:30], rows[36:], settings(tiny, out))
+        train_sft(rows[:30], rows[36:], **settings(tiny, out))
 
 
 def test_packed_lora_run_has_the_exact_unpacked_loss_and_saves_a_merged_llama(tiny, rows, tmp_path):
@@ -134,9 +138,9 @@ def test_packed_lora_run_has_the_exact_unpacked_loss_and_saves_a_merged_llama(ti
     isolated = completion_loss(base_dir, rows[36:])
     assert abs(completion_loss(base_dir, rows[36:], leak_previous_row=True) - isolated) > 1e-3 * isolated  # 10x the tolerance below
 
-    metrics = train_sft(rows[:36], rows[36:], settings(base_dir, tmp_path / "packed", packing=True, lora=True,
-                                                       max_steps=2, max_length=192, lora_r=4, lora_alpha=8, lora_dropout=0.0,
-                                                       learning_rate=2e-2))
+    metrics = train_sft(rows[:36], rows[36:], **settings(base_dir, tmp_path / "packed", packing=True, lora=True,
+                                                         max_steps=2, max_length=192, lora_r=4, lora_alpha=8,
+                                                         learning_rate=2e-2))
     # bfd packing on sdpa: 4 eval rows share 2 packed rows of 192 tokens but not attention (and a fresh
     # LoRA adapter changes nothing yet), so the loss is the isolated one, not the leaky one
     assert metrics["packing"] == "bfd" and metrics["lora"] == "lora"
@@ -157,7 +161,7 @@ def test_job_file_entry_point_with_empty_eval_and_truncation(tiny, rows, tmp_pat
     long_row = {"prompt": rows[0]["prompt"], "completion": "blue " * 80}       # cut at max_length
     huge_prompt = {"prompt": "word " * 200, "completion": "red"}                 # no completion left: dropped
     job = write_job(tmp_path / "job.json", rows[:6] + [long_row, huge_prompt], [],
-                    settings(tiny, tmp_path / "cli", max_steps=1, eval_steps=10, save_steps=10))
+                    **settings(tiny, tmp_path / "cli", max_steps=1, eval_steps=10, save_steps=10))
     assert main(["--job", str(job)]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["eval_on_train"] is True and metrics["eval_examples"] == 0 and metrics["train_examples"] == 8
@@ -169,7 +173,7 @@ def test_two_process_data_parallel_launch(tiny, rows, tmp_path):
     """What `accelerate launch --config_file models/accelerate/ddp.yaml -m instructflow.models.sft` does on
     GPUs, here with torchrun and gloo on the CPU: two ranks, one shared output dir, rank 0 writes."""
     job = write_job(tmp_path / "job.json", rows[:16], rows[36:],
-                    settings(tiny, tmp_path / "ddp", max_steps=2, eval_steps=10, save_steps=2))
+                    **settings(tiny, tmp_path / "ddp", max_steps=2, eval_steps=10, save_steps=2))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "instructflow.models.sft", "--job", str(job)],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -190,40 +194,40 @@ def test_two_process_data_parallel_launch(tiny, rows, tmp_path):
     ("not a string", r"eval\[0\]\.prompt: expected a string, got int"),
     ("qlora on cpu", "qlora=True needs a CUDA GPU"),
     ("fp16 on cpu", "precision='fp16' needs a CUDA GPU"),
-    ("bad precision", "precision='fp8': expected auto, fp32, bf16 or fp16"),
+    ("bad precision", "sft.precision must be one of auto, fp32, bf16, fp16, got 'fp8'"),
     ("prompts too long", "every train prompt is >= max_length=8 tokens"),
     ("foreign output dir", "holds a run with other settings or data"),
-    ("unknown job setting", "SFTSettings: unknown setting"),
+    ("unknown job setting", r"job\.json: sft\.learning_rat: unknown key \(did you mean learning_rate\?\)"),
 ])
 def test_bad_input_is_one_clear_line(case, message, tiny, rows, tmp_path):
     train, held_out, s = rows[:4], rows[36:], settings(tiny, tmp_path / "out")
     if case == "empty train":
         train = []
     elif case == "missing base":
-        s.base_model = tmp_path / "nope"
+        s["base_model"] = tmp_path / "nope"
     elif case == "missing field":
         train = [rows[0], {"prompt": "x"}]
     elif case == "not a string":
         held_out = [{"prompt": 3, "completion": "x"}]
     elif case == "qlora on cpu":
-        s.qlora = True
+        s["cfg"].qlora = True
     elif case == "fp16 on cpu":
-        s.precision = "fp16"
+        s["cfg"].precision = "fp16"
     elif case == "bad precision":
-        s.precision = "fp8"
+        s["cfg"].precision = "fp8"
     elif case == "prompts too long":
-        s.max_length = 8
+        s["cfg"].max_length = 8
     elif case == "foreign output dir":
-        s.output_dir.mkdir(parents=True)
-        (s.output_dir / "run.json").write_text(json.dumps({"fingerprint": "another job"}))
+        s["output_dir"].mkdir(parents=True)
+        (s["output_dir"] / "run.json").write_text(json.dumps({"fingerprint": "another job"}))
     with pytest.raises(SFTInputError, match=message) as info:
         if case == "unknown job setting":
-            job = write_job(tmp_path / "job.json", train, held_out, s)
+            job = write_job(tmp_path / "job.json", train, held_out, **s)
             data = json.loads(job.read_text())
-            data["settings"]["learning_rat"] = 1.0
+            data["sft"]["learning_rat"] = 1.0
             job.write_text(json.dumps(data))
             main(["--job", str(job)])
         else:
-            train_sft(train, held_out, s)
+            train_sft(train, held_out, **s)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "out" / "final").exists()

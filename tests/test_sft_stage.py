@@ -12,6 +12,8 @@ from instructflow.flows.common import data_home, warehouse_for
 from instructflow.tasks.seeds import bundled_seed_dir, load_seeds
 from instructflow.warehouse import queries
 
+pytestmark = pytest.mark.slow  # starts a server, Prefect, or trains
+
 
 def test_accelerate_launcher_trains_on_two_processes(home, tmp_path, prefect_api):
     from transformers import AutoModelForCausalLM

@@ -74,6 +74,7 @@ def check_ok(result: TeacherResult, request: TeacherRequest, model: str) -> None
     assert result.prompt_hash == prompt_hash(model, request.prompt, request.params)
 
 
+@pytest.mark.slow
 def test_chat_round_trip_with_accounting(server):
     prices = {server.model_name: (1.0, 2.0)}
     client = TeacherClient(make_settings(server, prices=prices))
@@ -83,13 +84,8 @@ def test_chat_round_trip_with_accounting(server):
     for result, request in zip(results, batch):
         check_ok(result, request, server.model_name)
         assert result.price_known
-        assert result.cost_usd == pytest.approx((result.prompt_tokens * 1.0 + result.completion_tokens * 2.0) / 1e6)
-    assert client.stats == {
-        "requests": 3, "failed": 0, "retries": 0, "unpriced": 0,
-        "prompt_tokens": sum(r.prompt_tokens for r in results),
-        "completion_tokens": sum(r.completion_tokens for r in results),
-        "cost_usd": pytest.approx(sum(r.cost_usd for r in results)),
-    }
+        assert result.cost_usd > 0   # priced from the table (its arithmetic: test_cost_from_price_table)
+    assert all(r.attempts == 1 and r.prompt_tokens > 0 and r.completion_tokens > 0 for r in results)
     # the system prompt is really sent: a longer one costs more prompt tokens (SmolLM2's template
     # inserts its own default system prompt when none is given, so compare two of ours)
     short, long = ("Be terse.", "Be terse. " * 30)
@@ -98,6 +94,7 @@ def test_chat_round_trip_with_accounting(server):
     assert short_r.ok and long_r.ok and long_r.prompt_tokens >= short_r.prompt_tokens + 60
 
 
+@pytest.mark.slow
 def test_completions_round_trip(server):
     client = TeacherClient(make_settings(server, api="completions"))
     batch = requests(2, {"max_tokens": 8, "temperature": 0.7, "stop": ["\n\n"], "seed": 3})
@@ -106,9 +103,10 @@ def test_completions_round_trip(server):
         check_ok(result, request, server.model_name)
     chat = TeacherClient(make_settings(server)).run_all(batch[:1])[0]
     assert results[0].prompt_tokens < chat.prompt_tokens  # raw prompt, no chat template around it
-    assert not results[0].price_known and results[0].cost_usd == 0 and client.stats["unpriced"] == 2
+    assert not any(r.price_known for r in results) and all(r.cost_usd == 0 for r in results)
 
 
+@pytest.mark.slow
 def test_run_all_twice_and_async_reuse(server):
     """run_all makes its own event loop each time; the client must not keep a pool from a closed loop."""
     client = TeacherClient(make_settings(server))
@@ -121,9 +119,11 @@ def test_run_all_twice_and_async_reuse(server):
         finally:
             await client.aclose()
 
-    assert all(r.ok for r in asyncio.run(go())) and client.stats["requests"] == 5
+    again = asyncio.run(go())
+    assert len(again) == 3 and all(r.ok for r in again)
 
 
+@pytest.mark.slow
 def test_n_above_one_is_ignored_by_transformers_serve(server, caplog):
     """Observed behaviour we rely on callers knowing: the server drops `n` and answers one choice; we warn."""
     caplog.set_level(logging.WARNING, logger="instructflow.tasks.teacher")
@@ -132,6 +132,7 @@ def test_n_above_one_is_ignored_by_transformers_serve(server, caplog):
     assert "1 choice(s) for n=2" in caplog.text
 
 
+@pytest.mark.slow
 def test_endpoint_rejections_fail_at_once_with_the_servers_reason(server):
     wrong_model = TeacherClient(TeacherSettings(base_url=server.base_url, model="not-the-served-model",
                                                 **FAST_BACKOFF)).run_all(requests(1))[0]
@@ -144,6 +145,7 @@ def test_endpoint_rejections_fail_at_once_with_the_servers_reason(server):
 
 # ---- faults ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_transient_faults_are_retried_and_counted(server):
     schedule = ["429", "500", "503", "timeout", "reset"]
     retried: list[tuple[str, int, str]] = []
@@ -158,8 +160,7 @@ def test_transient_faults_are_retried_and_counted(server):
     injected = len(schedule)
     assert proxy.counts == {"429": 1, "500": 1, "503": 1, "timeout": 1, "reset": 1, "pass": 4}
     assert sum(r.attempts for r in results) == proxy.requests == 4 + injected
-    assert client.stats["retries"] == len(retried) == injected
-    assert client.stats["requests"] == 4 and client.stats["failed"] == 0
+    assert sum(r.attempts - 1 for r in results) == len(retried) == injected
     errors = " | ".join(error for _, _, error in retried)
     for expected in ("HTTP 429", "HTTP 500", "HTTP 503", "timeout after 2s", "connection error"):
         assert expected in errors
@@ -167,6 +168,7 @@ def test_transient_faults_are_retried_and_counted(server):
         assert attempt <= next(r.attempts for r in results if r.key == key) - 1
 
 
+@pytest.mark.slow
 def test_request_over_the_retry_cap_is_returned_with_its_error(server):
     seen: list[TeacherResult] = []
     with FaultProxy(upstream(server), ["503", "500", "502", "pass"]) as proxy:
@@ -176,21 +178,22 @@ def test_request_over_the_retry_cap_is_returned_with_its_error(server):
     assert not result.ok and result.attempts == 3 and seen == [result]
     assert result.error.startswith("HTTP 502: injected fault 502") and "gave up after 3 attempts" in result.error
     assert result.texts == [] and result.text is None and result.prompt_tokens == result.completion_tokens == 0
-    assert client.stats["failed"] == 1 and client.stats["retries"] == 2 and client.stats["requests"] == 1
 
 
+@pytest.mark.slow
 def test_non_retryable_statuses_fail_at_once(server):
     statuses = ["400", "401", "403", "404", "422"]
     with FaultProxy(upstream(server), statuses) as proxy:
         client = TeacherClient(make_settings(server, proxy.base_url, max_concurrency=1, **FAST_BACKOFF))
         results = client.run_all(requests(5))
-    assert proxy.requests == 5 and client.stats["retries"] == 0 and client.stats["failed"] == 5
+    assert proxy.requests == 5 and not any(r.ok for r in results)
     assert sorted(r.error.split(":")[0] for r in results) == [f"HTTP {s}" for s in statuses]
     assert all(r.attempts == 1 for r in results)
     # wrong key, no access, wrong URL: no other request can succeed, so the result says stop
     assert sorted(r.error.split(":")[0] for r in results if r.fatal) == ["HTTP 401", "HTTP 403", "HTTP 404"]
 
 
+@pytest.mark.slow
 def test_a_burst_of_429s_halves_the_in_flight_limit_and_successes_raise_it_again(server):
     seen: list[float] = []
     with FaultProxy(upstream(server), ["429"] * 4) as proxy:
@@ -202,6 +205,7 @@ def test_a_burst_of_429s_halves_the_in_flight_limit_and_successes_raise_it_again
     assert client.limit <= 4
 
 
+@pytest.mark.slow
 def test_retry_after_of_a_429_holds_the_other_sends_too(server):
     with FaultProxy(upstream(server), ["429;retry-after=0.6"]) as proxy:
         client = TeacherClient(make_settings(server, proxy.base_url, max_concurrency=1, backoff_base_s=0.001,
@@ -211,6 +215,7 @@ def test_retry_after_of_a_429_holds_the_other_sends_too(server):
     assert arrival_gap(proxy) >= 0.55            # the other request waited out the pause as well
 
 
+@pytest.mark.slow
 def test_request_budget_paces_the_sends(server):
     with FaultProxy(upstream(server)) as proxy:
         client = TeacherClient(make_settings(server, proxy.base_url, max_concurrency=8, max_requests_per_minute=240))
@@ -229,7 +234,7 @@ def test_unreachable_endpoint_is_retried_then_reported():
                                            timeout_s=2, **FAST_BACKOFF))
     [result] = client.run_all(requests(1))
     assert result.attempts == 3 and result.error.startswith("connection error")
-    assert "gave up after 3 attempts" in result.error and client.stats["failed"] == 1
+    assert "gave up after 3 attempts" in result.error and not result.ok
 
 
 def arrival_gap(proxy: FaultProxy) -> float:
@@ -237,6 +242,7 @@ def arrival_gap(proxy: FaultProxy) -> float:
     return second.at - first.at
 
 
+@pytest.mark.slow
 def test_retry_after_is_honoured_and_capped(server):
     with FaultProxy(upstream(server), ["429;retry-after=0.6"]) as proxy:
         client = TeacherClient(make_settings(server, proxy.base_url, backoff_base_s=0.001, backoff_max_s=5))
@@ -251,6 +257,7 @@ def test_retry_after_is_honoured_and_capped(server):
     assert 0.2 <= arrival_gap(proxy) < 1.5
 
 
+@pytest.mark.slow
 def test_on_result_fires_as_each_request_finishes(server):
     """A fast request is handed over while a slow one (timing out) is still pending."""
     handed_over: list[float] = []
@@ -264,6 +271,7 @@ def test_on_result_fires_as_each_request_finishes(server):
 
 
 @pytest.mark.parametrize("max_concurrency", [1, 3])
+@pytest.mark.slow
 def test_never_more_than_max_concurrency_in_flight(server, max_concurrency):
     with FaultProxy(upstream(server)) as proxy:
         client = TeacherClient(make_settings(server, proxy.base_url, max_concurrency=max_concurrency))
@@ -272,6 +280,7 @@ def test_never_more_than_max_concurrency_in_flight(server, max_concurrency):
     assert proxy.max_in_flight == max_concurrency  # reached, never exceeded
 
 
+@pytest.mark.slow
 def test_callback_exception_propagates_unwrapped(server):
     def store(result: TeacherResult) -> None:
         raise RuntimeError("warehouse write failed")
@@ -282,6 +291,7 @@ def test_callback_exception_propagates_unwrapped(server):
 
 # ---- secrets -----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_api_key_never_leaks(server, caplog):
     caplog.set_level(logging.DEBUG)  # every logger, including openai's and the HTTP stack's
     settings = make_settings(server, api_key=SECRET, max_retries=1, **FAST_BACKOFF)

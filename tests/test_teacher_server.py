@@ -62,6 +62,7 @@ async def complete(server: TeacherServer, **params):
         return await client.completions.create(model=server.model_name, prompt="Once upon a time", **params)
 
 
+@pytest.mark.slow
 def test_chat_completion_returns_text_usage_and_length_finish(server):
     assert server.base_url == f"http://127.0.0.1:{server.port}/v1" and server.startup_s is not None
     reply = run(chat(server, max_tokens=5, temperature=0))
@@ -71,6 +72,7 @@ def test_chat_completion_returns_text_usage_and_length_finish(server):
     assert reply.usage.completion_tokens == 5 and reply.usage.prompt_tokens > 5
 
 
+@pytest.mark.slow
 def test_stop_string_ends_generation_with_finish_reason_stop(server):
     greedy = run(chat(server, max_tokens=4, temperature=0)).choices[0].message.content
     reply = run(chat(server, max_tokens=20, temperature=0, stop=[greedy[0]]))
@@ -79,12 +81,14 @@ def test_stop_string_ends_generation_with_finish_reason_stop(server):
     assert reply.choices[0].message.content.endswith(greedy[0])
 
 
+@pytest.mark.slow
 def test_text_completion_returns_text_usage_and_finish_reason(server):
     reply = run(complete(server, max_tokens=3, temperature=0))
     assert reply.choices[0].text != "" and reply.choices[0].finish_reason == "length"
     assert reply.usage.completion_tokens == 3 and reply.usage.prompt_tokens == 4
 
 
+@pytest.mark.slow
 def test_sampling_honours_temperature_and_seed(server):
     first = run(chat(server, max_tokens=8, temperature=1.0, seed=11)).choices[0].message.content
     again = run(chat(server, max_tokens=8, temperature=1.0, seed=11)).choices[0].message.content
@@ -93,6 +97,7 @@ def test_sampling_honours_temperature_and_seed(server):
     assert first == again and first != other and first != greedy
 
 
+@pytest.mark.slow
 def test_requests_must_name_the_served_model(server):
     with pytest.raises(openai.BadRequestError) as info:
         run(_wrong_model(server))
@@ -105,6 +110,7 @@ async def _wrong_model(server: TeacherServer):
                                              messages=[{"role": "user", "content": "hi"}])
 
 
+@pytest.mark.slow
 def test_exit_stops_the_server_even_on_error_and_stop_is_idempotent(tiny_dir):
     with pytest.raises(RuntimeError, match="boom"):
         with TeacherServer(tiny_dir) as server:
@@ -115,6 +121,7 @@ def test_exit_stops_the_server_even_on_error_and_stop_is_idempotent(tiny_dir):
     server.stop()  # second stop: no error
 
 
+@pytest.mark.slow
 def test_server_dies_with_its_parent(tiny_dir):
     parent = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; "
@@ -142,6 +149,7 @@ def test_missing_model_dir_fails_at_once(tmp_path):
     assert time.perf_counter() - started < 1
 
 
+@pytest.mark.slow
 def test_unloadable_model_dir_fails_fast_with_the_servers_reason(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}')
     started = time.perf_counter()
@@ -159,6 +167,7 @@ async def _concurrent_chats(base_url: str, model: str, n: int, max_tokens: int):
             for i in range(n)))
 
 
+@pytest.mark.slow
 def test_embedded_teacher_batches_concurrent_requests_when_configured(tmp_path):
     from instructflow.flows.teacher import teacher_session
     from instructflow.tasks.config import load_config

@@ -71,7 +71,7 @@ def test_values_are_parameters_not_sql(tmp_path):
 def test_stage_runs_record_and_interrupted_runs_become_failed(tmp_path):
     wh = open_warehouse(tmp_path)
     run_id = wh.start_run("tiny", "run")
-    sr = wh.start_stage_run(run_id, "generate", "c1", "h1", {"config": "c1"})
+    sr = wh.start_stage_run(run_id, "generate", "h1", {"config": "c1"})
     wh.add_step_metrics(sr, "generate", 1, {"kept": 3, "note": "not a number"})
     assert wh.step_series(sr, "kept") == ([1], [3.0])
     wh.close()  # as if the process died with the stage still 'running'
@@ -79,7 +79,7 @@ def test_stage_runs_record_and_interrupted_runs_become_failed(tmp_path):
     assert wh.mark_interrupted_stage_runs() == 1
     last = wh.last_stage_run("generate")
     assert last.status == "failed" and "interrupted" in last.error
-    sr2 = wh.start_stage_run(run_id, "generate", "c1", "h2", {"config": "c1"})
+    sr2 = wh.start_stage_run(run_id, "generate", "h2", {"config": "c1"})
     wh.finish_stage_run(sr2, "success", {"kept": 5}, "out1")
     ok = wh.last_stage_run("generate", status="success")
     assert ok.metrics == {"kept": 5} and ok.output_hash == "out1" and ok.seconds is not None

@@ -37,8 +37,13 @@ def teacher_request_row(result: Any, stage: str, purpose: str, prompt: str) -> l
 TEACHER_INSERT = "INSERT INTO teacher_requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
 
-def record_teacher_result(wh: Warehouse, result: Any, stage: str, purpose: str, prompt: str) -> None:
-    wh.execute(TEACHER_INSERT, teacher_request_row(result, stage, purpose, prompt))
+def replace_teacher_result(wh: Warehouse, result: Any, stage: str, purpose: str, prompt: str) -> None:
+    """Store one answer; an answer stored before under the same key moves to the history table."""
+    with wh.transaction():
+        wh.con.execute("INSERT INTO teacher_request_history SELECT *, ? FROM teacher_requests WHERE request_key = ?",
+                       [now(), result.key])
+        wh.con.execute("DELETE FROM teacher_requests WHERE request_key = ?", [result.key])
+        wh.con.execute(TEACHER_INSERT, teacher_request_row(result, stage, purpose, prompt))
 
 
 def stored_request(wh: Warehouse, key: str) -> dict | None:
@@ -122,17 +127,21 @@ def instruction_key_states(wh: Warehouse) -> list[dict]:
                    "FROM teacher_requests r WHERE r.stage = 'generate' AND r.purpose = 'instructions'")
 
 
-def instance_steps_to_do(wh: Warehouse) -> list[dict]:
-    """Kept instructions whose instance step (classify, then instances) is missing or failed, with
-    `stored` (a failed attempt is stored and must be replaced) and `replaced` (earlier attempts)."""
+def instance_steps_to_do(wh: Warehouse, steps: tuple[str, str] = ("classify", "instances")) -> list[dict]:
+    """Kept instructions without instances whose instance step (its two requests' key prefixes:
+    classify, instances; or instance_input, instance_output) is missing or failed, with `stored` (a
+    failed attempt is stored and must be replaced) and `replaced` (earlier attempts)."""
+    first, second = (f"{step}:" for step in steps)
     return wh.rows(
         "SELECT c.candidate_id, c.instruction, (clf.request_key IS NOT NULL) AS stored, "
-        "(SELECT count(*) FROM teacher_request_history h WHERE h.request_key = 'classify:' || c.candidate_id::VARCHAR) "
+        "(SELECT count(*) FROM teacher_request_history h WHERE h.request_key = ? || c.candidate_id::VARCHAR) "
         "AS replaced FROM candidates c "
-        "LEFT JOIN teacher_requests clf ON clf.request_key = 'classify:' || c.candidate_id::VARCHAR "
-        "LEFT JOIN teacher_requests inst ON inst.request_key = 'instances:' || c.candidate_id::VARCHAR "
+        "LEFT JOIN teacher_requests clf ON clf.request_key = ? || c.candidate_id::VARCHAR "
+        "LEFT JOIN teacher_requests inst ON inst.request_key = ? || c.candidate_id::VARCHAR "
         "WHERE c.verdict = 'kept' AND (clf.request_key IS NULL OR clf.error IS NOT NULL OR inst.request_key IS NULL OR inst.error IS NOT NULL) "
-        "ORDER BY c.candidate_id")
+        # instances stored by the other instance_prompt style (the option changed between runs) are kept as they are
+        "AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.candidate_id = c.candidate_id) "
+        "ORDER BY c.candidate_id", [first, first, second])
 
 
 @dataclass
@@ -272,20 +281,45 @@ def insert_responses(wh: Warehouse, stage: str, model_path: str, by_prompt: dict
             [[rid, stage, model_path, p, i, t, ts, f"{stage}:{model_path}:{i}:{p}"] for rid, (p, i, t) in zip(ids, rows)])
 
 
+def forget_responses(wh: Warehouse, stage: str, model_path: str, prompts: Sequence[str]) -> None:
+    """`--force`: the stored samples of these prompts are dropped, so they are sampled again."""
+    wh.execute("DELETE FROM responses WHERE stage = ? AND model_path = ? AND list_contains(?, prompt)",
+               [stage, model_path, list(prompts)])
+
+
+def replace_judged_pairs(wh: Warehouse, rows: Sequence[dict]) -> int:
+    """Judged pairs take the latest verdicts (a new judge relabels a pair it judged again), all or
+    nothing; returns how many pair keys were new. Imported pairs are never replaced."""
+    keys = list({row["pair_key"] for row in rows})
+    if not keys:
+        return 0
+    known = wh.scalar("SELECT count(*) FROM preference_pairs WHERE list_contains(?, pair_key)", [keys])
+    ids = wh.next_ids(len(rows))
+    with wh.transaction():
+        wh.con.execute("DELETE FROM preference_pairs WHERE source = 'judged' AND list_contains(?, pair_key)", [keys])
+        wh.con.executemany(PAIR_INSERT, _pair_rows(ids, rows))
+    return len(keys) - known
+
+
+PAIR_COLUMNS = ["source", "prompt", "response_a", "response_b", "verdict_ab", "verdict_ba", "outcome", "chosen",
+                "rejected", "judge_model", "judge_text_ab", "judge_text_ba", "origin", "pair_key"]
+PAIR_INSERT = (f"INSERT INTO preference_pairs (pair_id, {', '.join(PAIR_COLUMNS)}, created_at) VALUES "
+               f"(?, {', '.join('?' for _ in PAIR_COLUMNS)}, ?) ON CONFLICT DO NOTHING")
+
+
+def _pair_rows(ids: Sequence[int], rows: Sequence[dict]) -> list[list]:
+    ts = now()
+    return [[pid] + [row.get(c) for c in PAIR_COLUMNS] + [ts] for pid, row in zip(ids, rows)]
+
+
 def insert_pairs(wh: Warehouse, rows: Sequence[dict]) -> int:
     """Insert pairs whose pair_key is new; returns how many were new. Keys make reruns idempotent."""
     if not rows:
         return 0
     before = wh.scalar("SELECT count(*) FROM preference_pairs")
     ids = wh.next_ids(len(rows))
-    ts = now()
-    cols = ["source", "prompt", "response_a", "response_b", "verdict_ab", "verdict_ba", "outcome", "chosen",
-            "rejected", "judge_model", "judge_text_ab", "judge_text_ba", "origin", "pair_key"]
     with wh.transaction():
-        wh.con.executemany(
-            f"INSERT INTO preference_pairs (pair_id, {', '.join(cols)}, created_at) VALUES "
-            f"(?, {', '.join('?' for _ in cols)}, ?) ON CONFLICT DO NOTHING",
-            [[pid] + [row.get(c) for c in cols] + [ts] for pid, row in zip(ids, rows)])
+        wh.con.executemany(PAIR_INSERT, _pair_rows(ids, rows))
     return wh.scalar("SELECT count(*) FROM preference_pairs") - before
 
 
@@ -306,7 +340,8 @@ def training_pairs(wh: Warehouse) -> list[dict]:
 
 
 def pairs_fingerprint(wh: Warehouse) -> str:
-    row = wh.rows("SELECT count(*) AS n, coalesce(bit_xor(hash(pair_key)), 0) AS h FROM preference_pairs "
+    # the chosen side is part of it: a judge that flips a verdict changes what reward trains on
+    row = wh.rows("SELECT count(*) AS n, coalesce(bit_xor(hash(pair_key || chosen)), 0) AS h FROM preference_pairs "
                   "WHERE chosen IS NOT NULL")[0]
     return f"{row['n']}:{row['h']}"
 
@@ -332,6 +367,14 @@ def eval_rows(wh: Warehouse, stage_run_id: str) -> list[dict]:
                    "FROM eval_results WHERE stage_run_id = ?", [stage_run_id])
 
 
+# --- stage runs ---------------------------------------------------------------------------------
+def record_final_inputs(wh: Warehouse, stage_run_id: str, input_hash: str, inputs: dict) -> None:
+    """A stage run is recorded against what it finally consumed (generate adds the candidates the
+    filter hashes), not what there was when it started."""
+    wh.execute("UPDATE stage_runs SET input_hash = ?, inputs = ? WHERE stage_run_id = ?",
+               [input_hash, json.dumps(inputs), stage_run_id])
+
+
 # --- export and report ----------------------------------------------------------------------------
 EXPORT_SOURCES = ("generated", "seeds", "all")
 
@@ -353,3 +396,83 @@ def last_successful_stage_runs(wh: Warehouse) -> list[dict]:
     return wh.rows("SELECT s.* FROM stage_runs s JOIN (SELECT stage, max(started_at) AS t FROM stage_runs "
                    "WHERE status = 'success' GROUP BY stage) l ON s.stage = l.stage AND s.started_at = l.t "
                    "ORDER BY s.started_at")
+
+
+# --- teacher batches (teacher.mode = "batch") ------------------------------------------------------
+BATCH_OPEN = "collected_at IS NULL"  # uploaded, created or running: its lines are not downloaded yet
+
+
+def record_batch_input(wh: Warehouse, input_file_id: str, stage: str, endpoint: str,
+                       rows: Sequence[tuple[str, str, str, dict, dict]]) -> None:
+    """An uploaded batch input and its (key, purpose, prompt, params, meta) lines, before the batch is
+    created: a kill before `set_batch_created` leaves a row the next run looks the batch up by."""
+    with wh.transaction():
+        wh.con.execute("INSERT INTO teacher_batches (input_file_id, stage, endpoint, status, requests, created_at) "
+                       "VALUES (?, ?, ?, 'uploaded', ?, ?)", [input_file_id, stage, endpoint, len(rows), now()])
+        wh.con.executemany("INSERT INTO teacher_batch_requests (input_file_id, request_key, purpose, prompt, params, "
+                           "meta) VALUES (?, ?, ?, ?, ?, ?)",
+                           [[input_file_id, key, purpose, prompt, json.dumps(params, default=str), json.dumps(meta)]
+                            for key, purpose, prompt, params, meta in rows])
+
+
+def set_batch_state(wh: Warehouse, input_file_id: str, batch_id: str | None, status: str, completed: int | None,
+                    failed: int | None) -> None:
+    wh.execute("UPDATE teacher_batches SET batch_id = coalesce(?, batch_id), status = ?, completed = ?, failed = ? "
+               "WHERE input_file_id = ?", [batch_id, status, completed, failed, input_file_id])
+
+
+def store_batch_lines(wh: Warehouse, input_file_id: str, status: str, output_file_id: str | None,
+                      error_file_id: str | None, error: str | None,
+                      lines: Sequence[tuple[str, dict | None, str | None, bool]]) -> None:
+    """A finished batch's (key, response body, error, missing) lines and its end state, atomically."""
+    ts = now()
+    with wh.transaction():
+        wh.con.executemany("UPDATE teacher_batch_requests SET response = ?, error = ?, missing = ? "
+                           "WHERE input_file_id = ? AND request_key = ?",
+                           [[json.dumps(body) if body is not None else None, err, missing, input_file_id, key]
+                            for key, body, err, missing in lines])
+        wh.con.execute("UPDATE teacher_batches SET status = ?, output_file_id = ?, error_file_id = ?, error = ?, "
+                       "finished_at = coalesce(finished_at, ?), collected_at = ? WHERE input_file_id = ?",
+                       [status, output_file_id, error_file_id, error, ts, ts, input_file_id])
+
+
+def open_batches(wh: Warehouse, stage: str | None = None) -> list[dict]:
+    """Batches whose lines are not downloaded yet, oldest first."""
+    sql = f"SELECT * FROM teacher_batches WHERE {BATCH_OPEN}"
+    params: list[Any] = []
+    if stage:
+        sql += " AND stage = ?"
+        params.append(stage)
+    return wh.rows(sql + " ORDER BY created_at", params)
+
+
+def batch_rows(wh: Warehouse, limit: int = 50) -> list[dict]:
+    return wh.rows("SELECT * FROM teacher_batches ORDER BY created_at DESC LIMIT ?", [limit])
+
+
+def batch_request_keys(wh: Warehouse, input_file_id: str) -> list[str]:
+    return [r["request_key"] for r in wh.rows(
+        "SELECT request_key FROM teacher_batch_requests WHERE input_file_id = ? ORDER BY request_key", [input_file_id])]
+
+
+def batch_key_states(wh: Warehouse, stage: str) -> dict[str, dict]:
+    """request key -> its line in the newest batch holding it, with that batch's state, how many batches
+    held it (`batches`) and whether its answer is stored in teacher_requests since it was collected."""
+    found = wh.rows(
+        "SELECT r.*, b.batch_id, b.status, b.collected_at, "
+        "(SELECT count(*) FROM teacher_batch_requests x WHERE x.request_key = r.request_key) AS batches, "
+        "EXISTS (SELECT 1 FROM teacher_requests t WHERE t.request_key = r.request_key "
+        "        AND t.created_at >= b.collected_at) AS stored "
+        "FROM teacher_batch_requests r JOIN teacher_batches b USING (input_file_id) WHERE b.stage = ? "
+        "QUALIFY row_number() OVER (PARTITION BY r.request_key ORDER BY b.created_at DESC) = 1", [stage])
+    for row in found:
+        for column in ("params", "meta", "response"):
+            row[column] = json.loads(row[column]) if row[column] is not None else None
+    return {row["request_key"]: row for row in found}
+
+
+def mark_batch_cancelling(wh: Warehouse, batch_id: str, status: str) -> int:
+    """After a user's cancel: the next run polls it to its end and collects what finished."""
+    n = wh.scalar("SELECT count(*) FROM teacher_batches WHERE batch_id = ?", [batch_id])
+    wh.execute("UPDATE teacher_batches SET status = ? WHERE batch_id = ?", [status, batch_id])
+    return n

@@ -184,11 +184,11 @@ class Warehouse:
         found = self.rows("SELECT * FROM runs ORDER BY started_at DESC LIMIT 1")
         return found[0] if found else None
 
-    def start_stage_run(self, run_id: str, stage: str, config_hash: str, input_hash: str, inputs: dict) -> str:
+    def start_stage_run(self, run_id: str, stage: str, input_hash: str, inputs: dict) -> str:
         stage_run_id = uuid.uuid4().hex[:12]
-        self.execute("INSERT INTO stage_runs (stage_run_id, run_id, stage, status, config_hash, input_hash, inputs, "
-                     "started_at) VALUES (?, ?, ?, 'running', ?, ?, ?, ?)",
-                     [stage_run_id, run_id, stage, config_hash, input_hash, json.dumps(inputs), now()])
+        self.execute("INSERT INTO stage_runs (stage_run_id, run_id, stage, status, input_hash, inputs, "
+                     "started_at) VALUES (?, ?, ?, 'running', ?, ?, ?)",
+                     [stage_run_id, run_id, stage, input_hash, json.dumps(inputs), now()])
         return stage_run_id
 
     def finish_stage_run(self, stage_run_id: str, status: str, metrics: dict | None = None,

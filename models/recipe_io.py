@@ -1,0 +1,335 @@
+"""What the training recipes (models/sft.py, reward.py, ppo.py) share: checking inputs, the run
+record and resume, the job fingerprint, the one precision rule, LoRA, and writing directories atomically.
+
+A recipe's output_dir holds:
+
+    run.json            the job fingerprint + values measured before training (for resumes)
+    checkpoints/        the Trainer's checkpoint-N dirs (SFT, reward; PPO keeps its own rounds/)
+    final/              the result; `metrics.json` is written last, then the dir is renamed into place
+
+Every directory a recipe (or models/bundled.py) publishes goes through `replace_dir`: built under a
+temp name next to its target, then renamed, so a kill mid-write never leaves a dir that looks finished.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from transformers import TrainerCallback
+
+StepCallback = Callable[[int, dict[str, float]], None]
+ProgressCallback = Callable[[int, int], None]
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # never lm_head
+LORA_DROPOUT = 0.05
+LOGGING_STEPS = 1              # every optimizer step reaches on_step
+SAVE_TOTAL_LIMIT = 2           # Trainer checkpoints kept (resume needs only the newest)
+RUN_FILE = "run.json"          # job fingerprint + values measured before training, for resumes
+METRICS_FILE = "metrics.json"  # written last into final/: its presence marks a complete result
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+
+def check_rows(rows: Sequence[Mapping[str, Any]], name: str, fields: Sequence[str],
+               error: type[ValueError]) -> list[dict[str, str]]:
+    """Plain dicts with exactly `fields`, each a string; anything else names the row and field."""
+    checked = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise error(f"{name}[{i}]: expected a dict with {', '.join(fields)}, got {type(row).__name__}")
+        for field in fields:
+            if field not in row:
+                raise error(f"{name}[{i}]: missing field {field!r}")
+            if not isinstance(row[field], str):
+                raise error(f"{name}[{i}].{field}: expected a string, got {type(row[field]).__name__}")
+        checked.append({field: row[field] for field in fields})
+    return checked
+
+
+def check_model_dir(path: Path, what: str, error: type[ValueError]) -> Path:
+    path = Path(path).expanduser().resolve()
+    if not path.is_dir():
+        raise error(f"{what} {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise error(f"{what} {path} has no config.json (expected a model saved with save_pretrained)")
+    return path
+
+
+def check_config(section: Any, error: type[ValueError]) -> None:
+    """The recipe refuses what config loading refuses (same rule, tasks/config.py), for callers that
+    build a section dataclass by hand instead of loading it."""
+    from instructflow.tasks.config import ConfigError, check_section
+
+    try:
+        check_section("settings", section)
+    except ConfigError as exc:
+        raise error(str(exc)) from None
+
+
+def resolve_precision(precision: str, error: type[ValueError], fp16_ok: bool = True) -> str:
+    """'fp32' | 'bf16' | 'fp16' on this machine. Weights stay fp32; bf16/fp16 mean autocast.
+
+    auto: bf16 on a GPU that supports it, else fp16 on a GPU (fp32 where the caller has no fp16
+    loss scaling, `fp16_ok=False`: PPO), fp32 on CPU. The values are checked when the config loads;
+    what depends on the machine (fp16 needs CUDA) can only be checked here.
+    """
+    import torch
+
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise error(f"precision={precision!r}: expected auto, fp32, bf16 or fp16")
+    if precision == "auto":
+        if not torch.cuda.is_available():
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16" if fp16_ok else "fp32"
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise error("precision='fp16' needs a CUDA GPU (use fp32 or bf16 on CPU)")
+    return precision
+
+
+def fingerprint(section: Any, paths: Mapping[str, Path], *datasets: Sequence[Mapping[str, str]]) -> str:
+    """What makes two calls the same job: the config section, the input models and the data (not output_dir)."""
+    config = {**dataclasses.asdict(section), **{k: str(v) for k, v in paths.items()}}
+    blob = json.dumps([config, [list(d) for d in datasets]], sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Write then rename, so a kill mid-write never leaves a truncated file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def replace_dir(tmp: Path, target: Path) -> Path:
+    """Rename the finished `tmp` onto `target`; an existing target is removed only once the new one is in place."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.tmp-old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(target, old)
+        os.rename(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, target)
+    return target
+
+
+def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> Path:
+    """`write(tmp)` into a fresh temp dir next to `target`, then `replace_dir`; a failed write leaves no trace."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a crash mid-write
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; model dirs and caches are meant to be shared
+        return replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Run record, resume, final/
+
+def is_main_rank() -> bool:
+    """Rank 0 of a torchrun / accelerate launch job, or a plain process. Read from the launcher's
+    environment because it is needed before the Trainer (and its Accelerator) exists."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def finished_metrics(output_dir: Path, job: str, error: type[ValueError]) -> dict[str, Any] | None:
+    """The stored metrics if `output_dir/final` is complete; an error if it belongs to another job."""
+    metrics = read_json(Path(output_dir) / "final" / METRICS_FILE)
+    if metrics is None:
+        return None
+    if metrics.get("fingerprint") != job:
+        raise error(f"{output_dir}/final was trained with other settings or data; use a new output_dir or delete it")
+    return {**metrics, "reused": True}
+
+
+def start_or_resume(output_dir: Path, job: str,
+                    error: type[ValueError]) -> tuple[dict[str, Any] | None, dict[str, Any], Path | None]:
+    """(the stored metrics if final/ is already complete for this job, else None; the run record; the
+    checkpoint to resume from). Checkpoints killed mid-save are deleted.
+
+    HF writes trainer_state.json last into checkpoint-N, so a dir without it is a partial save.
+    Call on every rank; only the main rank deletes or writes (the others decide from the same listing).
+    """
+    output_dir = Path(output_dir)
+    done = finished_metrics(output_dir, job, error)
+    if done is not None:
+        return done, {}, None
+    run = read_json(output_dir / RUN_FILE)
+    if run is not None and run.get("fingerprint") != job:
+        raise error(f"{output_dir} holds a run with other settings or data; use a new output_dir or delete it")
+    checkpoints = sorted((p for p in (output_dir / "checkpoints").glob("checkpoint-*")
+                          if p.is_dir() and p.name.split("-")[-1].isdigit()),
+                         key=lambda p: int(p.name.split("-")[-1]))
+    complete = [p for p in checkpoints if (p / "trainer_state.json").is_file()]
+    if complete and run is None:  # checkpoints without a run record: not ours to continue
+        raise error(f"{output_dir}/checkpoints has checkpoints but no {RUN_FILE}; use a new output_dir or delete it")
+    if is_main_rank():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for partial in set(checkpoints) - set(complete):
+            shutil.rmtree(partial, ignore_errors=True)
+        if run is None:
+            write_json(output_dir / RUN_FILE, {"fingerprint": job})
+    return None, run or {"fingerprint": job}, (complete[-1] if complete else None)
+
+
+def update_run(output_dir: Path, run: dict[str, Any], **values: Any) -> dict[str, Any]:
+    run = {**run, **values}
+    if is_main_rank():
+        write_json(Path(output_dir) / RUN_FILE, run)
+    return run
+
+
+def save_trained_model(trainer, output_dir: Path, tokenizer, load_base: Callable[[], Any] | None = None) -> Path:
+    """The trained model as a plain HF dir in `output_dir/.final.tmp` (returned); call on every rank.
+
+    With LoRA, pass `load_base` (a fresh base model): the adapter is merged into it, so downstream
+    never sees peft. `publish_final` then moves the dir into place.
+    """
+    tmp, adapter_dir = Path(output_dir) / ".final.tmp", Path(output_dir) / ".adapter.tmp"
+    if is_main_rank():
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(adapter_dir if load_base else tmp))  # every rank: gathers sharded weights
+    if is_main_rank() and load_base is not None:
+        save_merged_lora(load_base(), adapter_dir, tmp, tokenizer)
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+    return tmp
+
+
+def publish_final(trainer, tmp: Path, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """metrics.json goes into `tmp` last, then it becomes `final/` (main rank); every rank returns the metrics."""
+    final = Path(tmp).parent / "final"
+    if is_main_rank():
+        write_json(tmp / METRICS_FILE, metrics)
+        replace_dir(tmp, final)
+    trainer.accelerator.wait_for_everyone()
+    return dict(metrics) if is_main_rank() else {**(read_json(final / METRICS_FILE) or {})}
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+
+def ensure_pad(tokenizer, model) -> None:
+    """Pad must differ from eos (else padding masks the real end of a reply); resize if a token was added."""
+    from instructflow.models.bundled import ensure_distinct_pad
+
+    if ensure_distinct_pad(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def lora_config(section: Any, task_type: str):
+    from peft import LoraConfig
+
+    return LoraConfig(r=section.lora_r, lora_alpha=section.lora_alpha, lora_dropout=LORA_DROPOUT,
+                      target_modules=LORA_TARGETS, bias="none", task_type=task_type)
+
+
+def save_merged_lora(base, adapter_dir: Path, out_dir: Path, tokenizer) -> None:
+    """Merge the adapter (and any modules_to_save, e.g. a trained score head) into `base`; save a plain model."""
+    from peft import PeftModel
+
+    if base.get_input_embeddings().num_embeddings < len(tokenizer):
+        base.resize_token_embeddings(len(tokenizer))
+    base.config.pad_token_id = tokenizer.pad_token_id
+    PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainer plumbing
+
+def trainer_args(section: Any, checkpoints_dir: Path, precision: str) -> dict[str, Any]:
+    """The TrainingArguments the SFT and reward recipes set the same way from their config section."""
+    import torch
+
+    return dict(
+        output_dir=str(checkpoints_dir),
+        num_train_epochs=section.epochs,
+        max_steps=section.max_steps,
+        per_device_train_batch_size=section.batch_size,
+        per_device_eval_batch_size=section.batch_size,
+        gradient_accumulation_steps=section.grad_accum,
+        learning_rate=section.learning_rate,
+        activation_checkpointing=section.gradient_checkpointing,  # the new name; TRL defaults the old one to True
+        dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),  # also makes `torchrun` on CPU real (gloo) data parallelism
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        seed=section.seed,
+        eval_strategy="steps",
+        eval_steps=section.eval_steps,
+        save_strategy="steps",
+        save_steps=section.save_steps,
+        save_total_limit=SAVE_TOTAL_LIMIT,
+        logging_steps=LOGGING_STEPS,
+        report_to="none",
+        disable_tqdm=True,
+    )
+
+
+def series(log_history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    points = [(float(e["step"]), float(e[key])) for e in log_history if key in e and "step" in e]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+class ReportSteps(TrainerCallback):
+    """Forward every Trainer log entry to `on_step(step, values)` and each step to `on_progress(step, total)`."""
+
+    def __init__(self, on_step: StepCallback | None, on_progress: ProgressCallback | None = None):
+        self.on_step = on_step
+        self.on_progress = on_progress
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.on_step is not None and state.is_world_process_zero and logs:
+            values = {k: float(v) for k, v in logs.items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+            if values:
+                self.on_step(state.global_step, values)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.on_progress is not None and state.is_world_process_zero:
+            self.on_progress(state.global_step, state.max_steps)
+
+
+def quiet_progress_bars() -> None:
+    """No tqdm bars from datasets.map / weight loading / saving: they flood Prefect and CI logs."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def drop_printer(trainer) -> None:
+    """The caller gets every log entry through on_step; the Trainer need not print them too."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)

@@ -1,0 +1,56 @@
+"""The layout rules the README's Development section states, read from the source: stage flows are
+leaves, tasks/ never imports Prefect or flows/, models/ never imports flows/ or warehouse/, and
+SQL runs only in warehouse/."""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE_MODULES = ["generate", "filter", "sft", "preferences", "reward", "ppo", "evaluate"]
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (lazy imports inside functions included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}  # `from pkg import module`
+    return found
+
+
+def test_the_registry_lists_every_stage_module():
+    from instructflow.flows.stages import stage_names
+
+    assert stage_names() == STAGE_MODULES
+
+
+@pytest.mark.parametrize("stage", STAGE_MODULES)
+def test_a_stage_flow_imports_no_other_stage_flow(stage):
+    others = {f"instructflow.flows.{other}" for other in STAGE_MODULES if other != stage}
+    assert not imported_modules(ROOT / "flows" / f"{stage}.py") & others
+
+
+@pytest.mark.parametrize("package, forbidden", [
+    ("tasks", ("prefect", "instructflow.flows", "instructflow.models")),
+    ("models", ("instructflow.flows", "instructflow.warehouse")),
+    ("warehouse", ("instructflow.flows", "instructflow.tasks", "instructflow.models")),
+])
+def test_packages_import_only_what_the_readme_allows(package, forbidden):
+    wrong = {f"{path.name}: {module}" for path in (ROOT / package).glob("*.py") for module in imported_modules(path)
+             if module.startswith(forbidden)}
+    assert not wrong, sorted(wrong)
+
+
+def test_sql_runs_only_in_the_warehouse_package():
+    sql = re.compile(r"\.(execute|executemany|rows|scalar)\(\s*f?[\"'](SELECT|INSERT|UPDATE|DELETE|CREATE|ALTER|WITH)\b")
+    outside = [f"{path.relative_to(ROOT)}:{n}" for package in ("flows", "tasks", "models")
+               for path in (ROOT / package).glob("*.py")
+               for n, line in enumerate(path.read_text().splitlines(), 1) if sql.search(line)]
+    assert not outside, outside
