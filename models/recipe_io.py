@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 from transformers import TrainerCallback
 
@@ -92,6 +92,35 @@ def resolve_precision(precision: str, error: type[ValueError], fp16_ok: bool = T
     if precision == "fp16" and not torch.cuda.is_available():
         raise error("precision='fp16' needs a CUDA GPU (use fp32 or bf16 on CPU)")
     return precision
+
+
+class TrainerInputs(NamedTuple):
+    """Step 1 of the SFT and reward recipes, checked (see `check_trainer_inputs`)."""
+    train: list[dict[str, str]]
+    eval: list[dict[str, str]]       # the train rows when no eval rows were given
+    eval_on_train: bool              # that documented fallback: in-sample numbers, flagged in the metrics
+    model_dir: Path                  # the input model, absolute
+    output_dir: Path                 # absolute
+    precision: str                   # resolved for this machine
+    job: str                         # the fingerprint of (section, input model, rows)
+
+
+def check_trainer_inputs(train: Sequence[Mapping[str, Any]], eval: Sequence[Mapping[str, Any]], fields: Sequence[str],
+                         cfg: Any, model_dir: Path, model_name: str, output_dir: Path, error: type[ValueError],
+                         empty: str) -> TrainerInputs:
+    """Rows (each a dict of `fields`; `empty` says why no train rows is an error), the section's rules
+    (checked when the config loaded; again here for hand-built sections), the input model, the precision."""
+    train_rows = check_rows(train, "train", fields, error)
+    eval_rows = check_rows(eval, "eval", fields, error)
+    if not train_rows:
+        raise error(f"train set is empty: {empty}")
+    check_config(cfg, error)
+    model_dir = check_model_dir(model_dir, model_name, error)
+    precision = resolve_precision(cfg.precision, error)
+    eval_rows, eval_on_train = eval_rows or train_rows, not eval_rows
+    job = fingerprint(cfg, {model_name: model_dir}, train_rows, eval_rows)
+    return TrainerInputs(train_rows, eval_rows, eval_on_train, model_dir, Path(output_dir).expanduser().resolve(),
+                         precision, job)
 
 
 def fingerprint(section: Any, paths: Mapping[str, Path], *datasets: Sequence[Mapping[str, str]]) -> str:

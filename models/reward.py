@@ -19,11 +19,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from instructflow.models.recipe_io import (ProgressCallback, ReportSteps, StepCallback, check_config, check_model_dir,
-                                           check_rows, drop_printer, ensure_pad, fingerprint,
-                                           is_main_rank, lora_config, publish_final, quiet_progress_bars,
-                                           resolve_precision, save_trained_model, start_or_resume, trainer_args,
-                                           update_run)
+from instructflow.models.recipe_io import (ProgressCallback, ReportSteps, StepCallback, check_model_dir,
+                                           check_trainer_inputs, drop_printer, ensure_pad, is_main_rank, lora_config,
+                                           publish_final, quiet_progress_bars, save_trained_model, start_or_resume,
+                                           trainer_args, update_run)
 from instructflow.tasks.config import RewardConfig
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
@@ -127,17 +126,9 @@ def train_reward(train: Sequence[dict], eval: Sequence[dict], cfg: RewardConfig,
     returns metrics (also in output_dir/final/metrics.json)."""
     started = time.time()
     # 1. inputs (the section's values were checked when the config loaded; again here for hand-built ones)
-    train_rows = check_rows(train, "train", PAIR_FIELDS, RewardInputError)
-    eval_rows = check_rows(eval, "eval", PAIR_FIELDS, RewardInputError)
-    if not train_rows:
-        raise RewardInputError("train set is empty: no preference pairs to learn from")
-    check_config(cfg, RewardInputError)
-    sft_model = check_model_dir(sft_model, "sft_model", RewardInputError)
-    output_dir = Path(output_dir).expanduser().resolve()
-    precision = resolve_precision(cfg.precision, RewardInputError)
-    eval_on_train = not eval_rows  # documented fallback: in-sample accuracy, flagged in the metrics
-    eval_rows = eval_rows or train_rows
-    job = fingerprint(cfg, {"sft_model": sft_model}, train_rows, eval_rows)
+    train_rows, eval_rows, eval_on_train, sft_model, output_dir, precision, job = check_trainer_inputs(
+        train, eval, PAIR_FIELDS, cfg, sft_model, "sft_model", output_dir, RewardInputError,
+        empty="no preference pairs to learn from")
 
     # 2. already done? else start, or resume from the newest complete checkpoint
     done, run, resume_from = start_or_resume(output_dir, job, RewardInputError)

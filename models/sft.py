@@ -54,10 +54,9 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from instructflow.models.recipe_io import (ProgressCallback, ReportSteps, StepCallback, check_config, check_model_dir,
-                                           check_rows, drop_printer, ensure_pad, fingerprint,
-                                           is_main_rank, lora_config, publish_final, quiet_progress_bars, read_json,
-                                           resolve_precision, save_trained_model, series, start_or_resume,
+from instructflow.models.recipe_io import (ProgressCallback, ReportSteps, StepCallback, check_trainer_inputs,
+                                           drop_printer, ensure_pad, is_main_rank, lora_config, publish_final,
+                                           quiet_progress_bars, read_json, save_trained_model, series, start_or_resume,
                                            trainer_args, update_run)
 from instructflow.tasks.config import ConfigError, SFTConfig, section_from_dict
 
@@ -118,19 +117,11 @@ def train_sft(train: Sequence[dict], eval: Sequence[dict], cfg: SFTConfig, base_
     """
     started = time.time()
     # 1. inputs (the section's values were checked when the config loaded; again here for hand-built ones)
-    train_rows = check_rows(train, "train", ("prompt", "completion"), SFTInputError)
-    eval_rows = check_rows(eval, "eval", ("prompt", "completion"), SFTInputError)
-    if not train_rows:
-        raise SFTInputError("train set is empty: nothing to fine-tune on")
-    check_config(cfg, SFTInputError)
-    base_model = check_model_dir(base_model, "base_model", SFTInputError)
-    output_dir = Path(output_dir).expanduser().resolve()
     if cfg.qlora and not (importlib.util.find_spec("bitsandbytes") and _cuda_available()):
         raise SFTInputError("qlora=True needs a CUDA GPU and `pip install bitsandbytes`; use lora=True on this machine")
-    precision = resolve_precision(cfg.precision, SFTInputError)
-    eval_on_train = not eval_rows  # documented fallback: in-sample loss, flagged in the metrics
-    eval_rows = eval_rows or train_rows
-    job = fingerprint(cfg, {"base_model": base_model}, train_rows, eval_rows)
+    train_rows, eval_rows, eval_on_train, base_model, output_dir, precision, job = check_trainer_inputs(
+        train, eval, ("prompt", "completion"), cfg, base_model, "base_model", output_dir, SFTInputError,
+        empty="nothing to fine-tune on")
 
     # 2. already done? else start, or resume from the newest complete checkpoint
     done, run, resume_from = start_or_resume(output_dir, job, SFTInputError)

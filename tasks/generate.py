@@ -213,44 +213,35 @@ class Generator:
         its own keys, so a home that switches styles never meets a stored key of the other one."""
         return ("instance_input", "instance_output") if self.chat_instances else ("classify", "instances")
 
-    async def send_chat_instance_step(self, work: InstanceWork) -> InstanceWork:
-        """generate.instance_prompt = "chat": an input for the task, then the task with it as a chat
-        message; the reply is the output (one instance)."""
-        prompt = recipes.chat_input_prompt(work.instruction)
-        asked = await self.client.complete(TeacherRequest(key=f"instance_input:{work.candidate_id}", prompt=prompt,
-                                                          params=dict(recipes.CHAT_INPUT_DECODING)),
-                                           on_retry=self._count_retry)
-        work.classify = (asked, prompt)
-        if not asked.ok:  # the step failed; a rerun retries it whole
+    async def send_instance_step(self, work: InstanceWork) -> InstanceWork:
+        """Two requests per kept instruction. Reference (self-instruct): classification, then
+        output-first (classification) or input-first instances. Chat (generate.instance_prompt =
+        "chat"): an input for the task, then the task with that input as a chat message, whose reply
+        is the output (one instance)."""
+        first_key, second_key = self.instance_step_keys()
+        if self.chat_instances:
+            prompt, decoding = recipes.chat_input_prompt(work.instruction), recipes.CHAT_INPUT_DECODING
+        else:
+            prompt, decoding = recipes.classify_prompt(work.instruction), recipes.CLASSIFY_DECODING
+        first = await self._ask(f"{first_key}:{work.candidate_id}", prompt, dict(decoding))
+        work.classify = (first, prompt)
+        if not first.ok:  # the step failed; a rerun retries it whole
             return work
-        work.chat_input = recipes.parse_chat_input(asked.text or "")
-        prompt = recipes.chat_output_prompt(work.instruction, work.chat_input)
-        inst = await self.client.complete(TeacherRequest(
-            key=f"instance_output:{work.candidate_id}", prompt=prompt,
-            params=self._decoding(recipes.CHAT_OUTPUT_DECODING, self.cfg.generate.instance_max_tokens)),
-            on_retry=self._count_retry)
-        work.instances = (inst, prompt)
+        if self.chat_instances:
+            work.chat_input = recipes.parse_chat_input(first.text or "")
+            prompt = recipes.chat_output_prompt(work.instruction, work.chat_input)
+            decoding = recipes.CHAT_OUTPUT_DECODING
+        else:
+            work.is_classification = recipes.parse_classify(first.text or "")
+            prompt = recipes.instance_prompt(work.instruction, work.is_classification)
+            decoding = recipes.INSTANCE_DECODING
+        work.instances = (await self._ask(f"{second_key}:{work.candidate_id}", prompt,
+                                          self._decoding(decoding, self.cfg.generate.instance_max_tokens)), prompt)
         return work
 
-    async def send_instance_step(self, work: InstanceWork) -> InstanceWork:
-        """Classification, then output-first (classification) or input-first instances (self-instruct)."""
-        if self.chat_instances:
-            return await self.send_chat_instance_step(work)
-        prompt = recipes.classify_prompt(work.instruction)
-        clf = await self.client.complete(TeacherRequest(key=f"classify:{work.candidate_id}", prompt=prompt,
-                                                        params=dict(recipes.CLASSIFY_DECODING)),
-                                         on_retry=self._count_retry)
-        work.classify = (clf, prompt)
-        if not clf.ok:  # the step failed; a rerun retries it whole
-            return work
-        work.is_classification = recipes.parse_classify(clf.text or "")
-        prompt = recipes.instance_prompt(work.instruction, work.is_classification)
-        inst = await self.client.complete(TeacherRequest(
-            key=f"instances:{work.candidate_id}", prompt=prompt,
-            params=self._decoding(recipes.INSTANCE_DECODING, self.cfg.generate.instance_max_tokens)),
-            on_retry=self._count_retry)
-        work.instances = (inst, prompt)
-        return work
+    async def _ask(self, key: str, prompt: str, params: dict) -> TeacherResult:
+        return await self.client.complete(TeacherRequest(key=key, prompt=prompt, params=params),
+                                          on_retry=self._count_retry)
 
     # --- handling a result, in arrival order (the recorded order) ---------------------------------
     def _stop_if_fatal(self, result: TeacherResult) -> None:

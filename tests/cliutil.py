@@ -30,3 +30,14 @@ def cli(*args: str, home: Path | None = None, cwd: Path | None = None, timeout: 
 def cli_popen(*args: str, home: Path | None = None, cwd: Path | None = None, **env: str) -> subprocess.Popen:
     return subprocess.Popen([exe(), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=cli_env(home, **env), cwd=cwd)
+
+
+def query(home: Path, sql: str, params=()):
+    """Rows from the home's warehouse, read-only (the CLI process may hold it next)."""
+    import duckdb
+
+    con = duckdb.connect(str(home / "warehouse.duckdb"), read_only=True)
+    try:
+        return con.execute(sql, list(params)).fetchall()
+    finally:
+        con.close()

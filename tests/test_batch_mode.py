@@ -12,7 +12,7 @@ import duckdb
 import pytest
 
 from batch_server import BatchServer, Plan
-from cliutil import cli, cli_popen
+from cliutil import cli, cli_popen, query
 
 KEY = "sk-batch-test-0123456789"
 
@@ -100,14 +100,6 @@ max_tokens = 16
 instance_max_tokens = 12
 {generate}""")
     return path
-
-
-def query(home: Path, sql: str, params=()):
-    con = duckdb.connect(str(home / "warehouse.duckdb"), read_only=True)
-    try:
-        return con.execute(sql, list(params)).fetchall()
-    finally:
-        con.close()
 
 
 def generate(config: Path, home: Path, key: str = KEY):

@@ -12,7 +12,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from cliutil import cli, cli_popen
+from cliutil import cli, cli_popen, query
 from fault_proxy import FaultProxy
 
 GENERATE_METRICS = {"requests", "failed_requests", "retries", "candidates", "rejected_by_reason", "prompt_tokens",
@@ -25,12 +25,41 @@ def write_config(tmp_path: Path, body: str) -> Path:
     return path
 
 
-def query(home: Path, sql: str, params=()):
-    con = duckdb.connect(str(home / "warehouse.duckdb"), read_only=True)
-    try:
-        return con.execute(sql, list(params)).fetchall()
-    finally:
-        con.close()
+def run_generator(wh, cfg, settings):
+    """The generate stage's Generator in-process (no Prefect) against `settings`' teacher; its tally."""
+    import asyncio
+
+    from instructflow.tasks.generate import Generator
+    from instructflow.tasks.teacher import TeacherClient
+
+    async def generate():
+        client = TeacherClient(settings)
+        try:
+            generator = Generator(wh, cfg, client)
+            await generator.run()
+            return generator.tally
+        finally:
+            await client.aclose()
+    return asyncio.run(generate())
+
+
+def seeded_project(tmp_path, server, generate: str):
+    """A config against the tiny `server` with these [generate] lines, and a warehouse in
+    tmp_path/home holding the bundled seeds (what the generate flow would have synced)."""
+    from instructflow.tasks.config import load_config
+    from instructflow.tasks.seeds import bundled_seed_dir, sync_seed_tasks
+    from instructflow.warehouse.store import open_warehouse
+
+    config = write_config(tmp_path, f"""
+[profiles.t.teacher]
+endpoint = "{server.base_url}"
+model = "{server.model_name}"
+[profiles.t.generate]
+{generate}""")
+    (tmp_path / "home").mkdir()
+    wh = open_warehouse(tmp_path / "home")
+    sync_seed_tasks(wh, [bundled_seed_dir() / "seed_tasks.jsonl"])
+    return load_config("t", config), wh
 
 
 @pytest.mark.slow
@@ -313,44 +342,15 @@ def test_alpaca_recipe_through_the_generator(tmp_path, server):
     """The alpaca recipe in the generator against the real tiny server: every request carries the
     alpaca prompt and decoding, none asks for a classification or instances (alpaca writes the
     instance with the instruction), and a rerun sends nothing."""
-    import asyncio
-
     from instructflow.flows.teacher import teacher_session
     from instructflow.tasks import recipes
-    from instructflow.tasks.config import load_config
-    from instructflow.tasks.generate import Generator
-    from instructflow.tasks.seeds import bundled_seed_dir, sync_seed_tasks
-    from instructflow.tasks.teacher import TeacherClient
-    from instructflow.warehouse.store import open_warehouse
 
-    config = write_config(tmp_path, f"""
-[profiles.t.teacher]
-endpoint = "{server.base_url}"
-model = "{server.model_name}"
-[profiles.t.generate]
-recipe = "alpaca"
-max_requests = 2
-instances = true
-""")
-    cfg = load_config("t", config)
-    (tmp_path / "home").mkdir()
-    wh = open_warehouse(tmp_path / "home")
-
-    async def generate():
-        client = TeacherClient(settings)
-        try:
-            generator = Generator(wh, cfg, client)
-            await generator.run()
-            return generator.tally
-        finally:
-            await client.aclose()
-
+    cfg, wh = seeded_project(tmp_path, server, 'recipe = "alpaca"\nmax_requests = 2\ninstances = true\n')
     try:
-        sync_seed_tasks(wh, [bundled_seed_dir() / "seed_tasks.jsonl"])
         with teacher_session(cfg, tmp_path / "home") as settings:
-            first = asyncio.run(generate())
+            first = run_generator(wh, cfg, settings)
             sent = wh.rows("SELECT request_key, purpose, prompt, params FROM teacher_requests ORDER BY request_key")
-            again = asyncio.run(generate())
+            again = run_generator(wh, cfg, settings)
         assert first.requests == 2 and again.requests == 0
         assert [r["request_key"] for r in sent] == ["instructions:000000", "instructions:000001"]
         assert {r["purpose"] for r in sent} == {"instructions"}
@@ -371,47 +371,19 @@ def test_chat_instance_prompts_through_the_generator(tmp_path, server):
     """generate.instance_prompt = "chat" (issue 16) against the real tiny server: a kept instruction
     gets an input request, then the instruction + the parsed input as the output request; no
     classification; what passes the instance filters is stored; a rerun sends nothing."""
-    import asyncio
-
     from instructflow.flows.teacher import teacher_session
     from instructflow.tasks import recipes
-    from instructflow.tasks.config import load_config
-    from instructflow.tasks.generate import Generator
-    from instructflow.tasks.seeds import bundled_seed_dir, sync_seed_tasks
-    from instructflow.tasks.teacher import TeacherClient
-    from instructflow.warehouse.store import open_warehouse
 
-    config = write_config(tmp_path, f"""
-[profiles.t.teacher]
-endpoint = "{server.base_url}"
-model = "{server.model_name}"
-[profiles.t.generate]
-instance_prompt = "chat"
-max_requests = 2
-""")
-    cfg = load_config("t", config)
-    (tmp_path / "home").mkdir()
-    wh = open_warehouse(tmp_path / "home")
-
-    async def generate():
-        client = TeacherClient(settings)
-        try:
-            generator = Generator(wh, cfg, client)
-            await generator.run()
-            return generator.tally
-        finally:
-            await client.aclose()
-
+    cfg, wh = seeded_project(tmp_path, server, 'instance_prompt = "chat"\nmax_requests = 2\n')
     try:
-        sync_seed_tasks(wh, [bundled_seed_dir() / "seed_tasks.jsonl"])
         with teacher_session(cfg, tmp_path / "home") as settings:
-            asyncio.run(generate())
+            run_generator(wh, cfg, settings)
             # the tiny random teacher's instructions never pass the filters: keep one as if they had
             cid, instruction = wh.rows("SELECT candidate_id, instruction FROM candidates ORDER BY 1 LIMIT 1")[0].values()
             wh.execute("UPDATE candidates SET verdict = 'kept', reason = NULL, heuristic_reason = NULL "
                        "WHERE candidate_id = ?", [cid])
-            second = asyncio.run(generate())
-            again = asyncio.run(generate())
+            second = run_generator(wh, cfg, settings)
+            again = run_generator(wh, cfg, settings)
         sent = {r["request_key"]: r for r in wh.rows(
             "SELECT request_key, purpose, prompt, params, texts, finish_reason FROM teacher_requests "
             "WHERE purpose <> 'instructions'")}
