@@ -29,8 +29,8 @@ def ppo_flow(profile: str = "cpu", home: str | None = None, config: str | None =
         sft, reward = ctx.wh.latest_checkpoint("sft"), ctx.wh.latest_checkpoint("reward")
         if sft is None or reward is None:
             raise ValueError("PPO needs an SFT and a reward checkpoint: run the sft and reward stages first")
-        p = ctx.cfg.ppo
-        prompts = [prompt for _, prompt in heldout_prompts(ctx.cfg, ctx.wh, p.prompt_source, p.prompts, p.seed)]
+        ppo_cfg = ctx.cfg.ppo
+        prompts = [prompt for _, prompt in heldout_prompts(ctx.cfg, ctx.wh, ppo_cfg.prompt_source, ppo_cfg.prompts, ppo_cfg.seed)]
         output_dir = ctx.out_dir / f"run-{stable_hash([sft['path'], reward['path'], ctx.inputs['config']])}"
         if ctx.force and output_dir.exists():
             shutil.rmtree(output_dir)
@@ -40,7 +40,7 @@ def ppo_flow(profile: str = "cpu", home: str | None = None, config: str | None =
                                               "resumed_from", "skipped_prompts")}
         metrics.update(policy_checkpoint=str(result["policy_checkpoint"]), value_checkpoint=str(result["value_checkpoint"]),
                        prompts=len(prompts))
-        config = {"ppo": vars(p)}
+        config = {"ppo": vars(ppo_cfg)}
         ctx.wh.register_checkpoint(ctx.stage_run_id, "ppo_policy", metrics["policy_checkpoint"], sft["path"],
                                    reward["path"], config, metrics)
         ctx.wh.register_checkpoint(ctx.stage_run_id, "ppo_value", metrics["value_checkpoint"], reward["path"],

@@ -30,20 +30,20 @@ def local_model_dir(name: str) -> Path:
 
 @contextmanager
 def teacher_session(cfg: Config, home: Path) -> Iterator[TeacherSettings]:
-    t = cfg.teacher
-    common = dict(api=t.api, max_concurrency=t.max_concurrency, max_retries=t.max_retries, timeout_s=t.timeout_s,
-                  backoff_base_s=t.backoff_base_s, backoff_max_s=t.backoff_max_s,
-                  prices={k: tuple(v) for k, v in t.prices.items()},
-                  max_requests_per_minute=t.max_requests_per_minute, max_tokens_per_minute=t.max_tokens_per_minute)
-    if t.endpoint != "embedded":
-        if not t.model:
+    teacher = cfg.teacher
+    common = dict(api=teacher.api, max_concurrency=teacher.max_concurrency, max_retries=teacher.max_retries, timeout_s=teacher.timeout_s,
+                  backoff_base_s=teacher.backoff_base_s, backoff_max_s=teacher.backoff_max_s,
+                  prices={k: tuple(v) for k, v in teacher.prices.items()},
+                  max_requests_per_minute=teacher.max_requests_per_minute, max_tokens_per_minute=teacher.max_tokens_per_minute)
+    if teacher.endpoint != "embedded":
+        if not teacher.model:
             raise ValueError("teacher.model (or INSTRUCTFLOW_TEACHER_MODEL) must name the model for a remote endpoint")
-        yield TeacherSettings(base_url=t.endpoint, model=t.model, api_key=teacher_api_key(t), **common)
+        yield TeacherSettings(base_url=teacher.endpoint, model=teacher.model, api_key=teacher_api_key(teacher), **common)
         return
     from instructflow.models.teacher_server import TeacherServer
 
-    model_dir = local_model_dir(t.embedded_model)
+    model_dir = local_model_dir(teacher.embedded_model)
     (home / "logs").mkdir(parents=True, exist_ok=True)
-    with TeacherServer(model_dir, startup_timeout_s=t.startup_timeout_s, continuous_batching=t.continuous_batching,
+    with TeacherServer(model_dir, startup_timeout_s=teacher.startup_timeout_s, continuous_batching=teacher.continuous_batching,
                        log_path=home / "logs" / "teacher-server.log") as server:
         yield TeacherSettings(base_url=server.base_url, model=server.model_name, api_key="none", **common)

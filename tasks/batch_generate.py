@@ -79,7 +79,7 @@ class BatchGenerator(Generator):
 
     # --- the loop -----------------------------------------------------------------------------------
     async def run(self) -> dict:
-        g, started = self.cfg.generate, time.monotonic()
+        generate_cfg, started = self.cfg.generate, time.monotonic()
         try:
             while True:
                 self.finish_open_batches()
@@ -98,12 +98,12 @@ class BatchGenerator(Generator):
             self.api.close()
             self.tally.batch = ""
             self._update(force=True)
-        if self.tally.failed > g.max_failed_fraction * self.tally.requests:
+        if self.tally.failed > generate_cfg.max_failed_fraction * self.tally.requests:
             raise GenerateFailed(
                 f"generate: {self.tally.failed} of {self.tally.requests} batch lines failed this run (more than "
-                f"generate.max_failed_fraction = {g.max_failed_fraction:g}); the failures are stored (see "
-                f"teacher_requests.error) and a rerun resubmits them, up to generate.key_attempts = {g.key_attempts}")
-        return {"seconds": time.monotonic() - started, "target_reached": self.tally.kept >= g.target_kept}
+                f"generate.max_failed_fraction = {generate_cfg.max_failed_fraction:g}); the failures are stored (see "
+                f"teacher_requests.error) and a rerun resubmits them, up to generate.key_attempts = {generate_cfg.key_attempts}")
+        return {"seconds": time.monotonic() - started, "target_reached": self.tally.kept >= generate_cfg.target_kept}
 
     # --- batches: open -> polled -> collected ------------------------------------------------------
     def finish_open_batches(self) -> None:
@@ -190,12 +190,12 @@ class BatchGenerator(Generator):
 
     # --- what the next batch holds ---------------------------------------------------------------
     def next_requests(self) -> list[tuple[TeacherRequest, str, dict]]:
-        g = self.cfg.generate
+        generate_cfg = self.cfg.generate
         states = queries.batch_key_states(self.wh, STAGE)
         out: list[tuple[TeacherRequest, str, dict]] = []
-        if g.instances and g.recipe == "self-instruct":
+        if generate_cfg.instances and generate_cfg.recipe == "self-instruct":
             for step in queries.instance_steps_to_do(self.wh):
-                if step["stored"] and 1 + step["replaced"] >= g.key_attempts:
+                if step["stored"] and 1 + step["replaced"] >= generate_cfg.key_attempts:
                     continue
                 cid, instruction = step["candidate_id"], step["instruction"]
                 clf = states.get(f"classify:{cid}")
@@ -204,34 +204,34 @@ class BatchGenerator(Generator):
                     is_classification = recipes.parse_classify(self.result_of(clf, request).text or "")
                     out.append((TeacherRequest(
                         key=f"instances:{cid}", prompt=recipes.instance_prompt(instruction, is_classification),
-                        params=self._decoding(recipes.INSTANCE_DECODING, g.instance_max_tokens)),
+                        params=self._decoding(recipes.INSTANCE_DECODING, generate_cfg.instance_max_tokens)),
                         "instances", {"candidate_id": cid, "is_classification": is_classification}))
                 else:
                     out.append((TeacherRequest(key=f"classify:{cid}", prompt=recipes.classify_prompt(instruction),
                                                params=dict(recipes.CLASSIFY_DECODING)), "classify", {"candidate_id": cid}))
-        if not out and self.tally.kept < g.target_kept:
-            todo, frontier = instruction_keys_to_send(queries.instruction_key_states(self.wh), g.max_requests,
-                                                      g.key_attempts)
-            for index in (todo + list(range(frontier, g.max_requests)))[: self._round_size()]:
+        if not out and self.tally.kept < generate_cfg.target_kept:
+            todo, frontier = instruction_keys_to_send(queries.instruction_key_states(self.wh), generate_cfg.max_requests,
+                                                      generate_cfg.key_attempts)
+            for index in (todo + list(range(frontier, generate_cfg.max_requests)))[: self._round_size()]:
                 request, n_demos = self.instruction_request(index)
                 out.append((request, "instructions", {"n_demos": n_demos}))
         free, held = keys_free_for_batch([r.key for r, _, _ in out], states)
         if held:  # the plan never asks for these (open batches are finished first): a bug, not a reason to pay twice
             raise RuntimeError(f"generate (batch): keys {held[:3]} are held by a batch; refusing to send them again")
-        exhausted = [k for k in free if k in states and states[k]["missing"] and states[k]["batches"] >= g.key_attempts]
+        exhausted = [k for k in free if k in states and states[k]["missing"] and states[k]["batches"] >= generate_cfg.key_attempts]
         if exhausted:
             raise GenerateFailed(f"generate: {len(exhausted)} request keys (e.g. {exhausted[0]}) were in "
-                                 f"{g.key_attempts} batches that ended without running them (last: "
+                                 f"{generate_cfg.key_attempts} batches that ended without running them (last: "
                                  f"{states[exhausted[0]]['error']}); see `instructflow batches`")
         return out
 
     def _round_size(self) -> int:
         """batch_size, or fewer once this run's yield says fewer prompts reach the target."""
-        g = self.cfg.generate
+        generate_cfg = self.cfg.generate
         kept_per_request = (self.tally.kept - self.kept_at_start) / max(self.instructions_handled, 1)
         if kept_per_request <= 0:
-            return g.batch_size
-        return min(g.batch_size, max(1, math.ceil((g.target_kept - self.tally.kept) / kept_per_request)))
+            return generate_cfg.batch_size
+        return min(generate_cfg.batch_size, max(1, math.ceil((generate_cfg.target_kept - self.tally.kept) / kept_per_request)))
 
     def submit(self, requests: list[tuple[TeacherRequest, str, dict]]) -> None:
         s = self.client.settings

@@ -189,17 +189,17 @@ class Generator:
         return params
 
     def instruction_request(self, index: int) -> tuple[TeacherRequest, int]:
-        g = self.cfg.generate
-        rng = random.Random(f"{g.seed}:{index}")  # same draws for the same key (from the pool as it is then)
-        if g.recipe == "self-instruct":
-            demos = recipes.sample_demos(self.seed_demos, self.machine_demos, rng, n_total=g.n_demos,
-                                         n_machine=g.n_machine_demos)
+        generate_cfg = self.cfg.generate
+        rng = random.Random(f"{generate_cfg.seed}:{index}")  # same draws for the same key (from the pool as it is then)
+        if generate_cfg.recipe == "self-instruct":
+            demos = recipes.sample_demos(self.seed_demos, self.machine_demos, rng, n_total=generate_cfg.n_demos,
+                                         n_machine=generate_cfg.n_machine_demos)
             prompt = recipes.self_instruct_prompt(demos)
-            params = self._decoding(recipes.SELF_INSTRUCT_DECODING, g.max_tokens)
+            params = self._decoding(recipes.SELF_INSTRUCT_DECODING, generate_cfg.max_tokens)
         else:
-            demos = rng.sample(self.seed_demos, min(g.alpaca_demos, len(self.seed_demos)))
-            prompt = recipes.alpaca_prompt(demos, n_requested=g.alpaca_instructions)
-            params = self._decoding(recipes.ALPACA_DECODING, g.max_tokens)
+            demos = rng.sample(self.seed_demos, min(generate_cfg.alpaca_demos, len(self.seed_demos)))
+            prompt = recipes.alpaca_prompt(demos, n_requested=generate_cfg.alpaca_instructions)
+            params = self._decoding(recipes.ALPACA_DECODING, generate_cfg.max_tokens)
         return TeacherRequest(key=instruction_key(index), prompt=prompt, params=params), len(demos)
 
     # --- the requests (run concurrently) -------------------------------------------------------
@@ -265,10 +265,10 @@ class Generator:
         self._stop_if_fatal(result)
         self.tally.add_result(result)
         self.instructions_handled += 1
-        g = self.cfg.generate
+        generate_cfg = self.cfg.generate
         parsed: list[recipes.ParsedInstruction] = []
         if result.ok and result.text is not None:
-            parse = recipes.parse_self_instruct if g.recipe == "self-instruct" else recipes.parse_alpaca
+            parse = recipes.parse_self_instruct if generate_cfg.recipe == "self-instruct" else recipes.parse_alpaca
             parsed = parse(result.text, work.n_demos, result.finish_reason, truncation=truncation_policy(self.cfg))
         ids = self._take_ids(len(parsed))  # pool ids must exist before the filter sees the candidate
         kept: list[tuple[int, str]] = []
@@ -287,14 +287,14 @@ class Generator:
                 self.tally.kept += 1
                 self.machine_demos.append(recipes.Demo(instruction=item.instruction, input=item.input,
                                                        output=item.output))
-                if g.recipe == "alpaca" and item.output:  # alpaca writes the instance with the instruction
+                if generate_cfg.recipe == "alpaca" and item.output:  # alpaca writes the instance with the instruction
                     self.batch.instances.append((cid, 0, item.input or "", item.output))
             else:
                 self.tally.rejected[reason] += 1
         self.batch.requests.append(self._request_row(result, "instructions", request.prompt))
         if work.replaces:
             self.batch.replaced_keys.append(request.key)
-        return kept if g.recipe == "self-instruct" else []
+        return kept if generate_cfg.recipe == "self-instruct" else []
 
     def handle_instance_step(self, work: InstanceWork) -> None:
         steps = [work.classify] + ([work.instances] if work.instances else [])
@@ -309,7 +309,7 @@ class Generator:
         if work.instances is None:
             return
         inst = work.instances[0]
-        g = self.cfg.generate
+        generate_cfg = self.cfg.generate
         if self.chat_instances:
             if inst.ok and inst.text is not None:
                 pairs = recipes.clean_instances([(work.chat_input, recipes.parse_chat_output(inst.text, inst.finish_reason))])
@@ -318,7 +318,7 @@ class Generator:
         self.batch.classifications.append((work.candidate_id, work.is_classification))
         if inst.ok and inst.text is not None:
             pairs = recipes.clean_instances(recipes.parse_instances(inst.text, work.is_classification,
-                                                                    g.max_instances), g.max_instances)
+                                                                    generate_cfg.max_instances), generate_cfg.max_instances)
             self.batch.instances += [(work.candidate_id, i, inp, out) for i, (inp, out) in enumerate(pairs)]
 
     # --- group commits ------------------------------------------------------------------------------
@@ -339,22 +339,23 @@ class Generator:
     def _commit_if_due(self) -> None:
         """Start a group commit in a worker thread when the batch is full or old enough; DuckDB
         releases the GIL while it writes, so requests keep flowing. One commit at a time, in order."""
-        g = self.cfg.generate
+        generate_cfg = self.cfg.generate
         if self.committing is not None:
             if not self.committing.done():
                 return
             self.committing.result()  # a failed write stops the run
             self.committing = None
-        if len(self.batch) >= g.commit_every or \
-                (len(self.batch) and time.monotonic() - self.batch_started >= g.commit_ms / 1000):
+        if len(self.batch) >= generate_cfg.commit_every or \
+                (len(self.batch) and time.monotonic() - self.batch_started >= generate_cfg.commit_ms / 1000):
             self.committing = asyncio.ensure_future(
                 asyncio.to_thread(queries.commit_generate_batch, self.wh, self._take_batch()))
 
     # --- the scheduler ------------------------------------------------------------------------------
     def _failing(self) -> bool:
         """Most of this run's requests failed (and enough of them to tell)."""
-        t, g = self.tally, self.cfg.generate
-        return t.requests >= max(8, self.client.settings.max_concurrency) and t.failed > g.max_failed_fraction * t.requests
+        tally, generate_cfg = self.tally, self.cfg.generate
+        return (tally.requests >= max(8, self.client.settings.max_concurrency)
+                and tally.failed > generate_cfg.max_failed_fraction * tally.requests)
 
     def _want_instructions(self) -> bool:
         """More instruction requests are needed: the in-flight ones, at this run's yield so far, would
@@ -366,16 +367,16 @@ class Generator:
         return self.tally.kept + kept_per_request * self.instructions_in_flight < target
 
     async def run(self) -> dict:
-        g = self.cfg.generate
+        generate_cfg = self.cfg.generate
         started = time.monotonic()
         steps: deque[InstanceWork] = deque()
-        if g.instances and g.recipe == "self-instruct":  # a killed run's unfinished or failed instance steps
+        if generate_cfg.instances and generate_cfg.recipe == "self-instruct":  # a killed run's unfinished or failed instance steps
             steps.extend(InstanceWork(r["candidate_id"], r["instruction"], bool(r["stored"]))
                          for r in queries.instance_steps_to_do(self.wh, self.instance_step_keys())
-                         if not r["stored"] or 1 + r["replaced"] < g.key_attempts)
+                         if not r["stored"] or 1 + r["replaced"] < generate_cfg.key_attempts)
         states = queries.instruction_key_states(self.wh)
         failed_keys = {row["request_key"] for row in states if row["failed"]}
-        todo, next_new = instruction_keys_to_send(states, g.max_requests, g.key_attempts)
+        todo, next_new = instruction_keys_to_send(states, generate_cfg.max_requests, generate_cfg.key_attempts)
         keys = deque(todo)
         in_flight: set[asyncio.Future] = set()
 
@@ -389,7 +390,7 @@ class Generator:
                 return None
             if keys:
                 index = keys.popleft()
-            elif next_new < g.max_requests:
+            elif next_new < generate_cfg.max_requests:
                 index, next_new = next_new, next_new + 1
             else:
                 return None
@@ -403,14 +404,14 @@ class Generator:
                     in_flight.add(asyncio.ensure_future(work))
                 if not in_flight:
                     break
-                wait_s = max(0.01, g.commit_ms / 1000 - (time.monotonic() - self.batch_started))
+                wait_s = max(0.01, generate_cfg.commit_ms / 1000 - (time.monotonic() - self.batch_started))
                 done, in_flight = await asyncio.wait(in_flight, timeout=wait_s if len(self.batch) else None,
                                                      return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     work = task.result()
                     if isinstance(work, InstructionWork):
                         self.instructions_in_flight -= 1
-                        if g.instances:
+                        if generate_cfg.instances:
                             steps.extend(InstanceWork(cid, text, False) for cid, text in self.handle_instructions(work))
                         else:
                             self.handle_instructions(work)
@@ -428,13 +429,13 @@ class Generator:
                 task.cancel()
             self._update(force=True)
         await self.flush()
-        if self.tally.failed > g.max_failed_fraction * self.tally.requests:
+        if self.tally.failed > generate_cfg.max_failed_fraction * self.tally.requests:
             raise GenerateFailed(
                 f"generate: {self.tally.failed} of {self.tally.requests} teacher requests to "
                 f"{self.client.settings.base_url} failed this run (more than generate.max_failed_fraction = "
-                f"{g.max_failed_fraction:g}); the failures are stored (see teacher_requests.error) and a rerun "
-                f"retries them, up to generate.key_attempts = {g.key_attempts} per key")
-        return {"seconds": time.monotonic() - started, "target_reached": self.tally.kept >= g.target_kept}
+                f"{generate_cfg.max_failed_fraction:g}); the failures are stored (see teacher_requests.error) and a rerun "
+                f"retries them, up to generate.key_attempts = {generate_cfg.key_attempts} per key")
+        return {"seconds": time.monotonic() - started, "target_reached": self.tally.kept >= generate_cfg.target_kept}
 
     def _update(self, force: bool) -> None:
         now = time.monotonic()
