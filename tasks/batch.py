@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping
 
 import openai
 
-from instructflow.tasks.teacher import TeacherRequest, TeacherSettings, _status_detail
+from instructflow.tasks.teacher import TeacherRequest, TeacherSettings, status_detail
 
 ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
@@ -121,7 +121,7 @@ class BatchAPI:
         try:
             return fn(*args, **kwargs)
         except openai.APIStatusError as exc:
-            raise BatchAPIError(self._redact(f"{what}: HTTP {exc.status_code}: {_status_detail(exc)}"),
+            raise BatchAPIError(self._redact(f"{what}: HTTP {exc.status_code}: {status_detail(exc)}"),
                                 exc.status_code) from None
         except openai.APIConnectionError as exc:
             cause = exc.__cause__ or exc.__context__

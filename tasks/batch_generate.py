@@ -75,7 +75,7 @@ class BatchGenerator(Generator):
             model = ChatCompletion if self.client.settings.api == "chat" else Completion
             response = model.construct(**body)
         # a batch line has no round trip of its own: latency 0, one attempt
-        return self.results._result(request, dict(request.params), response, state["error"], 1, 0.0)
+        return self.results.result_from_response(request, dict(request.params), response, state["error"], 1, 0.0)
 
     # --- the loop -----------------------------------------------------------------------------------
     async def run(self) -> dict:
@@ -98,11 +98,7 @@ class BatchGenerator(Generator):
             self.api.close()
             self.tally.batch = ""
             self._update(force=True)
-        if self.tally.failed > generate_cfg.max_failed_fraction * self.tally.requests:
-            raise GenerateFailed(
-                f"generate: {self.tally.failed} of {self.tally.requests} batch lines failed this run (more than "
-                f"generate.max_failed_fraction = {generate_cfg.max_failed_fraction:g}); the failures are stored (see "
-                f"teacher_requests.error) and a rerun resubmits them, up to generate.key_attempts = {generate_cfg.key_attempts}")
+        self.raise_if_mostly_failed("batch lines", "resubmits them")
         return {"seconds": time.monotonic() - started, "target_reached": self.tally.kept >= generate_cfg.target_kept}
 
     # --- batches: open -> polled -> collected ------------------------------------------------------

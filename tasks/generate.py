@@ -357,6 +357,16 @@ class Generator:
         return (tally.requests >= max(8, self.client.settings.max_concurrency)
                 and tally.failed > generate_cfg.max_failed_fraction * tally.requests)
 
+    def raise_if_mostly_failed(self, sent: str, rerun: str, per: str = "") -> None:
+        """A run whose failures exceed generate.max_failed_fraction fails (its failures are stored)."""
+        generate_cfg = self.cfg.generate
+        if self.tally.failed > generate_cfg.max_failed_fraction * self.tally.requests:
+            raise GenerateFailed(
+                f"generate: {self.tally.failed} of {self.tally.requests} {sent} failed this run (more than "
+                f"generate.max_failed_fraction = {generate_cfg.max_failed_fraction:g}); the failures are stored (see "
+                f"teacher_requests.error) and a rerun {rerun}, up to generate.key_attempts = "
+                f"{generate_cfg.key_attempts}{per}")
+
     def _want_instructions(self) -> bool:
         """More instruction requests are needed: the in-flight ones, at this run's yield so far, would
         not reach the target (so the run does not overshoot by a whole window of requests)."""
@@ -429,12 +439,8 @@ class Generator:
                 task.cancel()
             self._update(force=True)
         await self.flush()
-        if self.tally.failed > generate_cfg.max_failed_fraction * self.tally.requests:
-            raise GenerateFailed(
-                f"generate: {self.tally.failed} of {self.tally.requests} teacher requests to "
-                f"{self.client.settings.base_url} failed this run (more than generate.max_failed_fraction = "
-                f"{generate_cfg.max_failed_fraction:g}); the failures are stored (see teacher_requests.error) and a rerun "
-                f"retries them, up to generate.key_attempts = {generate_cfg.key_attempts} per key")
+        self.raise_if_mostly_failed(f"teacher requests to {self.client.settings.base_url}", "retries them",
+                                    " per key")
         return {"seconds": time.monotonic() - started, "target_reached": self.tally.kept >= generate_cfg.target_kept}
 
     def _update(self, force: bool) -> None:

@@ -216,7 +216,7 @@ def parse_retry_after(headers: Mapping[str, str] | None, now: float | None = Non
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def _status_detail(exc: openai.APIStatusError) -> str:
+def status_detail(exc: openai.APIStatusError) -> str:
     """The server's own words: OpenAI-style {"error": {"message"}}, FastAPI-style {"detail"}, or the raw body."""
     body = exc.body
     if isinstance(body, dict):
@@ -378,7 +378,7 @@ class TeacherClient:
         error = outcome.error
         if error is not None and outcome.retryable:
             error = f"{error} (gave up after {attempts} attempts)"
-        result = self._result(request, params, outcome.response, error, attempts, latency)
+        result = self.result_from_response(request, params, outcome.response, error, attempts, latency)
         result.fatal = outcome.fatal
         if not result.ok:  # usage is counted once, from the stored results (`queries.teacher_totals`)
             logger.warning("teacher request %s failed: %s", result.key, result.error)
@@ -399,7 +399,7 @@ class TeacherClient:
             else:
                 response = await client.completions.create(model=settings.model, prompt=prompt, **kwargs)
         except openai.APIStatusError as exc:
-            status, detail = exc.status_code, _status_detail(exc)
+            status, detail = exc.status_code, status_detail(exc)
             return _Attempt(error=self._redact(f"HTTP {status}: {detail}"),
                             retryable=status in RETRYABLE_STATUS or status >= 500,
                             retry_after_s=parse_retry_after(exc.response.headers),
@@ -423,7 +423,7 @@ class TeacherClient:
         message = " ".join(message.split())
         return message if len(message) <= MAX_ERROR_CHARS else message[:MAX_ERROR_CHARS] + "..."
 
-    def _result(self, request: TeacherRequest, params: dict, response: Any, error: str | None, attempts: int,
+    def result_from_response(self, request: TeacherRequest, params: dict, response: Any, error: str | None, attempts: int,
                 latency: float) -> TeacherResult:
         settings = self.settings
         texts: list[str] = []
