@@ -2,7 +2,6 @@
 reward-model score, KL of PPO to the reference (SFT), and the teacher's win rate in both orders."""
 from __future__ import annotations
 
-import asyncio
 import statistics
 from pathlib import Path
 
@@ -11,8 +10,8 @@ from prefect.cache_policies import NONE
 
 from instructflow.flows.common import StageContext, publish_artifacts, stable_hash, stage_context
 from instructflow.flows.stages import StageSpec
-from instructflow.flows.teacher import teacher_session
-from instructflow.tasks.judge import judge_pairs, win_rate
+from instructflow.flows.teacher import judge_with_teacher
+from instructflow.tasks.judge import win_rate
 from instructflow.tasks.plots import plot_bars, plot_histograms
 from instructflow.tasks.preferences import split_pairs
 from instructflow.tasks.prompts import format_prompt, heldout_prompts
@@ -87,8 +86,7 @@ def score_holdout(rows: list[dict], checkpoint: str) -> None:
 @task(name="judge-ppo-vs-sft", cache_policy=NONE)
 def judge(ctx: StageContext, rows: list[dict]) -> None:
     pairs = [(r["instruction"], r["ppo_response"], r["sft_response"]) for r in rows]
-    with teacher_session(ctx.cfg, ctx.home) as settings:
-        verdicts = asyncio.run(judge_pairs(ctx.wh, settings, "evaluate", pairs, force=ctx.force))
+    verdicts = judge_with_teacher(ctx, pairs)
     for row, verdict in zip(rows, verdicts):
         same = row["ppo_response"].strip() == row["sft_response"].strip()
         row["judge_outcome"] = "tie" if same else {"a": "ppo", "b": "sft"}.get(verdict["outcome"], verdict["outcome"])

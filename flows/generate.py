@@ -12,7 +12,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 from instructflow.flows.common import StageContext, publish_artifacts, seed_paths, stage_context
 from instructflow.flows.stages import StageSpec
 from instructflow.flows.teacher import teacher_session
-from instructflow.tasks.batch_generate import BatchGenerator, check_batch_endpoint
+from instructflow.tasks.batch_generate import BatchGenerator
 from instructflow.tasks.generate import Generator, Tally
 from instructflow.tasks.plots import plot_bars
 from instructflow.tasks.seeds import sync_seed_tasks
@@ -51,7 +51,6 @@ def generate_flow(profile: str = "cpu", home: str | None = None, config: str | N
         started = time.monotonic()
         kept_before = queries.candidate_counts(ctx.wh)["kept"]
         sync_seed_tasks(ctx.wh, seed_paths(ctx.cfg), max_chars=ctx.cfg.generate.max_seed_chars)
-        check_batch_endpoint(ctx.cfg)
         with teacher_session(ctx.cfg, ctx.home) as settings:
             tally = generate_instructions(ctx, settings)
         minutes = (time.monotonic() - started) / 60

@@ -3,7 +3,6 @@ judge each pair in both orders (a pair is kept only when both orders agree), and
 external preference files into the same table."""
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from pathlib import Path
 
@@ -13,9 +12,8 @@ from rich.progress import Progress
 
 from instructflow.flows.common import StageContext, publish_artifacts, stable_hash, stage_context
 from instructflow.flows.stages import StageSpec
-from instructflow.flows.teacher import teacher_session
+from instructflow.flows.teacher import judge_with_teacher
 from instructflow.tasks.config import Config
-from instructflow.tasks.judge import judge_pairs
 from instructflow.tasks.preferences import load_preference_file, pair_key, sample_pairs
 from instructflow.tasks.prompts import heldout_prompts
 from instructflow.tasks.seeds import shipped_path
@@ -50,8 +48,7 @@ def sample_responses(ctx: StageContext, model_path: str, prompts: list[str]) -> 
 def judge(ctx: StageContext, samples: dict[str, list[str]], instruction_of: dict[str, str]) -> int:
     pairs = [(instruction_of[prompt], texts[i], texts[j]) for prompt, texts in samples.items()
              for i, j in sample_pairs(len(texts)) if texts[i].strip() != texts[j].strip()]
-    with teacher_session(ctx.cfg, ctx.home) as settings:
-        rows = asyncio.run(judge_pairs(ctx.wh, settings, "preferences", pairs, force=ctx.force))
+    rows = judge_with_teacher(ctx, pairs)
     for row in rows:
         row.update(source="judged", pair_key=pair_key(row["prompt"], row["response_a"], row["response_b"]),
                    chosen={"a": row["response_a"], "b": row["response_b"]}.get(row["outcome"]),

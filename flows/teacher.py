@@ -3,12 +3,17 @@ default, `transformers serve` on a local model started for the stage and stopped
 (also on error or Ctrl-C)."""
 from __future__ import annotations
 
+import asyncio
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from instructflow.flows.common import cache_dir
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from instructflow.flows.common import StageContext, cache_dir
+from instructflow.tasks.batch import BatchAPIError, BatchJobs
 from instructflow.tasks.config import Config, teacher_api_key
+from instructflow.tasks.judge import judge_pairs
 from instructflow.tasks.teacher import TeacherSettings
 
 
@@ -47,3 +52,29 @@ def teacher_session(cfg: Config, home: Path) -> Iterator[TeacherSettings]:
     with TeacherServer(model_dir, startup_timeout_s=teacher.startup_timeout_s, continuous_batching=teacher.continuous_batching,
                        log_path=home / "logs" / "teacher-server.log") as server:
         yield TeacherSettings(base_url=server.base_url, model=server.model_name, api_key="none", **common)
+
+
+def judge_with_teacher(ctx: StageContext, pairs: list[tuple[str, str, str]]) -> list[dict]:
+    """The pairwise judge of the preferences and evaluate stages: this config's teacher, asked
+    synchronously or (`teacher.mode = "batch"`) as Batch API jobs of the stage, with one progress line."""
+    teacher = ctx.cfg.teacher
+    with teacher_session(ctx.cfg, ctx.home) as settings, \
+            Progress(SpinnerColumn(), TextColumn(f"[bold]{ctx.stage} judge"), TimeElapsedColumn(),
+                     TextColumn("{task.description}")) as progress:
+        line = progress.add_task(f"{len(pairs)} pairs, both orders", total=None)
+
+        def show(text: str) -> None:
+            progress.update(line, description=text or f"{len(pairs)} pairs, both orders")
+
+        jobs = BatchJobs(ctx.wh, ctx.stage, settings, teacher.prices, teacher.batch_prices, teacher.batch_poll_s,
+                         on_status=show) if teacher.mode == "batch" else None
+        try:
+            return asyncio.run(judge_pairs(ctx.wh, settings, ctx.stage, pairs, force=ctx.force, jobs=jobs,
+                                           on_progress=show))
+        except BatchAPIError as exc:
+            raise RuntimeError(f"{ctx.stage}: teacher endpoint {settings.base_url} refused a Batch API call: {exc} "
+                               f"(check teacher.endpoint and the API key env var {teacher.api_key_env}; the "
+                               f"verdicts stored so far are kept)") from None
+        finally:
+            if jobs is not None:
+                jobs.close()

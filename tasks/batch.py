@@ -8,12 +8,21 @@ batch ended without running them (expired, cancelled, a failed batch) or whose l
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-from typing import Any, Iterable, Mapping
+import logging
+import time
+from typing import Any, Callable, Iterable, Mapping
 
 import openai
+from openai.types import Completion
+from openai.types.chat import ChatCompletion
 
-from instructflow.tasks.teacher import TeacherRequest, TeacherSettings, status_detail
+from instructflow.tasks.teacher import TeacherClient, TeacherRequest, TeacherResult, TeacherSettings, status_detail
+from instructflow.warehouse import queries
+from instructflow.warehouse.store import Warehouse
+
+logger = logging.getLogger(__name__)
 
 ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
@@ -21,6 +30,7 @@ TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 # request, so the key is resubmitted rather than stored as failed.
 NOT_RUN_CODES = frozenset({"batch_expired", "batch_cancelled", "batch_failed"})
 COMPLETION_WINDOW = "24h"  # the only window the Batch API offers
+MAX_LINES = 50_000  # the Batch API's limit of requests per batch
 
 
 def batch_price_table(prices: Mapping[str, Any], batch_prices: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
@@ -158,3 +168,108 @@ class BatchAPI:
             if batch.input_file_id == input_file_id:
                 return batch
         return None
+
+
+class BatchFailed(RuntimeError):
+    """A batch cannot be collected here (failed as a whole, or open at another endpoint): one line."""
+
+
+class BatchJobs:
+    """One stage's batches in the warehouse: `submit` uploads and creates one, `finish_open` polls every
+    batch of the stage still open (a killed run's too) to its end and downloads its lines, `answered`
+    gives the lines collected but not stored yet, and `result_of` turns one into the TeacherResult a
+    synchronous request would have produced (priced at the batch rates)."""
+
+    def __init__(self, wh: Warehouse, stage: str, settings: TeacherSettings, prices: Mapping[str, Any],
+                 batch_prices: Mapping[str, Any], poll_s: float, on_status: Callable[[str], None] | None = None):
+        self.wh, self.stage, self.settings, self.poll_s = wh, stage, settings, poll_s
+        self.on_status = on_status or (lambda line: None)
+        self.results = TeacherClient(dataclasses.replace(settings, prices=batch_price_table(prices, batch_prices)))
+        self.api = BatchAPI(settings)
+
+    def close(self) -> None:
+        self.api.close()
+
+    def states(self) -> dict[str, dict]:
+        return queries.batch_key_states(self.wh, self.stage)
+
+    def answered(self) -> dict[str, dict]:
+        """key -> its collected line (an answer or a failed line) not stored in teacher_requests yet."""
+        return {k: s for k, s in self.states().items()
+                if s["collected_at"] is not None and not s["stored"] and not s["missing"]}
+
+    def result_of(self, state: dict, request: TeacherRequest) -> TeacherResult:
+        body = state["response"]
+        response = None
+        if body is not None:
+            model = ChatCompletion if self.settings.api == "chat" else Completion
+            response = model.construct(**body)
+        # a batch line has no round trip of its own: latency 0, one attempt
+        return self.results.result_from_response(request, dict(request.params), response, state["error"], 1, 0.0)
+
+    def submit(self, requests: list[tuple[TeacherRequest, str, dict]]) -> None:
+        """(request, purpose, what handling its answer needs) lines as one new batch."""
+        s = self.settings
+        input_file_id = self.api.upload(encode_jsonl(batch_line(request, s) for request, _, _ in requests))
+        queries.record_batch_input(self.wh, input_file_id, self.stage, s.base_url,
+                                   [(r.key, purpose, r.prompt, dict(r.params), meta) for r, purpose, meta in requests])
+        self._create(input_file_id)
+
+    def finish_open(self) -> None:
+        for row in queries.open_batches(self.wh, self.stage):
+            batch_id = row["batch_id"]
+            if row["endpoint"] != self.settings.base_url:
+                raise BatchFailed(f"batch {batch_id or row['input_file_id']} is open at {row['endpoint']}, not at "
+                                  f"teacher.endpoint {self.settings.base_url}: point teacher.endpoint back "
+                                  f"at it so it is collected, or `instructflow batches --cancel {batch_id}`")
+            if batch_id is None:  # killed between upload and create: adopt the batch if it was created
+                found = self.api.find_by_input(row["input_file_id"])
+                batch_id = found.id if found is not None else self._create(row["input_file_id"])
+                queries.set_batch_state(self.wh, row["input_file_id"], batch_id,
+                                        found.status if found is not None else "validating", None, None)
+            self._wait(row["input_file_id"], batch_id)
+        self.on_status("")
+
+    def _create(self, input_file_id: str) -> str:
+        batch = self.api.create(input_file_id, metadata={"instructflow_stage": self.stage})
+        queries.set_batch_state(self.wh, input_file_id, batch.id, batch.status, None, None)
+        logger.info("created batch %s from %s", batch.id, input_file_id)
+        return batch.id
+
+    def _wait(self, input_file_id: str, batch_id: str) -> None:
+        started = time.monotonic()
+        while True:
+            batch = self.api.retrieve(batch_id)
+            counts = batch.request_counts
+            done, failed, total = (counts.completed, counts.failed, counts.total) if counts else (0, 0, 0)
+            queries.set_batch_state(self.wh, input_file_id, batch_id, batch.status, done, failed)
+            self.on_status(f"batch {batch_id} {batch.status}: {done}/{total} done, {failed} failed, "
+                           f"{time.monotonic() - started:.0f}s")
+            if batch.status in TERMINAL:
+                break
+            time.sleep(self.poll_s)
+        self._collect(input_file_id, batch)
+
+    def _collect(self, input_file_id: str, batch) -> None:
+        output = self.api.content(batch.output_file_id) if batch.output_file_id else ""
+        errors = self.api.content(batch.error_file_id) if batch.error_file_id else ""
+        batch_error = "; ".join(f"{e.code}: {e.message}" for e in batch.errors.data) \
+            if batch.errors is not None and batch.errors.data else None
+        lines = line_outcomes(queries.batch_request_keys(self.wh, input_file_id), output, errors, batch_error,
+                              batch.status)
+        queries.store_batch_lines(self.wh, input_file_id, batch.status, batch.output_file_id, batch.error_file_id,
+                                  batch_error, lines)
+        missing = sum(1 for *_, m in lines if m)
+        logger.info("batch %s %s: %d lines, %d not run", batch.id, batch.status, len(lines), missing)
+        if batch.status == "failed":
+            raise BatchFailed(f"batch {batch.id} at {self.settings.base_url} failed: "
+                              f"{batch_error or 'no reason given'} (a rerun resubmits its keys)")
+
+    def exhausted(self, keys: Iterable[str], attempts: int, what: str) -> None:
+        """Refuse to send keys again that `attempts` batches already ended without running."""
+        states = self.states()
+        used_up = [k for k in keys if k in states and states[k]["missing"] and states[k]["batches"] >= attempts]
+        if used_up:
+            raise BatchFailed(f"{what}: {len(used_up)} request keys (e.g. {used_up[0]}) were in {attempts} batches "
+                              f"that ended without running them (last: {states[used_up[0]]['error']}); "
+                              f"see `instructflow batches`")

@@ -51,7 +51,7 @@ class TeacherConfig:
     continuous_batching: bool = False   # embedded only: `transformers serve --continuous-batching` (see README)
     max_requests_per_minute: float = 0.0  # the endpoint's request budget, paced; 0 = none (429s still slow us down)
     max_tokens_per_minute: float = 0.0    # the endpoint's token budget (prompt + completion), paced; 0 = none
-    mode: str = choice("sync", "sync", "batch")  # "batch": generate sends Batch API jobs (half price, see README)
+    mode: str = choice("sync", "sync", "batch")  # "batch": generate and the judge send Batch API jobs (half price)
     batch_poll_s: float = 30.0          # batch mode: seconds between polls of an open batch
     # batch mode: USD per 1M tokens, model -> [prompt, completion]; a model missing here costs half of `prices`
     batch_prices: dict = field(default_factory=dict)
@@ -388,6 +388,10 @@ def accelerate_config_file(name: str) -> Path | None:
 
 def _cross_key_rules(name: str, section: Any) -> list[tuple[str, bool, str]]:
     """(key, ok, what it must be) for keys whose range depends on another key of the same section."""
+    if name == "teacher":  # refused at load, not after preferences sampled for minutes
+        return [("mode", section.mode != "batch" or section.endpoint != "embedded",
+                 "'sync' with teacher.endpoint = 'embedded' (transformers serve has no Batch API): point "
+                 "teacher.endpoint at one that has, e.g. https://api.openai.com/v1")]
     if name == "generate":
         return [("n_machine_demos", section.n_machine_demos <= section.n_demos, "<= generate.n_demos")]
     if name == "filter":

@@ -1,6 +1,7 @@
 """AlpacaFarm-style pairwise judge: the prompt, the verdict parser and the rule that combines the
-two orders (pure logic), then `judge_pairs`, which asks the teacher and keeps every verdict in the
-warehouse (the preferences and evaluate stages both judge with it).
+two orders (pure logic), then `judge_pairs`, which asks the teacher (synchronously, or as Batch API
+jobs in `teacher.mode = "batch"`) and keeps every verdict in the warehouse (the preferences and
+evaluate stages both judge with it).
 
 Each pair is asked twice, once as (a=x, b=y) and once swapped (a=y, b=x), to cancel the judge's
 position bias: a pair counts only when both orders agree.
@@ -10,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from typing import Callable
 
+from instructflow.tasks.batch import MAX_LINES, BatchJobs, keys_free_for_batch
 from instructflow.tasks.preferences import pair_key
 from instructflow.tasks.teacher import TeacherClient, TeacherRequest, TeacherSettings
 from instructflow.warehouse import queries
@@ -135,32 +138,39 @@ def judge_requests(judge_model: str, instruction: str, a: str, b: str) -> tuple[
                            prompt=pairwise_judge_prompt(instruction, b, a), params=dict(JUDGE_DECODING)))
 
 
+JUDGE_BATCH_ATTEMPTS = 3  # batch mode: a verdict whose line failed (or never ran) goes into at most this many batches
+
+
 async def judge_pairs(wh: Warehouse, settings: TeacherSettings, stage: str, pairs: list[tuple[str, str, str]],
-                      force: bool = False) -> list[dict]:
+                      force: bool = False, jobs: BatchJobs | None = None,
+                      on_progress: Callable[[str], None] | None = None) -> list[dict]:
     """Ask the teacher about each (instruction, a, b) in both orders. Verdicts this judge gave before
     are not re-asked unless `force`; a forced answer replaces the stored one (which moves to history).
+    `jobs`: batch mode, the requests go as Batch API jobs of this stage.
     Returns rows with verdicts mapped to the (a, b) order and the combined outcome a|b|tie|disagree|invalid."""
+    show = on_progress or (lambda line: None)
     requests = [r for inst, a, b in pairs for r in judge_requests(settings.model, inst, a, b)]
+    if jobs is not None:
+        ask_in_batches(wh, jobs, stage, requests, force, show)
+    else:
+        todo = [r for r in requests if force or queries.stored_request(wh, r.key) is None]
+        if todo:
+            client = TeacherClient(settings)
+            prompts, done = {r.key: r.prompt for r in todo}, []
+
+            def keep(result) -> None:  # stored the moment it finishes: a killed run re-asks nothing
+                queries.replace_teacher_result(wh, result, stage, "judge", prompts[result.key])
+                done.append(result.key)
+                show(f"judged {len(done)}/{len(todo)} requests")
+
+            try:
+                await client.complete_all(todo, on_result=keep)
+            finally:
+                await client.aclose()
     texts: dict[str, str | None] = {}
-    todo = []
     for request in requests:
-        stored = None if force else queries.stored_request(wh, request.key)
-        if stored is not None:
-            texts[request.key] = stored["texts"][0] if stored["texts"] and not stored["error"] else None
-        else:
-            todo.append(request)
-    if todo:
-        client = TeacherClient(settings)
-        prompts = {r.key: r.prompt for r in todo}
-
-        def keep(result) -> None:  # stored the moment it finishes: a killed run re-asks nothing
-            queries.replace_teacher_result(wh, result, stage, "judge", prompts[result.key])
-            texts[result.key] = result.text if result.ok else None
-
-        try:
-            await client.complete_all(todo, on_result=keep)
-        finally:
-            await client.aclose()
+        stored = queries.stored_request(wh, request.key)
+        texts[request.key] = stored["texts"][0] if stored and stored["texts"] and not stored["error"] else None
     rows = []
     for inst, a, b in pairs:
         ab, ba = judge_requests(settings.model, inst, a, b)
@@ -173,3 +183,35 @@ async def judge_pairs(wh: Warehouse, settings: TeacherSettings, stage: str, pair
                      "verdict_ba": verdict_ba, "outcome": outcome, "judge_model": settings.model,
                      "judge_text_ab": texts.get(ab.key), "judge_text_ba": texts.get(ba.key)})
     return rows
+
+
+def ask_in_batches(wh: Warehouse, jobs: BatchJobs, stage: str, requests: list[TeacherRequest], force: bool,
+                   show: Callable[[str], None]) -> None:
+    """Batch mode: first the stage's open batches (a killed run's) are polled and what they answered is
+    stored; then every request without a stored verdict (all of them, if forced) goes into a batch, and
+    again while lines fail or go unrun, up to JUDGE_BATCH_ATTEMPTS batches per key. A key an open
+    batch holds is never sent again, so a rerun pays for nothing twice."""
+    asked_now: set[str] = set()  # stored in this call: a forced request counts as answered once it is
+    while True:
+        jobs.finish_open()
+        for key, state in jobs.answered().items():
+            request = TeacherRequest(key=key, prompt=state["prompt"], params=state["params"])
+            queries.replace_teacher_result(wh, jobs.result_of(state, request), stage, "judge", state["prompt"])
+            asked_now.add(key)
+        states = jobs.states()
+        todo = []
+        for request in requests:
+            stored = queries.stored_request(wh, request.key)
+            if stored is not None and (request.key in asked_now or not force):
+                tried = states.get(request.key, {}).get("batches", 0)
+                if stored["error"] is None or tried >= JUDGE_BATCH_ATTEMPTS:
+                    continue
+            todo.append(request)
+        if not todo:
+            return
+        free, held = keys_free_for_batch([r.key for r in todo], states)
+        if held:  # open batches were finished above: a bug, not a reason to pay twice
+            raise RuntimeError(f"{stage} (batch): keys {held[:3]} are held by a batch; refusing to send them again")
+        jobs.exhausted(free, JUDGE_BATCH_ATTEMPTS, f"{stage} judge")
+        show(f"submitting {min(len(todo), MAX_LINES)} judge requests as a batch")
+        jobs.submit([(r, "judge", {}) for r in todo[:MAX_LINES]])

@@ -41,3 +41,11 @@ def query(home: Path, sql: str, params=()):
         return con.execute(sql, list(params)).fetchall()
     finally:
         con.close()
+
+
+def shared_api() -> dict:
+    """The session's Prefect API (the `prefect_api` fixture) for commands whose ephemeral start is not
+    what is tested (~20 s each)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return {"PREFECT_API_URL": PREFECT_API_URL.value()}

@@ -12,7 +12,7 @@ import duckdb
 import pytest
 
 from batch_server import BatchServer, Plan
-from cliutil import cli, cli_popen, query
+from cliutil import cli, cli_popen, query, shared_api
 
 KEY = "sk-batch-test-0123456789"
 
@@ -54,15 +54,17 @@ def test_keys_held_by_open_or_unstored_batches_are_never_free():
     assert held == ["open", "answered"] and free == ["stored", "missing", "new"]
 
 
-def test_batch_mode_refuses_the_embedded_teacher_in_one_line():
-    from instructflow.tasks.batch_generate import check_batch_endpoint
-    from instructflow.tasks.config import load_config
+def test_batch_mode_with_the_embedded_teacher_is_refused_when_the_config_loads(tmp_path, monkeypatch):
+    from instructflow.tasks.config import ConfigError, load_config
 
-    cfg = load_config("tiny")
-    check_batch_endpoint(cfg)                                   # sync: nothing to check
-    cfg.teacher.mode = "batch"
-    with pytest.raises(ValueError, match=r"teacher.mode = 'batch' needs an endpoint that speaks the Batch API"):
-        check_batch_endpoint(cfg)
+    path = tmp_path / "c.toml"
+    path.write_text("[profiles.t]\ninherits = 'tiny'\n[profiles.t.teacher]\nmode = 'batch'\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config("t", path)
+    message = str(refused.value)
+    assert "\n" not in message and str(path) in message and "profiles.t.teacher.mode must be 'sync'" in message
+    monkeypatch.setenv("INSTRUCTFLOW_TEACHER_ENDPOINT", "http://127.0.0.1:9/v1")
+    assert load_config("t", path).teacher.mode == "batch"       # a real endpoint: fine
 
 
 # --- the stage, end to end ---------------------------------------------------------------------
@@ -296,8 +298,8 @@ def test_a_run_killed_between_upload_and_create_finds_or_creates_its_batch(tmp_p
         adopted = client.create(uploads[0]).id   # created at the endpoint, the id never recorded
         client.close()
         generator = BatchGenerator(wh, cfg, TeacherClient(settings))
-        generator.finish_open_batches()
-        generator.api.close()
+        generator.jobs.finish_open()
+        generator.jobs.close()
         assert api.created[0] == adopted and len(api.created) == 2       # adopted one, created the missing one
         assert api.keys[api.created[1]] == ["instructions:000001"]
         assert [(r["batch_id"], r["status"]) for r in wh.rows(
@@ -332,3 +334,92 @@ def test_alpaca_recipe_sends_one_batch_for_all_its_prompts(tmp_path, teacher, ap
     assert [api.keys[b] for b in api.created] == [[f"instructions:{i:06d}" for i in range(3)]]
     assert wh.scalar("SELECT count(*) FROM teacher_requests WHERE error IS NULL AND purpose = 'instructions'") == 3
     wh.close()
+
+
+# --- the judge (preferences, evaluate) in batch mode ----------------------------------------------
+JUDGED = [("Name a primary colour.", "Red.", "Banana."), ("What is 2 + 2?", "4", "22")]
+
+
+@pytest.mark.slow
+def test_judge_in_batch_mode_resends_only_failed_and_unrun_lines_and_never_re_asks(tmp_path, teacher, api):
+    """In-process (the stage's CLI path, with a kill, is the next test): 2 pairs = 4 verdict requests."""
+    import asyncio
+
+    from instructflow.tasks.batch import BatchJobs
+    from instructflow.tasks.judge import judge_pairs, judge_requests
+    from instructflow.tasks.teacher import TeacherSettings
+    from instructflow.warehouse.store import open_warehouse
+
+    (tmp_path / "home").mkdir()
+    wh = open_warehouse(tmp_path / "home")
+    settings = TeacherSettings(base_url=api.base_url, model=teacher.model_name, api_key=KEY)
+    prices = {teacher.model_name: [2.0, 4.0]}
+
+    def judge(force: bool = False) -> list[dict]:
+        jobs = BatchJobs(wh, "evaluate", settings, prices, {}, poll_s=0.1)
+        try:
+            return asyncio.run(judge_pairs(wh, settings, "evaluate", JUDGED, force=force, jobs=jobs))
+        finally:
+            jobs.close()
+
+    keys = [r.key for inst, a, b in JUDGED for r in judge_requests(teacher.model_name, inst, a, b)]
+    api.plans.append(Plan(fail_lines={1}, expire_after=3))      # lines 0, 2 answered; 1 fails; 3 never runs
+    rows = judge()
+    first, second = api.created
+    assert api.keys[first] == sorted(keys) and api.keys[second] == sorted(keys)[1::2]
+    assert all(r["judge_text_ab"] is not None and r["judge_text_ba"] is not None for r in rows)
+    stored = wh.rows("SELECT request_key, stage, purpose, error, prompt_tokens, completion_tokens, cost_usd "
+                     "FROM teacher_requests ORDER BY 1")
+    assert [r["request_key"] for r in stored] == sorted(keys)
+    assert {(r["stage"], r["purpose"], r["error"]) for r in stored} == {("evaluate", "judge", None)}
+    assert all(r["cost_usd"] == pytest.approx((r["prompt_tokens"] * 1.0 + r["completion_tokens"] * 2.0) / 1e6)
+               for r in stored)                                  # half of `prices`
+    assert [(r["request_key"], r["error"]) for r in wh.rows("SELECT * FROM teacher_request_history")] == \
+        [(sorted(keys)[1], "HTTP 500: simulated server error")]   # the failure is on record
+    assert judge() == rows and len(api.created) == 2             # stored verdicts: no new batch
+    judge(force=True)                                            # --force: one batch asks all four again
+    assert len(api.created) == 3 and api.keys[api.created[2]] == sorted(keys)
+    assert wh.scalar("SELECT count(*) FROM teacher_request_history") == 5
+    assert wh.scalar("SELECT count(*) FROM teacher_requests") == 4
+    wh.close()
+
+
+@pytest.mark.slow
+def test_preferences_stage_in_batch_mode_killed_while_polling_resumes_the_same_batch(tmp_path, teacher, api,
+                                                                                     prefect_api):
+    """The real CLI: `run --stages filter,sft` on the tiny profile gives the SFT model to sample from;
+    the preferences stage's judge batch is held open, the stage SIGKILLed, and the rerun collects it."""
+    from instructflow.tasks.preferences import pair_key
+
+    home = tmp_path / "home"
+    config = batch_config(tmp_path, api, teacher, "")
+    sft = cli("run", "--profile", "tiny", "--stages", "filter,sft", home=home, **shared_api())
+    assert sft.returncode == 0, sft.stderr[-3000:]
+    api.hold()
+    api.plans.append(Plan(hold=True))
+    run = cli_popen("stage", "preferences", "--profile", "t", "--config", str(config), home=home,
+                    OPENAI_API_KEY=KEY, **shared_api())
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and run.poll() is None and \
+            not (api.created and sum(1 for _, b in api.retrieves if b == api.created[0]) >= 2):
+        time.sleep(0.1)
+    assert run.poll() is None, f"run ended before it could be killed: {run.stderr.read()[-2000:]}"
+    run.send_signal(signal.SIGKILL)
+    run.wait(timeout=30)
+    first = api.created[0]
+    status = json.loads(cli("status", "--json", "--profile", "t", "--config", str(config), home=home).stdout)
+    assert status["open_batches"] == [first]
+    api.release()
+
+    out = cli("stage", "preferences", "--profile", "t", "--config", str(config), home=home,
+              OPENAI_API_KEY=KEY, **shared_api())
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert api.created == [first] and api.retrieves[-1][1] == first   # polled the same batch, created none
+    judged = query(home, "SELECT prompt, response_a, response_b, pair_key FROM preference_pairs WHERE source = 'judged'")
+    assert judged and all(key == pair_key(p, a, b) for p, a, b, key in judged)
+    assert query(home, "SELECT count(*), count(DISTINCT request_key), count(error) FROM teacher_requests "
+                       "WHERE purpose = 'judge'")[0] == (len(api.keys[first]), len(api.keys[first]), 0)
+    assert len(api.keys[first]) == 2 * len(judged)               # both orders of every judged pair, in one batch
+    assert [s for (s,) in query(home, "SELECT status FROM stage_runs WHERE stage = 'preferences' "
+                                      "ORDER BY started_at")] == ["failed", "success"]
+    assert KEY.encode() not in (home / "warehouse.duckdb").read_bytes()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cliutil import cli, cli_env, cli_popen, exe
+from cliutil import cli, cli_env, cli_popen, exe, shared_api
 
 pytestmark = pytest.mark.slow  # starts a server, Prefect, or trains
 
@@ -189,13 +189,6 @@ def project(tmp_path: Path, body: str) -> Path:
 
 
 GOOD_SEED = json.dumps({"instruction": "Name a color.", "instances": [{"input": "", "output": "Blue."}]})
-
-
-def shared_api() -> dict:
-    """The session's Prefect API for commands whose ephemeral start is not what is tested (~20 s each)."""
-    from prefect.settings import PREFECT_API_URL
-
-    return {"PREFECT_API_URL": PREFECT_API_URL.value()}
 
 
 @pytest.mark.parametrize("kind", ["seed", "preference"])
