@@ -117,6 +117,22 @@ def assert_never_paid_twice(api: BatchServer) -> None:
         answered_by.update(dict.fromkeys(api.answered[batch_id], batch_id))
 
 
+def kill_while_polling(api: BatchServer, stage: str, config: Path, home: Path, deadline_s: float, **env) -> str:
+    """Run `instructflow stage STAGE` with its first batch held open; SIGKILL it once it polled that
+    batch twice. Returns the batch id."""
+    api.hold()
+    api.plans.append(Plan(hold=True))
+    run = cli_popen("stage", stage, "--profile", "t", "--config", str(config), home=home, OPENAI_API_KEY=KEY, **env)
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline and run.poll() is None and \
+            not (api.created and sum(1 for _, b in api.retrieves if b == api.created[0]) >= 2):
+        time.sleep(0.1)
+    assert run.poll() is None, f"run ended before it could be killed: {run.stderr.read()[-2000:]}"
+    run.send_signal(signal.SIGKILL)
+    run.wait(timeout=30)
+    return api.created[0]
+
+
 @pytest.mark.slow
 def test_batch_generate_stage_end_to_end_with_failed_and_expired_lines(tmp_path, teacher, api):
     home = tmp_path / "home"
@@ -171,17 +187,7 @@ def test_batch_generate_stage_end_to_end_with_failed_and_expired_lines(tmp_path,
 def test_sigkill_while_polling_then_rerun_polls_the_same_batch(tmp_path, teacher, api):
     home = tmp_path / "home"
     config = batch_config(tmp_path, api, teacher, "max_requests = 2\nbatch_size = 1\ninstances = false\n")
-    api.hold()
-    api.plans.append(Plan(hold=True))
-    run = cli_popen("stage", "generate", "--profile", "t", "--config", str(config), home=home, OPENAI_API_KEY=KEY)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and run.poll() is None and \
-            not (api.created and sum(1 for _, b in api.retrieves if b == api.created[0]) >= 2):
-        time.sleep(0.1)
-    assert run.poll() is None, f"run ended before it could be killed: {run.stderr.read()[-2000:]}"
-    run.send_signal(signal.SIGKILL)
-    run.wait(timeout=30)
-    first = api.created[0]
+    first = kill_while_polling(api, "generate", config, home, deadline_s=180)
     assert query(home, "SELECT batch_id, collected_at FROM teacher_batches") == [(first, None)]
     status = json.loads(cli("status", "--json", "--profile", "t", "--config", str(config), home=home).stdout)
     assert status["open_batches"] == [first]
@@ -395,18 +401,7 @@ def test_preferences_stage_in_batch_mode_killed_while_polling_resumes_the_same_b
     config = batch_config(tmp_path, api, teacher, "")
     sft = cli("run", "--profile", "tiny", "--stages", "filter,sft", home=home, **shared_api())
     assert sft.returncode == 0, sft.stderr[-3000:]
-    api.hold()
-    api.plans.append(Plan(hold=True))
-    run = cli_popen("stage", "preferences", "--profile", "t", "--config", str(config), home=home,
-                    OPENAI_API_KEY=KEY, **shared_api())
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and run.poll() is None and \
-            not (api.created and sum(1 for _, b in api.retrieves if b == api.created[0]) >= 2):
-        time.sleep(0.1)
-    assert run.poll() is None, f"run ended before it could be killed: {run.stderr.read()[-2000:]}"
-    run.send_signal(signal.SIGKILL)
-    run.wait(timeout=30)
-    first = api.created[0]
+    first = kill_while_polling(api, "preferences", config, home, deadline_s=240, **shared_api())
     status = json.loads(cli("status", "--json", "--profile", "t", "--config", str(config), home=home).stdout)
     assert status["open_batches"] == [first]
     api.release()
