@@ -371,7 +371,7 @@ def batches(home: Optional[str] = HomeOpt, profile: Optional[str] = ProfileOpt, 
     except WarehouseError as exc:
         fail(str(exc), code=1)
     try:
-        row = next((b for b in queries.batch_rows(wh, limit=1_000_000) if b["batch_id"] == cancel), None)
+        row = queries.batch_by_id(wh, cancel)
         if row is None:
             fail(f"no batch {cancel!r} in this warehouse (`instructflow batches` lists them)", code=1)
         cfg, _ = _config_for_reading(profile, config, wh)
@@ -382,7 +382,7 @@ def batches(home: Optional[str] = HomeOpt, profile: Optional[str] = ProfileOpt, 
         finally:
             api.close()
         queries.mark_batch_cancelling(wh, cancel, batch.status)
-        console.print(f"batch {cancel}: {batch.status} (the next generate run collects what it finished and "
+        console.print(f"batch {cancel}: {batch.status} (the next run of its stage collects what it finished and "
                       "resubmits only the rest)", highlight=False)
     except (ConfigError, BatchAPIError) as exc:
         fail(str(exc), code=1)

@@ -66,7 +66,7 @@ def judge_with_teacher(ctx: StageContext, pairs: list[tuple[str, str, str]]) -> 
         def show(text: str) -> None:
             progress.update(line, description=text or f"{len(pairs)} pairs, both orders")
 
-        jobs = BatchJobs(ctx.wh, ctx.stage, settings, teacher.prices, teacher.batch_prices, teacher.batch_poll_s,
+        jobs = BatchJobs(ctx.wh, ctx.stage, settings, teacher.batch_prices, teacher.batch_poll_s,
                          on_status=show) if teacher.mode == "batch" else None
         try:
             return asyncio.run(judge_pairs(ctx.wh, settings, ctx.stage, pairs, force=ctx.force, jobs=jobs,

@@ -112,10 +112,6 @@ def keys_free_for_batch(keys: Iterable[str], states: Mapping[str, Mapping]) -> t
 class BatchAPIError(RuntimeError):
     """The endpoint refused or failed a Batch API call: one line, the key redacted."""
 
-    def __init__(self, message: str, status: int | None = None):
-        super().__init__(message)
-        self.status = status
-
 
 class BatchAPI:
     def __init__(self, settings: TeacherSettings):
@@ -131,8 +127,7 @@ class BatchAPI:
         try:
             return fn(*args, **kwargs)
         except openai.APIStatusError as exc:
-            raise BatchAPIError(self._redact(f"{what}: HTTP {exc.status_code}: {status_detail(exc)}"),
-                                exc.status_code) from None
+            raise BatchAPIError(self._redact(f"{what}: HTTP {exc.status_code}: {status_detail(exc)}")) from None
         except openai.APIConnectionError as exc:
             cause = exc.__cause__ or exc.__context__
             raise BatchAPIError(self._redact(f"{what}: connection error: {cause or exc.message}")) from None
@@ -180,11 +175,12 @@ class BatchJobs:
     gives the lines collected but not stored yet, and `result_of` turns one into the TeacherResult a
     synchronous request would have produced (priced at the batch rates)."""
 
-    def __init__(self, wh: Warehouse, stage: str, settings: TeacherSettings, prices: Mapping[str, Any],
-                 batch_prices: Mapping[str, Any], poll_s: float, on_status: Callable[[str], None] | None = None):
+    def __init__(self, wh: Warehouse, stage: str, settings: TeacherSettings, batch_prices: Mapping[str, Any],
+                 poll_s: float, on_status: Callable[[str], None] | None = None):
         self.wh, self.stage, self.settings, self.poll_s = wh, stage, settings, poll_s
         self.on_status = on_status or (lambda line: None)
-        self.results = TeacherClient(dataclasses.replace(settings, prices=batch_price_table(prices, batch_prices)))
+        self.results = TeacherClient(dataclasses.replace(
+            settings, prices=batch_price_table(settings.prices, batch_prices)))
         self.api = BatchAPI(settings)
 
     def close(self) -> None:
@@ -198,7 +194,13 @@ class BatchJobs:
         return {k: s for k, s in self.states().items()
                 if s["collected_at"] is not None and not s["stored"] and not s["missing"]}
 
-    def result_of(self, state: dict, request: TeacherRequest) -> TeacherResult:
+    @staticmethod
+    def request_of(state: dict) -> TeacherRequest:
+        """The request a batch line was made from (its state row holds key, prompt and params)."""
+        return TeacherRequest(key=state["request_key"], prompt=state["prompt"], params=state["params"])
+
+    def result_of(self, state: dict) -> TeacherResult:
+        request = self.request_of(state)
         body = state["response"]
         response = None
         if body is not None:
@@ -265,10 +267,14 @@ class BatchJobs:
             raise BatchFailed(f"batch {batch.id} at {self.settings.base_url} failed: "
                               f"{batch_error or 'no reason given'} (a rerun resubmits its keys)")
 
-    def exhausted(self, keys: Iterable[str], attempts: int, what: str) -> None:
-        """Refuse to send keys again that `attempts` batches already ended without running."""
-        states = self.states()
-        used_up = [k for k in keys if k in states and states[k]["missing"] and states[k]["batches"] >= attempts]
+    def check_sendable(self, keys: list[str], states: Mapping[str, Mapping], attempts: int, what: str) -> None:
+        """Refuse keys that an open batch holds or whose answer is not stored yet (the plan never asks
+        for these, since open batches are finished first: a bug, not a reason to pay twice), and keys
+        that `attempts` batches already ended without running."""
+        free, held = keys_free_for_batch(keys, states)
+        if held:
+            raise RuntimeError(f"{what} (batch): keys {held[:3]} are held by a batch; refusing to send them again")
+        used_up = [k for k in free if k in states and states[k]["missing"] and states[k]["batches"] >= attempts]
         if used_up:
             raise BatchFailed(f"{what}: {len(used_up)} request keys (e.g. {used_up[0]}) were in {attempts} batches "
                               f"that ended without running them (last: {states[used_up[0]]['error']}); "

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from instructflow.tasks import recipes
-from instructflow.tasks.batch import MAX_LINES, BatchAPIError, BatchFailed, BatchJobs, keys_free_for_batch
+from instructflow.tasks.batch import MAX_LINES, BatchAPIError, BatchFailed, BatchJobs
 from instructflow.tasks.config import Config
 from instructflow.tasks.generate import (GenerateFailed, Generator, InstanceWork, InstructionWork, Tally,
                                          instruction_keys_to_send)
@@ -47,8 +47,11 @@ class BatchGenerator(Generator):
                  on_update: Callable[[Tally], None] | None = None):
         super().__init__(wh, cfg, client, on_update)
         self.tally = BatchTally(kept=self.kept_at_start)
-        self.jobs = BatchJobs(wh, STAGE, client.settings, cfg.teacher.prices, cfg.teacher.batch_prices,
-                              cfg.teacher.batch_poll_s, on_status=self._show_batch)
+        self.jobs = BatchJobs(wh, STAGE, client.settings, cfg.teacher.batch_prices, cfg.teacher.batch_poll_s,
+                              on_status=self._show_batch)
+        # chat instance prompts need the input before the output is asked for: one batch per round
+        # cannot, so batch mode keeps the reference prompts
+        self.chat_instances = False
 
     def _show_batch(self, line: str) -> None:
         self.tally.batch = line
@@ -87,21 +90,19 @@ class BatchGenerator(Generator):
         stored_instruction_keys = {r["request_key"] for r in queries.instruction_key_states(self.wh)}
         for key in sorted(k for k, s in answered.items() if s["purpose"] == "instructions"):
             state = answered[key]
-            request = TeacherRequest(key=key, prompt=state["prompt"], params=state["params"])
             self.handle_instructions(InstructionWork(
-                index=int(key.split(":")[1]), replaces=key in stored_instruction_keys, request=request,
-                n_demos=state["meta"]["n_demos"], result=self.jobs.result_of(state, request)))
+                index=int(key.split(":")[1]), replaces=key in stored_instruction_keys,
+                request=self.jobs.request_of(state), n_demos=state["meta"]["n_demos"],
+                result=self.jobs.result_of(state)))
         for step in queries.instance_steps_to_do(self.wh):
             cid = step["candidate_id"]
             clf, inst = answered.get(f"classify:{cid}"), answered.get(f"instances:{cid}")
             if clf is None or (clf["error"] is None and inst is None):
                 continue  # nothing answered, or classified and its instances are not answered yet
-            clf_request = TeacherRequest(key=f"classify:{cid}", prompt=clf["prompt"], params=clf["params"])
             work = InstanceWork(cid, step["instruction"], bool(step["stored"]),
-                                classify=(self.jobs.result_of(clf, clf_request), clf["prompt"]))
+                                classify=(self.jobs.result_of(clf), clf["prompt"]))
             if clf["error"] is None:
-                inst_request = TeacherRequest(key=f"instances:{cid}", prompt=inst["prompt"], params=inst["params"])
-                work.instances = (self.jobs.result_of(inst, inst_request), inst["prompt"])
+                work.instances = (self.jobs.result_of(inst), inst["prompt"])
                 work.is_classification = bool(inst["meta"]["is_classification"])
             self.handle_instance_step(work)
         if len(self.batch):
@@ -119,8 +120,7 @@ class BatchGenerator(Generator):
                 cid, instruction = step["candidate_id"], step["instruction"]
                 clf = states.get(f"classify:{cid}")
                 if clf is not None and clf["response"] is not None and not clf["stored"]:
-                    request = TeacherRequest(key=f"classify:{cid}", prompt=clf["prompt"], params=clf["params"])
-                    is_classification = recipes.parse_classify(self.jobs.result_of(clf, request).text or "")
+                    is_classification = recipes.parse_classify(self.jobs.result_of(clf).text or "")
                     out.append((TeacherRequest(
                         key=f"instances:{cid}", prompt=recipes.instance_prompt(instruction, is_classification),
                         params=self._decoding(recipes.INSTANCE_DECODING, generate_cfg.instance_max_tokens)),
@@ -134,10 +134,7 @@ class BatchGenerator(Generator):
             for index in (todo + list(range(frontier, generate_cfg.max_requests)))[: self._round_size()]:
                 request, n_demos = self.instruction_request(index)
                 out.append((request, "instructions", {"n_demos": n_demos}))
-        free, held = keys_free_for_batch([r.key for r, _, _ in out], states)
-        if held:  # the plan never asks for these (open batches are finished first): a bug, not a reason to pay twice
-            raise RuntimeError(f"generate (batch): keys {held[:3]} are held by a batch; refusing to send them again")
-        self.jobs.exhausted(free, generate_cfg.key_attempts, "generate")
+        self.jobs.check_sendable([r.key for r, _, _ in out], states, generate_cfg.key_attempts, "generate")
         return out[:MAX_LINES]
 
     def _round_size(self) -> int:

@@ -267,7 +267,7 @@ def _resolve_profile(label: str, profiles: dict, name: str, chain: tuple[str, ..
     return _deep_merge(_resolve_profile(label, profiles, parent, chain + (name,)), body)
 
 
-def _coerce(label: str, where: str, value: Any, annotation: Any, meta: dict) -> Any:
+def _coerce(label: str, where: str, value: Any, annotation: Any) -> Any:
     origin = get_origin(annotation) or annotation
     ok = {
         bool: lambda v: isinstance(v, bool),
@@ -305,7 +305,7 @@ def _build_section(label: str, prefix: str, cls: type, raw: Any):
             near = [n for n in fields if n.startswith(key[:3])]
             hint = f" (did you mean {near[0]}?)" if near else f" (known: {', '.join(fields)})"
             raise ConfigError(f"{label}: {prefix}.{key}: unknown key{hint}")
-        values[key] = _coerce(label, f"{prefix}.{key}", value, hints[key], dict(fields[key].metadata))
+        values[key] = _coerce(label, f"{prefix}.{key}", value, hints[key])
     return cls(**values)
 
 
@@ -420,7 +420,7 @@ def check_section(label: str, section: Any, prefix: str | None = None) -> None:
     hints = get_type_hints(type(section))
     for f in dataclasses.fields(section):
         value, where = getattr(section, f.name), f"{prefix}.{f.name}"
-        _coerce(label, where, value, hints[f.name], {})
+        _coerce(label, where, value, hints[f.name])
         choices = f.metadata.get("choices")
         if choices and value not in choices:
             raise ConfigError(f"{label}: {where} must be one of {', '.join(choices)}, got {value!r}")

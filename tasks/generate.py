@@ -177,9 +177,7 @@ class Generator:
         self.instructions_handled = 0
         self.instructions_in_flight = 0
         self._last_update = 0.0
-        # chat instance prompts need the input before the output is asked for: batch mode (one batch
-        # per round) keeps the reference prompts
-        self.chat_instances = cfg.generate.instance_prompt == "chat" and cfg.teacher.mode != "batch"
+        self.chat_instances = cfg.generate.instance_prompt == "chat"
 
     # --- prompts --------------------------------------------------------------------------------
     def _decoding(self, base: dict, max_tokens: int) -> dict:

@@ -13,7 +13,7 @@ import json
 import re
 from typing import Callable
 
-from instructflow.tasks.batch import MAX_LINES, BatchJobs, keys_free_for_batch
+from instructflow.tasks.batch import MAX_LINES, BatchJobs
 from instructflow.tasks.preferences import pair_key
 from instructflow.tasks.teacher import TeacherClient, TeacherRequest, TeacherSettings
 from instructflow.warehouse import queries
@@ -153,7 +153,8 @@ async def judge_pairs(wh: Warehouse, settings: TeacherSettings, stage: str, pair
     if jobs is not None:
         ask_in_batches(wh, jobs, stage, requests, force, show)
     else:
-        todo = [r for r in requests if force or queries.stored_request(wh, r.key) is None]
+        stored = {} if force else queries.stored_requests(wh, [r.key for r in requests])
+        todo = [r for r in requests if r.key not in stored]
         if todo:
             client = TeacherClient(settings)
             prompts, done = {r.key: r.prompt for r in todo}, []
@@ -167,10 +168,8 @@ async def judge_pairs(wh: Warehouse, settings: TeacherSettings, stage: str, pair
                 await client.complete_all(todo, on_result=keep)
             finally:
                 await client.aclose()
-    texts: dict[str, str | None] = {}
-    for request in requests:
-        stored = queries.stored_request(wh, request.key)
-        texts[request.key] = stored["texts"][0] if stored and stored["texts"] and not stored["error"] else None
+    stored = queries.stored_requests(wh, [r.key for r in requests])
+    texts = {key: row["texts"][0] if row["texts"] and not row["error"] else None for key, row in stored.items()}
     rows = []
     for inst, a, b in pairs:
         ab, ba = judge_requests(settings.model, inst, a, b)
@@ -194,24 +193,21 @@ def ask_in_batches(wh: Warehouse, jobs: BatchJobs, stage: str, requests: list[Te
     asked_now: set[str] = set()  # stored in this call: a forced request counts as answered once it is
     while True:
         jobs.finish_open()
-        for key, state in jobs.answered().items():
-            request = TeacherRequest(key=key, prompt=state["prompt"], params=state["params"])
-            queries.replace_teacher_result(wh, jobs.result_of(state, request), stage, "judge", state["prompt"])
-            asked_now.add(key)
-        states = jobs.states()
+        answered = jobs.answered()  # a collected batch is stored in one transaction
+        queries.replace_teacher_results(wh, [queries.teacher_request_row(jobs.result_of(state), stage, "judge",
+                                                                         state["prompt"]) for state in answered.values()])
+        asked_now.update(answered)
+        states, stored = jobs.states(), queries.stored_requests(wh, [r.key for r in requests])
         todo = []
         for request in requests:
-            stored = queries.stored_request(wh, request.key)
-            if stored is not None and (request.key in asked_now or not force):
+            row = stored.get(request.key)
+            if row is not None and (request.key in asked_now or not force):
                 tried = states.get(request.key, {}).get("batches", 0)
-                if stored["error"] is None or tried >= JUDGE_BATCH_ATTEMPTS:
+                if row["error"] is None or tried >= JUDGE_BATCH_ATTEMPTS:
                     continue
             todo.append(request)
         if not todo:
             return
-        free, held = keys_free_for_batch([r.key for r in todo], states)
-        if held:  # open batches were finished above: a bug, not a reason to pay twice
-            raise RuntimeError(f"{stage} (batch): keys {held[:3]} are held by a batch; refusing to send them again")
-        jobs.exhausted(free, JUDGE_BATCH_ATTEMPTS, f"{stage} judge")
+        jobs.check_sendable([r.key for r in todo], states, JUDGE_BATCH_ATTEMPTS, f"{stage} judge")
         show(f"submitting {min(len(todo), MAX_LINES)} judge requests as a batch")
         jobs.submit([(r, "judge", {}) for r in todo[:MAX_LINES]])

@@ -358,11 +358,11 @@ def test_judge_in_batch_mode_resends_only_failed_and_unrun_lines_and_never_re_as
 
     (tmp_path / "home").mkdir()
     wh = open_warehouse(tmp_path / "home")
-    settings = TeacherSettings(base_url=api.base_url, model=teacher.model_name, api_key=KEY)
-    prices = {teacher.model_name: [2.0, 4.0]}
+    settings = TeacherSettings(base_url=api.base_url, model=teacher.model_name, api_key=KEY,
+                               prices={teacher.model_name: (2.0, 4.0)})
 
     def judge(force: bool = False) -> list[dict]:
-        jobs = BatchJobs(wh, "evaluate", settings, prices, {}, poll_s=0.1)
+        jobs = BatchJobs(wh, "evaluate", settings, {}, poll_s=0.1)
         try:
             return asyncio.run(judge_pairs(wh, settings, "evaluate", JUDGED, force=force, jobs=jobs))
         finally:

@@ -39,20 +39,31 @@ TEACHER_INSERT = "INSERT INTO teacher_requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?
 
 def replace_teacher_result(wh: Warehouse, result: Any, stage: str, purpose: str, prompt: str) -> None:
     """Store one answer; an answer stored before under the same key moves to the history table."""
+    replace_teacher_results(wh, [teacher_request_row(result, stage, purpose, prompt)])
+
+
+def replace_teacher_results(wh: Warehouse, rows: Sequence[Sequence[Any]]) -> None:
+    """Store `teacher_request_row` rows in one transaction; answers stored before under their keys move
+    to the history table."""
     with wh.transaction():
-        wh.con.execute("INSERT INTO teacher_request_history SELECT *, ? FROM teacher_requests WHERE request_key = ?",
-                       [now(), result.key])
-        wh.con.execute("DELETE FROM teacher_requests WHERE request_key = ?", [result.key])
-        wh.con.execute(TEACHER_INSERT, teacher_request_row(result, stage, purpose, prompt))
+        _archive_requests(wh, [row[0] for row in rows], now())
+        _insert_columns(wh, "teacher_requests", rows)
 
 
-def stored_request(wh: Warehouse, key: str) -> dict | None:
-    found = wh.rows("SELECT * FROM teacher_requests WHERE request_key = ?", [key])
-    if not found:
-        return None
-    row = found[0]
-    row["texts"] = json.loads(row["texts"] or "[]")
-    return row
+def _archive_requests(wh: Warehouse, keys: list[str], ts: Any) -> None:
+    """Move the stored rows of `keys` to teacher_request_history (inside the caller's transaction)."""
+    if keys:
+        wh.con.execute("INSERT INTO teacher_request_history SELECT *, ? FROM teacher_requests "
+                       "WHERE list_contains(?, request_key)", [ts, keys])
+        wh.con.execute("DELETE FROM teacher_requests WHERE list_contains(?, request_key)", [keys])
+
+
+def stored_requests(wh: Warehouse, keys: Sequence[str]) -> dict[str, dict]:
+    """request key -> its stored row (texts decoded), for the keys that have one: one query."""
+    found = wh.rows("SELECT * FROM teacher_requests WHERE list_contains(?, request_key)", [list(keys)])
+    for row in found:
+        row["texts"] = json.loads(row["texts"] or "[]")
+    return {row["request_key"]: row for row in found}
 
 
 def teacher_totals(wh: Warehouse, stage: str) -> dict:
@@ -169,11 +180,7 @@ def commit_generate_batch(wh: Warehouse, batch: GenerateBatch) -> None:
     """Requests, their candidates, classifications and instances: all of the batch or none of it."""
     ts = now()
     with wh.transaction():
-        if batch.replaced_keys:
-            keys = list(batch.replaced_keys)
-            wh.con.execute("INSERT INTO teacher_request_history SELECT *, ? FROM teacher_requests "
-                           "WHERE list_contains(?, request_key)", [ts, keys])
-            wh.con.execute("DELETE FROM teacher_requests WHERE list_contains(?, request_key)", [keys])
+        _archive_requests(wh, list(batch.replaced_keys), ts)
         _insert_columns(wh, "teacher_requests", batch.requests)
         _insert_columns(wh, "candidates", [
             [cid, c.request_key, c.position, c.instruction, c.input, c.output, c.heuristic_reason, c.verdict,
@@ -471,8 +478,11 @@ def batch_key_states(wh: Warehouse, stage: str) -> dict[str, dict]:
     return {row["request_key"]: row for row in found}
 
 
-def mark_batch_cancelling(wh: Warehouse, batch_id: str, status: str) -> int:
-    """After a user's cancel: the next run polls it to its end and collects what finished."""
-    n = wh.scalar("SELECT count(*) FROM teacher_batches WHERE batch_id = ?", [batch_id])
+def mark_batch_cancelling(wh: Warehouse, batch_id: str, status: str) -> None:
+    """After a user's cancel: the next run of its stage polls it to its end and collects what finished."""
     wh.execute("UPDATE teacher_batches SET status = ? WHERE batch_id = ?", [status, batch_id])
-    return n
+
+
+def batch_by_id(wh: Warehouse, batch_id: str) -> dict | None:
+    found = wh.rows("SELECT * FROM teacher_batches WHERE batch_id = ?", [batch_id])
+    return found[0] if found else None
