@@ -13,8 +13,7 @@ from instructflow.flows.stages import StageSpec
 from instructflow.flows.teacher import judge_with_teacher
 from instructflow.tasks.judge import win_rate
 from instructflow.tasks.plots import plot_bars, plot_histograms
-from instructflow.tasks.preferences import split_pairs
-from instructflow.tasks.prompts import format_prompt, heldout_prompts
+from instructflow.tasks.prompts import heldout_prompts, reward_split
 from instructflow.warehouse import queries
 
 
@@ -31,8 +30,8 @@ def measure(ctx: StageContext, prompts: list[tuple[str, str]], sft: str, ppo: st
                                                 max_new_tokens=evaluate.max_new_tokens, seed=evaluate.seed)]
     ppo_out = [r[0] for r in generate_responses(Path(ppo), formatted, k=1, temperature=0.0,
                                                 max_new_tokens=evaluate.max_new_tokens, seed=evaluate.seed)]
-    rm_sft = score(Path(reward), formatted, sft_out)
-    rm_ppo = score(Path(reward), formatted, ppo_out)
+    both = score(Path(reward), formatted + formatted, sft_out + ppo_out)  # one load of the reward model
+    rm_sft, rm_ppo = both[:len(formatted)], both[len(formatted):]
     kl = policy_kl(Path(ppo), Path(sft), formatted, ppo_out)
     return [{"instruction": inst, "prompt": fmt, "sft_response": s, "ppo_response": p, "rm_score_sft": a,
              "rm_score_ppo": b, "kl_ppo": k, "judge_outcome": None}
@@ -51,26 +50,19 @@ def train_holdout_reward(ctx: StageContext, sft: str) -> dict:
 
     from instructflow.models.reward import train_reward
 
-    tokenizer = AutoTokenizer.from_pretrained(sft)
-    rows = [{"pair_key": p["pair_key"], "prompt": format_prompt(ctx.cfg, tokenizer, p["prompt"]),
-             "chosen": p["chosen"], "rejected": p["rejected"]} for p in queries.training_pairs(ctx.wh)]
-    seen, holdout = split_pairs(rows, ctx.cfg.reward.eval_fraction, ctx.cfg.reward.seed)
+    seen, holdout = reward_split(ctx.cfg, AutoTokenizer.from_pretrained(sft), queries.training_pairs(ctx.wh))
     if len(holdout) < 2 or not seen:
         raise ValueError(f"evaluate.holdout_reward needs >= 2 pairs outside the reward model's training set, "
-                         f"got {len(holdout)} of {len(rows)}: raise reward.eval_fraction or add pairs")
+                         f"got {len(holdout)} of {len(seen) + len(holdout)}: raise reward.eval_fraction or add pairs")
     holdout_keys, seen_keys = [r["pair_key"] for r in holdout], {r["pair_key"] for r in seen}
     if seen_keys & set(holdout_keys):  # the whole point of this model: never a pair PPO's RM learned from
         raise RuntimeError("holdout reward split overlaps the reward model's training pairs")
     output_dir = ctx.out_dir / f"holdout-reward-{stable_hash([sorted(holdout_keys), sft, vars(ctx.cfg.reward)])}"
-    result = train_reward(without_keys(holdout), without_keys(seen[:HOLDOUT_CHECK_PAIRS]), ctx.cfg.reward, Path(sft),
+    result = train_reward(holdout, seen[:HOLDOUT_CHECK_PAIRS], ctx.cfg.reward, Path(sft),
                           output_dir, on_step=lambda step, values: ctx.step(step, {f"holdout_rm_{k}": v
                                                                                    for k, v in values.items()}))
     return {"checkpoint": str(result["checkpoint"]), "train_pairs": len(holdout),
             "accuracy_after": result["accuracy_after"], "margin_after": result["margin_after"]}
-
-
-def without_keys(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "pair_key"} for row in rows]
 
 
 @task(name="score-holdout-reward", cache_policy=NONE)
@@ -78,9 +70,9 @@ def score_holdout(rows: list[dict], checkpoint: str) -> None:
     from instructflow.models.reward import score
 
     prompts = [r["prompt"] for r in rows]
-    for key, side in (("rm_holdout_score_sft", "sft_response"), ("rm_holdout_score_ppo", "ppo_response")):
-        for row, value in zip(rows, score(Path(checkpoint), prompts, [r[side] for r in rows])):
-            row[key] = value
+    both = score(Path(checkpoint), prompts + prompts, [r["sft_response"] for r in rows] + [r["ppo_response"] for r in rows])
+    for row, sft_score, ppo_score in zip(rows, both[:len(rows)], both[len(rows):]):
+        row["rm_holdout_score_sft"], row["rm_holdout_score_ppo"] = sft_score, ppo_score
 
 
 @task(name="judge-ppo-vs-sft", cache_policy=NONE)

@@ -11,8 +11,7 @@ from prefect.cache_policies import NONE
 from instructflow.flows.common import StageContext, publish_artifacts, stable_hash, stage_context
 from instructflow.flows.stages import StageSpec
 from instructflow.tasks.config import Config
-from instructflow.tasks.preferences import split_pairs
-from instructflow.tasks.prompts import format_prompt
+from instructflow.tasks.prompts import reward_split
 from instructflow.warehouse import queries
 from instructflow.warehouse.store import Warehouse
 
@@ -37,17 +36,12 @@ def reward_flow(profile: str = "cpu", home: str | None = None, config: str | Non
         if len(pairs) < 4:
             raise ValueError(f"only {len(pairs)} usable preference pairs (need >= 4): judge more prompts "
                              "(preferences.prompts) or import a file (preferences.import_files)")
-        tokenizer = AutoTokenizer.from_pretrained(sft["path"])
-        rows = [{"pair_key": p["pair_key"], "prompt": format_prompt(ctx.cfg, tokenizer, p["prompt"]),
-                 "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
-        train_rows, eval_rows = split_pairs(rows, ctx.cfg.reward.eval_fraction, ctx.cfg.reward.seed)
+        train_rows, eval_rows = reward_split(ctx.cfg, AutoTokenizer.from_pretrained(sft["path"]), pairs)
         set_hash = stable_hash(sorted(p["pair_key"] for p in pairs))
         output_dir = ctx.out_dir / f"run-{stable_hash([set_hash, sft['path'], ctx.inputs['config']])}"
         if ctx.force and output_dir.exists():
             shutil.rmtree(output_dir)
-        strip = [{k: v for k, v in r.items() if k != "pair_key"} for r in train_rows]
-        result = train(ctx, strip, [{k: v for k, v in r.items() if k != "pair_key"} for r in eval_rows],
-                       Path(sft["path"]), output_dir)
+        result = train(ctx, train_rows, eval_rows, Path(sft["path"]), output_dir)  # train_reward drops pair_key
         metrics = {"train_pairs": len(train_rows), "eval_pairs": len(eval_rows),
                    "accuracy_before": result["accuracy_before"], "accuracy_after": result["accuracy_after"],
                    "margin_before": result.get("margin_before"), "margin_after": result["margin_after"],

@@ -15,16 +15,15 @@ import time
 from typing import Any, Callable, Iterable, Mapping
 
 import openai
-from openai.types import Completion
-from openai.types.chat import ChatCompletion
 
-from instructflow.tasks.teacher import TeacherClient, TeacherRequest, TeacherResult, TeacherSettings, status_detail
+from instructflow.tasks.teacher import (RESPONSE_TYPES, TeacherClient, TeacherRequest, TeacherResult, TeacherSettings,
+                                       redact, request_body, status_detail)
 from instructflow.warehouse import queries
 from instructflow.warehouse.store import Warehouse
 
 logger = logging.getLogger(__name__)
 
-ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+ENDPOINTS = {api: "/v1" + path for api, (path, _) in RESPONSE_TYPES.items()}
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 # OpenAI writes the lines a batch did not run to its error file with these codes: not failures of the
 # request, so the key is resubmitted rather than stored as failed.
@@ -41,17 +40,9 @@ def batch_price_table(prices: Mapping[str, Any], batch_prices: Mapping[str, Any]
 
 
 def batch_line(request: TeacherRequest, settings: TeacherSettings) -> dict:
-    """One input line: the body a synchronous request would send (every param in the body, which is
-    where the openai client puts extra_body too)."""
-    params = dict(request.params)
-    if settings.api == "chat":
-        messages = [{"role": "user", "content": request.prompt}]
-        if settings.system_prompt is not None:
-            messages.insert(0, {"role": "system", "content": settings.system_prompt})
-        body = {"model": settings.model, "messages": messages, **params}
-    else:
-        body = {"model": settings.model, "prompt": request.prompt, **params}
-    return {"custom_id": request.key, "method": "POST", "url": ENDPOINTS[settings.api], "body": body}
+    """One input line: the body a synchronous request would send."""
+    return {"custom_id": request.key, "method": "POST", "url": ENDPOINTS[settings.api],
+            "body": request_body(settings, request.prompt, request.params)}
 
 
 def encode_jsonl(lines: Iterable[dict]) -> bytes:
@@ -133,10 +124,7 @@ class BatchAPI:
             raise BatchAPIError(self._redact(f"{what}: connection error: {cause or exc.message}")) from None
 
     def _redact(self, message: str) -> str:
-        key = self.settings.api_key
-        if key and key != "none":
-            message = message.replace(key, "***")
-        return " ".join(message.split())[:500]
+        return redact(message, self.settings.api_key)
 
     def upload(self, data: bytes) -> str:
         return self._call("upload batch input", self.client.files.create,
@@ -204,7 +192,7 @@ class BatchJobs:
         body = state["response"]
         response = None
         if body is not None:
-            model = ChatCompletion if self.settings.api == "chat" else Completion
+            model = RESPONSE_TYPES[self.settings.api][1]
             response = model.construct(**body)
         # a batch line has no round trip of its own: latency 0, one attempt
         return self.results.result_from_response(request, dict(request.params), response, state["error"], 1, 0.0)

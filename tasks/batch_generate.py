@@ -121,13 +121,10 @@ class BatchGenerator(Generator):
                 clf = states.get(f"classify:{cid}")
                 if clf is not None and clf["response"] is not None and not clf["stored"]:
                     is_classification = recipes.parse_classify(self.jobs.result_of(clf).text or "")
-                    out.append((TeacherRequest(
-                        key=f"instances:{cid}", prompt=recipes.instance_prompt(instruction, is_classification),
-                        params=self._decoding(recipes.INSTANCE_DECODING, generate_cfg.instance_max_tokens)),
-                        "instances", {"candidate_id": cid, "is_classification": is_classification}))
+                    out.append((self.second_instance_request(cid, instruction, is_classification), "instances",
+                                {"candidate_id": cid, "is_classification": is_classification}))
                 else:
-                    out.append((TeacherRequest(key=f"classify:{cid}", prompt=recipes.classify_prompt(instruction),
-                                               params=dict(recipes.CLASSIFY_DECODING)), "classify", {"candidate_id": cid}))
+                    out.append((self.first_instance_request(cid, instruction), "classify", {"candidate_id": cid}))
         if not out and self.tally.kept < generate_cfg.target_kept:
             todo, frontier = instruction_keys_to_send(queries.instruction_key_states(self.wh), generate_cfg.max_requests,
                                                       generate_cfg.key_attempts)

@@ -17,7 +17,7 @@ import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, get_origin, get_type_hints
 
 from instructflow.tasks.heuristics import DEFAULT_BLACKLIST
 

@@ -211,35 +211,43 @@ class Generator:
         its own keys, so a home that switches styles never meets a stored key of the other one."""
         return ("instance_input", "instance_output") if self.chat_instances else ("classify", "instances")
 
+    def first_instance_request(self, candidate_id: int, instruction: str) -> TeacherRequest:
+        """An instance step's first request: the classification (reference) or an input (chat)."""
+        first_key, _ = self.instance_step_keys()
+        if self.chat_instances:
+            prompt, decoding = recipes.chat_input_prompt(instruction), recipes.CHAT_INPUT_DECODING
+        else:
+            prompt, decoding = recipes.classify_prompt(instruction), recipes.CLASSIFY_DECODING
+        return TeacherRequest(key=f"{first_key}:{candidate_id}", prompt=prompt, params=dict(decoding))
+
+    def second_instance_request(self, candidate_id: int, instruction: str, first_answer) -> TeacherRequest:
+        """The instances request, given what the first answer said: is_classification (reference) or
+        the parsed input (chat)."""
+        _, second_key = self.instance_step_keys()
+        if self.chat_instances:
+            prompt, decoding = recipes.chat_output_prompt(instruction, first_answer), recipes.CHAT_OUTPUT_DECODING
+        else:
+            prompt, decoding = recipes.instance_prompt(instruction, first_answer), recipes.INSTANCE_DECODING
+        return TeacherRequest(key=f"{second_key}:{candidate_id}", prompt=prompt,
+                              params=self._decoding(decoding, self.cfg.generate.instance_max_tokens))
+
     async def send_instance_step(self, work: InstanceWork) -> InstanceWork:
         """Two requests per kept instruction. Reference (self-instruct): classification, then
         output-first (classification) or input-first instances. Chat (generate.instance_prompt =
         "chat"): an input for the task, then the task with that input as a chat message, whose reply
         is the output (one instance)."""
-        first_key, second_key = self.instance_step_keys()
-        if self.chat_instances:
-            prompt, decoding = recipes.chat_input_prompt(work.instruction), recipes.CHAT_INPUT_DECODING
-        else:
-            prompt, decoding = recipes.classify_prompt(work.instruction), recipes.CLASSIFY_DECODING
-        first = await self._ask(f"{first_key}:{work.candidate_id}", prompt, dict(decoding))
-        work.classify = (first, prompt)
+        request = self.first_instance_request(work.candidate_id, work.instruction)
+        first = await self.client.complete(request, on_retry=self._count_retry)
+        work.classify = (first, request.prompt)
         if not first.ok:  # the step failed; a rerun retries it whole
             return work
         if self.chat_instances:
-            work.chat_input = recipes.parse_chat_input(first.text or "")
-            prompt = recipes.chat_output_prompt(work.instruction, work.chat_input)
-            decoding = recipes.CHAT_OUTPUT_DECODING
+            work.chat_input = first_answer = recipes.parse_chat_input(first.text or "")
         else:
-            work.is_classification = recipes.parse_classify(first.text or "")
-            prompt = recipes.instance_prompt(work.instruction, work.is_classification)
-            decoding = recipes.INSTANCE_DECODING
-        work.instances = (await self._ask(f"{second_key}:{work.candidate_id}", prompt,
-                                          self._decoding(decoding, self.cfg.generate.instance_max_tokens)), prompt)
+            work.is_classification = first_answer = recipes.parse_classify(first.text or "")
+        request = self.second_instance_request(work.candidate_id, work.instruction, first_answer)
+        work.instances = (await self.client.complete(request, on_retry=self._count_retry), request.prompt)
         return work
-
-    async def _ask(self, key: str, prompt: str, params: dict) -> TeacherResult:
-        return await self.client.complete(TeacherRequest(key=key, prompt=prompt, params=params),
-                                          on_retry=self._count_retry)
 
     # --- handling a result, in arrival order (the recorded order) ---------------------------------
     def _stop_if_fatal(self, result: TeacherResult) -> None:

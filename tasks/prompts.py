@@ -3,7 +3,7 @@ and any instruction in the exact prompt format the policy was fine-tuned on."""
 from __future__ import annotations
 
 from instructflow.tasks.config import Config
-from instructflow.tasks.preferences import hashed_order
+from instructflow.tasks.preferences import hashed_order, split_pairs
 from instructflow.tasks.sft_data import InstructionExample, to_prompt_completion
 from instructflow.warehouse import queries
 from instructflow.warehouse.store import Warehouse
@@ -34,3 +34,12 @@ def heldout_prompts(cfg: Config, wh: Warehouse, source: str, n: int, seed: int, 
 def format_prompt(cfg: Config, tokenizer, instruction: str) -> str:
     """An imported or judged instruction in the policy's prompt format."""
     return to_prompt_completion(InstructionExample(instruction, "", "", "imported"), cfg.sft.style, tokenizer)["prompt"]
+
+
+def reward_split(cfg: Config, tokenizer, pairs: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The reward stage's (train, eval) split of `pairs` (queries.training_pairs), prompts in the policy's
+    format, each row keeping its pair_key: PPO's reward model trains on the first part, evaluate's
+    held-out reward model (evaluate.holdout_reward) on the second, so the two never share a pair."""
+    rows = [{"pair_key": p["pair_key"], "prompt": format_prompt(cfg, tokenizer, p["prompt"]),
+             "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
+    return split_pairs(rows, cfg.reward.eval_fraction, cfg.reward.seed)

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 import openai
+from openai.types import Completion
+from openai.types.chat import ChatCompletion
 
 logger = logging.getLogger(__name__)
 
@@ -48,16 +50,9 @@ UNKNOWN_MODEL = re.compile(r"(?i)\bmodel\b.*\b(not found|does not exist|not exis
 # Request fields the client sets itself; a caller passing them in params is a bug.
 RESERVED_PARAMS = frozenset({"model", "messages", "prompt", "stream", "stream_options", "timeout",
                              "extra_body", "extra_headers", "extra_query"})
-# Sampling params the openai methods take as keyword arguments; anything else goes in extra_body
-# (so a server-specific field like top_k is still sent as the caller gave it).
-OPENAI_KWARGS = {
-    "chat": frozenset({"frequency_penalty", "logit_bias", "logprobs", "max_completion_tokens", "max_tokens", "n",
-                       "presence_penalty", "response_format", "seed", "stop", "temperature", "top_logprobs",
-                       "top_p", "user"}),
-    "completions": frozenset({"best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "n",
-                              "presence_penalty", "seed", "stop", "suffix", "temperature", "top_p", "user"}),
-}
 MAX_ERROR_CHARS = 500
+# each API's path under the base URL (.../v1) and its response type
+RESPONSE_TYPES = {"chat": ("/chat/completions", ChatCompletion), "completions": ("/completions", Completion)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,6 +140,25 @@ class TeacherResult:
     @property
     def finish_reason(self) -> str | None:
         return self.finish_reasons[0] if self.finish_reasons else None
+
+
+def request_body(settings: TeacherSettings, prompt: str, params: Mapping) -> dict:
+    """The JSON body of one request, as a synchronous call and a Batch API line both send it: every
+    param in the body (a server-specific one such as top_k too)."""
+    if settings.api == "chat":
+        messages = [{"role": "user", "content": prompt}]
+        if settings.system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": settings.system_prompt})
+        return {"model": settings.model, "messages": messages, **params}
+    return {"model": settings.model, "prompt": prompt, **params}
+
+
+def redact(message: str, api_key: str) -> str:
+    """One line, bounded, and without the API key (a server may echo the Authorization header)."""
+    if api_key and api_key != "none":
+        message = message.replace(api_key, "***")
+    message = " ".join(message.split())
+    return message if len(message) <= MAX_ERROR_CHARS else message[:MAX_ERROR_CHARS] + "..."
 
 
 def apply_stop(text: str, stop: Any, finish_reason: str | None) -> tuple[str, str | None]:
@@ -386,18 +400,11 @@ class TeacherClient:
 
     async def _send(self, client: openai.AsyncOpenAI, prompt: str, params: dict) -> _Attempt:
         settings = self.settings
-        kwargs = {k: v for k, v in params.items() if k in OPENAI_KWARGS[settings.api]}
-        extra = {k: v for k, v in params.items() if k not in OPENAI_KWARGS[settings.api]}
-        if extra:
-            kwargs["extra_body"] = extra
+        path, cast_to = RESPONSE_TYPES[settings.api]
         try:
-            if settings.api == "chat":
-                messages = [{"role": "user", "content": prompt}]
-                if settings.system_prompt is not None:
-                    messages.insert(0, {"role": "system", "content": settings.system_prompt})
-                response = await client.chat.completions.create(model=settings.model, messages=messages, **kwargs)
-            else:
-                response = await client.completions.create(model=settings.model, prompt=prompt, **kwargs)
+            # client.post (the openai client's call for any endpoint) sends the body as built: create() would
+            # first walk its ~40 typed parameters, ~0.25 ms of CPU a request, ~10 % of all the stage spends
+            response = await client.post(path, cast_to=cast_to, body=request_body(settings, prompt, params))
         except openai.APIStatusError as exc:
             status, detail = exc.status_code, status_detail(exc)
             return _Attempt(error=self._redact(f"HTTP {status}: {detail}"),
@@ -416,12 +423,7 @@ class TeacherClient:
         return _Attempt(response=response)
 
     def _redact(self, message: str) -> str:
-        """One line, bounded, and without the API key (a server may echo the Authorization header)."""
-        key = self.settings.api_key
-        if key and key != "none":
-            message = message.replace(key, "***")
-        message = " ".join(message.split())
-        return message if len(message) <= MAX_ERROR_CHARS else message[:MAX_ERROR_CHARS] + "..."
+        return redact(message, self.settings.api_key)
 
     def result_from_response(self, request: TeacherRequest, params: dict, response: Any, error: str | None, attempts: int,
                 latency: float) -> TeacherResult:

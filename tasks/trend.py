@@ -1,6 +1,7 @@
 """Trends of per-update metrics, as pure functions (no I/O)."""
 from __future__ import annotations
 
+import statistics
 from typing import Sequence
 
 
@@ -9,11 +10,6 @@ def least_squares_slope(xs: Sequence[float], ys: Sequence[float]) -> float | Non
     (PPO's reward), robust to one noisy first or last update. None with fewer than two distinct x."""
     if len(xs) != len(ys):
         raise ValueError(f"least_squares_slope: {len(xs)} x values but {len(ys)} y values")
-    n = len(xs)
-    if n < 2:
+    if len(set(xs)) < 2:
         return None
-    mean_x, mean_y = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mean_x) ** 2 for x in xs)
-    if sxx == 0:
-        return None
-    return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sxx
+    return statistics.linear_regression(xs, ys).slope
