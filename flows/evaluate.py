@@ -20,7 +20,7 @@ from instructflow.warehouse import queries
 @task(name="evaluate-models", cache_policy=NONE)
 def measure(ctx: StageContext, prompts: list[tuple[str, str]], sft: str, ppo: str, reward: str) -> list[dict]:
     from instructflow.models.evaluate import policy_kl
-    from instructflow.models.reward import score
+    from instructflow.models.reward import score_each
     from instructflow.models.sampling import generate_responses
 
     evaluate = ctx.cfg.evaluate
@@ -30,8 +30,7 @@ def measure(ctx: StageContext, prompts: list[tuple[str, str]], sft: str, ppo: st
                                                 max_new_tokens=evaluate.max_new_tokens, seed=evaluate.seed)]
     ppo_out = [r[0] for r in generate_responses(Path(ppo), formatted, k=1, temperature=0.0,
                                                 max_new_tokens=evaluate.max_new_tokens, seed=evaluate.seed)]
-    both = score(Path(reward), formatted + formatted, sft_out + ppo_out)  # one load of the reward model
-    rm_sft, rm_ppo = both[:len(formatted)], both[len(formatted):]
+    rm_sft, rm_ppo = score_each(Path(reward), formatted, sft_out, ppo_out)
     kl = policy_kl(Path(ppo), Path(sft), formatted, ppo_out)
     return [{"instruction": inst, "prompt": fmt, "sft_response": s, "ppo_response": p, "rm_score_sft": a,
              "rm_score_ppo": b, "kl_ppo": k, "judge_outcome": None}
@@ -67,11 +66,11 @@ def train_holdout_reward(ctx: StageContext, sft: str) -> dict:
 
 @task(name="score-holdout-reward", cache_policy=NONE)
 def score_holdout(rows: list[dict], checkpoint: str) -> None:
-    from instructflow.models.reward import score
+    from instructflow.models.reward import score_each
 
-    prompts = [r["prompt"] for r in rows]
-    both = score(Path(checkpoint), prompts + prompts, [r["sft_response"] for r in rows] + [r["ppo_response"] for r in rows])
-    for row, sft_score, ppo_score in zip(rows, both[:len(rows)], both[len(rows):]):
+    sft_scores, ppo_scores = score_each(Path(checkpoint), [r["prompt"] for r in rows],
+                                        [r["sft_response"] for r in rows], [r["ppo_response"] for r in rows])
+    for row, sft_score, ppo_score in zip(rows, sft_scores, ppo_scores):
         row["rm_holdout_score_sft"], row["rm_holdout_score_ppo"] = sft_score, ppo_score
 
 

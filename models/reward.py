@@ -86,6 +86,13 @@ def score(model_dir: Path, prompts: Sequence[str], responses: Sequence[str], bat
     return score_with(model, tokenizer, prompts, responses, batch_size, max_length)
 
 
+def score_each(model_dir: Path, prompts: Sequence[str], *response_sets: Sequence[str]) -> list[list[float]]:
+    """score() of several response sets to the same prompts (SFT's and PPO's, say), one load of the model."""
+    flat = score(model_dir, list(prompts) * len(response_sets), [r for responses in response_sets for r in responses])
+    n = len(prompts)
+    return [flat[i * n:(i + 1) * n] for i in range(len(response_sets))]
+
+
 def pair_stats(chosen: Sequence[float], rejected: Sequence[float]) -> tuple[float, float]:
     """(accuracy: share of pairs with r_chosen > r_rejected, ties count as wrong; mean margin)."""
     diffs = [c - r for c, r in zip(chosen, rejected)]

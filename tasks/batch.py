@@ -118,13 +118,12 @@ class BatchAPI:
         try:
             return fn(*args, **kwargs)
         except openai.APIStatusError as exc:
-            raise BatchAPIError(self._redact(f"{what}: HTTP {exc.status_code}: {status_detail(exc)}")) from None
+            message = f"{what}: HTTP {exc.status_code}: {status_detail(exc)}"
+            raise BatchAPIError(redact(message, self.settings.api_key)) from None
         except openai.APIConnectionError as exc:
             cause = exc.__cause__ or exc.__context__
-            raise BatchAPIError(self._redact(f"{what}: connection error: {cause or exc.message}")) from None
-
-    def _redact(self, message: str) -> str:
-        return redact(message, self.settings.api_key)
+            message = f"{what}: connection error: {cause or exc.message}"
+            raise BatchAPIError(redact(message, self.settings.api_key)) from None
 
     def upload(self, data: bytes) -> str:
         return self._call("upload batch input", self.client.files.create,
