@@ -7,6 +7,7 @@ import atexit
 import hashlib
 import json
 import os
+import sys
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,8 +35,9 @@ def data_home(explicit: str | Path | None = None) -> Path:
 
 def quiet_console(home: Path, verbose: bool = False) -> Path:
     """Library output (Python warnings, Prefect's and transformers' log records, Prefect's tracebacks
-    of a failed task) goes to HOME/logs/console.log; the console keeps progress bars, result tables
-    and the one-line error. With verbose, the console shows it all as well."""
+    of a failed task) goes to HOME/logs/console.log, and the libraries draw no progress bars of their
+    own; the console keeps our progress lines, result tables and the one-line error. With verbose,
+    the console shows it all as well."""
     import logging
 
     import transformers.utils.logging as transformers_logging
@@ -54,6 +56,12 @@ def quiet_console(home: Path, verbose: bool = False) -> Path:
                 root.removeHandler(handler)
         transformers_logging.disable_default_handler()  # it writes to stderr and does not propagate
         transformers_logging.enable_propagation()
+        # weight loading, GGUF conversion, shard writing and datasets.map draw their own tqdm bars
+        # between our stage lines; datasets reads its switch at import, so set it before that
+        transformers_logging.disable_progress_bar()
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].disable_progress_bars()
     root.addHandler(to_file)
     logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger -> the handlers above
     return path

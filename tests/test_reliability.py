@@ -271,7 +271,10 @@ def test_python_warnings_and_library_loggers_go_to_the_log_unless_verbose(tmp_pa
             "warnings.warn('old thing', FutureWarning)\n"
             "tl.get_logger('transformers.trainer').warning('transformers says')\n"
             "logging.getLogger('trl.trainer').warning('trl says')\n"
-            "logging.getLogger('prefect.flow_runs').error('prefect says')\n")
+            "logging.getLogger('prefect.flow_runs').error('prefect says')\n"
+            "for _ in tl.tqdm(range(3), desc='Loading weights'): pass\n"  # as from_pretrained draws it
+            "import datasets\n"
+            "datasets.Dataset.from_dict({'x': list(range(3))}).map(lambda row: row, desc='Tokenizing')\n")
     env = cli_env(None, PREFECT_HOME=str(tmp_path / "prefect"))
     (tmp_path / "prefect").mkdir()
     quiet = subprocess.run([sys.executable, "-c", code, str(tmp_path / "q"), "-"], capture_output=True, text=True,
@@ -282,5 +285,6 @@ def test_python_warnings_and_library_loggers_go_to_the_log_unless_verbose(tmp_pa
         assert said in logged
     loud = subprocess.run([sys.executable, "-c", code, str(tmp_path / "v"), "v"], capture_output=True, text=True,
                           env=env, timeout=120)
-    for said in ("FutureWarning: old thing", "transformers says", "trl says", "prefect says"):
+    for said in ("FutureWarning: old thing", "transformers says", "trl says", "prefect says", "Loading weights",
+                 "Tokenizing"):
         assert said in loud.stderr
