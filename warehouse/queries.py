@@ -54,13 +54,13 @@ def _archive_requests(wh: Warehouse, keys: list[str], ts: Any) -> None:
     """Move the stored rows of `keys` to teacher_request_history (inside the caller's transaction)."""
     if keys:
         wh.con.execute("INSERT INTO teacher_request_history SELECT *, ? FROM teacher_requests "
-                       "WHERE list_contains(?, request_key)", [ts, keys])
-        wh.con.execute("DELETE FROM teacher_requests WHERE list_contains(?, request_key)", [keys])
+                       "WHERE request_key IN (SELECT unnest(?))", [ts, keys])
+        wh.con.execute("DELETE FROM teacher_requests WHERE request_key IN (SELECT unnest(?))", [keys])
 
 
 def stored_requests(wh: Warehouse, keys: Sequence[str]) -> dict[str, dict]:
     """request key -> its stored row (texts decoded), for the keys that have one: one query."""
-    found = wh.rows("SELECT * FROM teacher_requests WHERE list_contains(?, request_key)", [list(keys)])
+    found = wh.rows("SELECT * FROM teacher_requests WHERE request_key IN (SELECT unnest(?))", [list(keys)])
     for row in found:
         row["texts"] = json.loads(row["texts"] or "[]")
     return {row["request_key"]: row for row in found}
@@ -191,7 +191,7 @@ def commit_generate_batch(wh: Warehouse, batch: GenerateBatch) -> None:
             wh.con.execute("UPDATE candidates SET is_classification = v.flag FROM "
                            "(SELECT unnest(?) AS id, unnest(?::BOOLEAN[]) AS flag) v WHERE candidate_id = v.id",
                            [ids, flags])
-            wh.con.execute("DELETE FROM instances WHERE list_contains(?, candidate_id)", [ids])
+            wh.con.execute("DELETE FROM instances WHERE candidate_id IN (SELECT unnest(?))", [ids])
         _insert_columns(wh, "instances", batch.instances)
 
 
@@ -268,7 +268,7 @@ def sft_examples(wh: Warehouse, dataset_hash: str, split: str | None = None) -> 
 def stored_responses(wh: Warehouse, stage: str, model_path: str, prompts: Sequence[str]) -> dict[str, list[str]]:
     """prompt -> responses in sample order, for prompts already sampled from this model."""
     found = wh.rows("SELECT prompt, sample_idx, response FROM responses WHERE stage = ? AND model_path = ? "
-                    "AND list_contains(?, prompt) ORDER BY prompt, sample_idx", [stage, model_path, list(prompts)])
+                    "AND prompt IN (SELECT unnest(?)) ORDER BY prompt, sample_idx", [stage, model_path, list(prompts)])
     out: dict[str, list[str]] = {}
     for row in found:
         out.setdefault(row["prompt"], []).append(row["response"])
@@ -290,7 +290,7 @@ def insert_responses(wh: Warehouse, stage: str, model_path: str, by_prompt: dict
 
 def forget_responses(wh: Warehouse, stage: str, model_path: str, prompts: Sequence[str]) -> None:
     """`--force`: the stored samples of these prompts are dropped, so they are sampled again."""
-    wh.execute("DELETE FROM responses WHERE stage = ? AND model_path = ? AND list_contains(?, prompt)",
+    wh.execute("DELETE FROM responses WHERE stage = ? AND model_path = ? AND prompt IN (SELECT unnest(?))",
                [stage, model_path, list(prompts)])
 
 
@@ -300,10 +300,10 @@ def replace_judged_pairs(wh: Warehouse, rows: Sequence[dict]) -> int:
     keys = list({row["pair_key"] for row in rows})
     if not keys:
         return 0
-    known = wh.scalar("SELECT count(*) FROM preference_pairs WHERE list_contains(?, pair_key)", [keys])
+    known = wh.scalar("SELECT count(*) FROM preference_pairs WHERE pair_key IN (SELECT unnest(?))", [keys])
     ids = wh.next_ids(len(rows))
     with wh.transaction():
-        wh.con.execute("DELETE FROM preference_pairs WHERE source = 'judged' AND list_contains(?, pair_key)", [keys])
+        wh.con.execute("DELETE FROM preference_pairs WHERE source = 'judged' AND pair_key IN (SELECT unnest(?))", [keys])
         wh.con.executemany(PAIR_INSERT, _pair_rows(ids, rows))
     return len(keys) - known
 
