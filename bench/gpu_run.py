@@ -281,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     from transformers import AutoTokenizer
 
-    from instructflow.models.recipe_io import quiet_progress_bars
     from instructflow.tasks.config import load_config
+    from instructflow.tasks.library_output import quiet_progress_bars
 
     warnings.filterwarnings("ignore")  # library deprecation noise; the figures are what matter here
     transformers.utils.logging.set_verbosity_error()

@@ -182,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoTokenizer
 
-    from instructflow.models.recipe_io import quiet_progress_bars, resolve_precision
+    from instructflow.models.recipe_io import resolve_precision
     from instructflow.models.sft import SFTInputError
+    from instructflow.tasks.library_output import quiet_progress_bars
 
     quiet_progress_bars()
     args.scratch = tempfile.mkdtemp(prefix="sft-throughput-")  # the Trainer wants an output_dir; nothing is saved

@@ -7,7 +7,6 @@ import atexit
 import hashlib
 import json
 import os
-import sys
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from instructflow.tasks.config import Config, load_config
+from instructflow.tasks.library_output import quiet_progress_bars
 from instructflow.warehouse import queries
 from instructflow.warehouse.store import Warehouse, WarehouseError, open_warehouse
 
@@ -56,12 +56,7 @@ def quiet_console(home: Path, verbose: bool = False) -> Path:
                 root.removeHandler(handler)
         transformers_logging.disable_default_handler()  # it writes to stderr and does not propagate
         transformers_logging.enable_propagation()
-        # weight loading, GGUF conversion, shard writing and datasets.map draw their own tqdm bars
-        # between our stage lines; datasets reads its switch at import, so set it before that
-        transformers_logging.disable_progress_bar()
-        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
-        if "datasets" in sys.modules:
-            sys.modules["datasets"].disable_progress_bars()
+        quiet_progress_bars()
     root.addHandler(to_file)
     logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger -> the handlers above
     return path

@@ -347,15 +347,6 @@ class ReportSteps(TrainerCallback):
             self.on_progress(state.global_step, state.max_steps)
 
 
-def quiet_progress_bars() -> None:
-    """No tqdm bars from datasets.map / weight loading / saving: they flood Prefect and CI logs."""
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-
-
 def drop_printer(trainer) -> None:
     """The caller gets every log entry through on_step; the Trainer need not print them too."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback

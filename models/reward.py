@@ -21,9 +21,10 @@ from typing import Any, Sequence
 
 from instructflow.models.recipe_io import (ProgressCallback, ReportSteps, StepCallback, check_model_dir,
                                            check_trainer_inputs, drop_printer, ensure_pad, is_main_rank, lora_config,
-                                           publish_final, quiet_progress_bars, save_trained_model, start_or_resume,
+                                           publish_final, save_trained_model, start_or_resume,
                                            trainer_args, update_run)
 from instructflow.tasks.config import RewardConfig
+from instructflow.tasks.library_output import quiet_progress_bars
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 

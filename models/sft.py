@@ -56,9 +56,10 @@ from typing import Any, Mapping, Sequence
 
 from instructflow.models.recipe_io import (ProgressCallback, ReportSteps, StepCallback, check_trainer_inputs,
                                            drop_printer, ensure_pad, is_main_rank, lora_config, publish_final,
-                                           quiet_progress_bars, read_json, save_trained_model, series, start_or_resume,
+                                           read_json, save_trained_model, series, start_or_resume,
                                            trainer_args, update_run)
 from instructflow.tasks.config import ConfigError, SFTConfig, section_from_dict
+from instructflow.tasks.library_output import quiet_progress_bars
 
 
 class SFTInputError(ValueError):
