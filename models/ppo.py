@@ -158,14 +158,17 @@ def train_ppo(prompts: Sequence[str], cfg: PPOConfig, policy_model: Path, reward
     save_tokenizer = AutoTokenizer.from_pretrained(policy_model)  # as loaded: without our left padding
 
     # ---- one optimizer and LR schedule across all chunks (see the module docstring) -------------
-    trainable = [p for model in (actor, critic) for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad]} for model in (actor, critic)]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                                   fused=True)  # as TRL's default "adamw_torch_fused"; several times faster on CPU
     if resume is not None and (resume.path / "optimizer.pt").is_file() and not cfg.lora:
         optimizer.load_state_dict(torch.load(resume.path / "optimizer.pt", map_location="cpu", weights_only=True))
-    first_step = step
-    # TRL steps the scheduler once per update; u counts the updates of this call
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 1.0 - (first_step + u) / total_updates)
+    first_step, warmup = step, cfg.value_warmup_updates
+    # TRL steps the scheduler once per update; u counts the updates of this call. The critic decays linearly
+    # over all updates; the actor stands still for the warm-up updates, then decays over the rest.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [
+        lambda u: 0.0 if first_step + u < warmup else 1.0 - (first_step + u - warmup) / (total_updates - warmup),
+        lambda u: 1.0 - (first_step + u) / total_updates])
 
     def report(global_step: int, metrics: dict[str, float]) -> None:
         history.append({"step": global_step, **metrics})
@@ -326,7 +329,7 @@ def _ppo_trainer(cfg: PPOConfig, output_dir: Path, episodes: int, seed: int, tok
         local_rollout_forward_batch_size=cfg.batch_size, num_mini_batches=cfg.num_mini_batches,
         num_ppo_epochs=cfg.num_ppo_epochs, learning_rate=cfg.learning_rate,
         response_length=cfg.response_length, temperature=cfg.temperature, kl_coef=cfg.kl_coef, cliprange=cfg.cliprange,
-        vf_coef=cfg.vf_coef, stop_token="eos", missing_eos_penalty=cfg.missing_eos_penalty or None,
+        vf_coef=cfg.vf_coef, lam=cfg.lam, stop_token="eos", missing_eos_penalty=cfg.missing_eos_penalty or None,
         num_sample_generations=0, seed=seed,
         bf16=False, fp16=False, gradient_checkpointing=False,  # handled by us, see the module docstring
     )

@@ -176,7 +176,15 @@ class PPOConfig:
     kl_coef: float = 0.05
     cliprange: float = 0.2
     vf_coef: float = 0.1
+    # GAE's lambda (TRL's `lam`). Below 1 a token's advantage leans on the critic's values of the next
+    # few prefixes; a critic that starts as the reward model never saw a partial reply in training, so
+    # 1.0 (returns minus the critic as a baseline only) keeps an untrained critic from steering the policy
+    lam: float = 0.95
     missing_eos_penalty: float = 1.0
+    # the first N updates train the critic only (actor learning rate 0): a critic that starts as the
+    # reward model reads partial replies it never saw in training, and its values steer the first
+    # policy updates (OpenRLHF's freezing_actor_steps)
+    value_warmup_updates: int = 0
     max_prompt_length: int = 256
     save_every_steps: int = 2           # PPO updates between saved (policy, value) rounds
     keep_rounds: int = 0                # keep only the newest N rounds on disk (0 = all)
@@ -372,8 +380,9 @@ RANGES: dict[str, Range] = {
     "ppo.prompts": AT_LEAST_1, "ppo.total_episodes": AT_LEAST_1, "ppo.batch_size": AT_LEAST_1,
     "ppo.grad_accum": AT_LEAST_1, "ppo.num_mini_batches": AT_LEAST_1, "ppo.num_ppo_epochs": AT_LEAST_1,
     "ppo.learning_rate": POSITIVE, "ppo.response_length": AT_LEAST_1, "ppo.temperature": POSITIVE,
-    "ppo.kl_coef": AT_LEAST_0, "ppo.cliprange": POSITIVE, "ppo.vf_coef": AT_LEAST_0,
-    "ppo.missing_eos_penalty": AT_LEAST_0, "ppo.max_prompt_length": AT_LEAST_1, "ppo.save_every_steps": AT_LEAST_1,
+    "ppo.kl_coef": AT_LEAST_0, "ppo.cliprange": POSITIVE, "ppo.vf_coef": AT_LEAST_0, "ppo.lam": Range(0, 1),
+    "ppo.missing_eos_penalty": AT_LEAST_0, "ppo.value_warmup_updates": AT_LEAST_0, "ppo.max_prompt_length": AT_LEAST_1,
+    "ppo.save_every_steps": AT_LEAST_1,
     "ppo.keep_rounds": AT_LEAST_0, "ppo.seed": SEED, "ppo.lora_r": AT_LEAST_1, "ppo.lora_alpha": AT_LEAST_1,
     "evaluate.prompts": AT_LEAST_1, "evaluate.max_new_tokens": AT_LEAST_1, "evaluate.seed": SEED,
 }
@@ -406,7 +415,10 @@ def _cross_key_rules(name: str, section: Any) -> list[tuple[str, bool, str]]:
         return [("total_episodes", section.total_episodes % rollout_batch == 0,
                  f"a multiple of ppo.batch_size * ppo.grad_accum (= {rollout_batch}), got {section.total_episodes}"),
                 ("num_mini_batches", rollout_batch % section.num_mini_batches == 0,
-                 f"a divisor of ppo.batch_size * ppo.grad_accum (= {rollout_batch}), got {section.num_mini_batches}")]
+                 f"a divisor of ppo.batch_size * ppo.grad_accum (= {rollout_batch}), got {section.num_mini_batches}"),
+                ("value_warmup_updates", section.value_warmup_updates < section.total_episodes // rollout_batch,
+                 f"fewer than the run's {section.total_episodes // rollout_batch} updates (ppo.total_episodes / "
+                 f"{rollout_batch}) so that the policy trains at all, got {section.value_warmup_updates}")]
     return []
 
 

@@ -47,6 +47,8 @@ def test_packaged_profiles_load_and_tiny_inherits_cpu():
     ("[profiles.a.sft]\nlr_scheduler = 'cosin'\n", "profiles.a.sft.lr_scheduler must be one of cosine, linear"),
     ("[profiles.a.ppo]\nbatch_size = 4\nnum_mini_batches = 3\ntotal_episodes = 8\n",
      "profiles.a.ppo.num_mini_batches must be a divisor of ppo.batch_size * ppo.grad_accum"),
+    ("[profiles.a.ppo]\nbatch_size = 4\ntotal_episodes = 8\nvalue_warmup_updates = 2\n",
+     "profiles.a.ppo.value_warmup_updates must be fewer than the run's 2 updates"),
     ("[profiles.a.filter]\nmin_words = 10\nmax_words = 5\n", "profiles.a.filter.max_words must be >= filter.min_words"),
     ("[profiles.a.sftt]\nx = 1\n", "profiles.a.sftt: unknown section"),
     ("[profiles.a]\ninherits = 'b'\n[profiles.b]\ninherits = 'a'\n", "forms a cycle"),

@@ -168,6 +168,25 @@ def test_policy_learns_to_end_with_the_rewarded_word(models, tmp_path):
 
 
 @pytest.mark.slow
+def test_value_warmup_trains_only_the_critic_first(models, tmp_path):
+    policy_dir, reward_dir = models
+    seen: list[dict] = []
+    result = train_ppo(PROMPTS, **settings(policy_dir, reward_dir, tmp_path / "w", total_episodes=12,
+                                         save_every_steps=1, value_warmup_updates=1),
+                       on_step=lambda s, m: seen.append(m))
+    assert result["steps"] == 3
+    # the actor's rate (the first group's, as TRL logs it) is 0 for the warm-up, then decays over the 2 policy updates
+    assert [m["lr"] for m in seen] == pytest.approx([0.0, 1e-3, 0.5e-3])
+    rounds = tmp_path / "w" / "rounds"
+    initial_policy = weights(AutoModelForCausalLM.from_pretrained(policy_dir))
+    initial_value = weights(LlamaForSequenceClassification.from_pretrained(reward_dir))
+    warmed_value = weights(LlamaForSequenceClassification.from_pretrained(rounds / "round-000001" / "value"))
+    assert torch.equal(weights(AutoModelForCausalLM.from_pretrained(rounds / "round-000001" / "policy")), initial_policy)
+    assert not torch.equal(warmed_value, initial_value)
+    assert not torch.equal(weights(AutoModelForCausalLM.from_pretrained(result["policy_checkpoint"])), initial_policy)
+
+
+@pytest.mark.slow
 def test_lora_with_gradient_checkpointing_saves_merged_plain_models(models, tmp_path):
     policy_dir, reward_dir = models
     result = train_ppo(PROMPTS[:3], **settings(policy_dir, reward_dir, tmp_path / "lora", total_episodes=8,
