@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -71,6 +72,17 @@ def test_a_section_built_by_hand_meets_the_same_rules_as_a_loaded_one():
         check_section("settings", PPOConfig(total_episodes=10))
     with pytest.raises(ConfigError, match=r"^settings: ppo\.precision must be one of auto, fp32, bf16, got 'fp16'$"):
         check_section("settings", PPOConfig(precision="fp16"))
+
+
+def test_the_readme_ppo_sweep_file_loads_and_its_default_row_is_the_cpu_profile():
+    """bench/ppo_sweep.toml reproduces the README's PPO sweep table; its bold row must stay the shipped default."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "ppo_sweep.toml"
+    rows = [name for name in list_profiles(path) if name.startswith("sweep-")]
+    assert len(rows) == 6
+    for name in rows:
+        assert load_config(name, path).evaluate.judge is False
+    cpu, row = vars(load_config("cpu").ppo), vars(load_config("sweep-cpu", path).ppo)
+    assert {key for key in cpu if cpu[key] != row[key]} == {"save_every_steps"}
 
 
 def test_unknown_profile_lists_known(tmp_path):
