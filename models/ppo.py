@@ -20,7 +20,8 @@ What we add on top of TRL, whose `train()` can neither resume nor save the value
   and a fresh Adam's first step moves every weight by ~lr whatever its gradient: a jolt at every
   chunk. We pass the same AdamW (TRL's defaults: betas 0.9/0.999, eps 1e-8, no weight decay) to
   every chunk, with TRL's default schedule, linear decay from learning_rate to 0, computed from the
-  GLOBAL update number over all updates of the run. The optimizer state is saved with the newest
+  GLOBAL update number over all updates of the run (the actor in its own parameter group: learning
+  rate 0 for the first `value_warmup_updates`, then decaying over the rest). The optimizer state is saved with the newest
   round only (older rounds drop their optimizer.pt: it is 2x the trainable weights, 2.2 GB for
   SmolLM2-135M actor + critic; `save_optimizer=False` skips it, and a resume then restarts Adam).
 * Resume. A rerun with the same output_dir loads the newest round's policy as actor, its value as
