@@ -209,7 +209,8 @@ def ppo_section(model_dir: Path, rows: list[dict], cfg, plan: Plan, scratch: Pat
     prompts = list(dict.fromkeys(r["prompt"] for r in rows))  # the SFT prompt format, as the ppo stage uses
     out = scratch / "ppo"
     section = dataclasses.replace(p, total_episodes=plan.ppo_batch, batch_size=plan.ppo_batch, grad_accum=1,
-                                  save_every_steps=1, keep_rounds=1, save_optimizer=False)
+                                  save_every_steps=1, keep_rounds=1, save_optimizer=False,
+                                  value_warmup_updates=0)  # a rate of full updates: every one trains the actor too
     warm = train_ppo(prompts, section, model_dir, model_dir, out)  # one update: CUDA context, allocator, kernel choice
     seconds_per_update = plan.ppo_batch / warm["episodes_per_s"]
     updates = max(1, min(plan.ppo_max_updates, int(plan.ppo_seconds / seconds_per_update)))
