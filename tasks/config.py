@@ -181,9 +181,8 @@ class PPOConfig:
     # 1.0 (returns minus the critic as a baseline only) keeps an untrained critic from steering the policy
     lam: float = 0.95
     missing_eos_penalty: float = 1.0
-    # the first N updates train the critic only (actor learning rate 0): a critic that starts as the
-    # reward model reads partial replies it never saw in training, and its values steer the first
-    # policy updates (OpenRLHF's freezing_actor_steps)
+    # the first N updates train the critic only (actor learning rate 0; OpenRLHF's freezing_actor_steps),
+    # for the same reason as lam above
     value_warmup_updates: int = 0
     max_prompt_length: int = 256
     save_every_steps: int = 2           # PPO updates between saved (policy, value) rounds
