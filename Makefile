@@ -24,11 +24,12 @@ setup: $(STAMP)
 run: setup
 	$(BIN)/instructflow run
 
-# two pytest workers (pytest-xdist), a test file each at a time: the suite spends much of its time in
-# one-core work (server and Prefect starts, subprocesses), so 2 workers on 2 cores take ~0.7x the time
+# two pytest workers (pytest-xdist), a test file each at a time, the longest files first (tests/conftest.py
+# orders them; --no-loadscope-reorder keeps that order instead of xdist's most-tests-first); each worker's
+# torch gets a core's share of threads (tests/conftest.py)
 TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 # the pure-logic tier: no servers, no Prefect, no training
 test-fast: setup

@@ -14,6 +14,11 @@ os.environ.pop("PREFECT_API_URL", None)  # a developer's .env must not hijack th
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# Under `make test` each xdist worker (and every server or CLI it starts) would run torch with one thread
+# per core, so two workers on two cores oversubscribe them; a core's share each is faster for tiny models
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 for key in ("INSTRUCTFLOW_HOME", "INSTRUCTFLOW_CONFIG", "INSTRUCTFLOW_PROFILE", "INSTRUCTFLOW_TEACHER_ENDPOINT",
             "INSTRUCTFLOW_TEACHER_MODEL", "INSTRUCTFLOW_TEACHER_API", "INSTRUCTFLOW_TEACHER_API_KEY"):
     os.environ.pop(key, None)
@@ -58,3 +63,14 @@ def seeded_home(tmp_path: Path, monkeypatch, prefect_api):
     monkeypatch.setenv("INSTRUCTFLOW_HOME", str(home))
     yield home, config, seeds
     close_warehouses()
+
+
+# The files that take longest go first (measured, README "Tests"): `make test` hands whole files to two
+# workers in collection order (--no-loadscope-reorder), so a long file started last would run alone.
+LONGEST_FILES_FIRST = ("test_generate_stage.py", "test_pipeline.py", "test_reliability.py", "test_batch_mode.py",
+                       "test_schedules.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: the rest keep their order

@@ -81,7 +81,7 @@ def teacher():
 
 
 @pytest.fixture
-def api(teacher):
+def api(teacher, prefect_api):  # the stage commands below run against the session's Prefect API (shared_api)
     with BatchServer(f"http://{teacher.host}:{teacher.port}", api_key=KEY) as running:
         yield running
 
@@ -105,7 +105,8 @@ instance_max_tokens = 12
 
 
 def generate(config: Path, home: Path, key: str = KEY):
-    return cli("stage", "generate", "--profile", "t", "--config", str(config), home=home, OPENAI_API_KEY=key)
+    return cli("stage", "generate", "--profile", "t", "--config", str(config), home=home, OPENAI_API_KEY=key,
+               **shared_api())
 
 
 def assert_never_paid_twice(api: BatchServer) -> None:
@@ -187,7 +188,7 @@ def test_batch_generate_stage_end_to_end_with_failed_and_expired_lines(tmp_path,
 def test_sigkill_while_polling_then_rerun_polls_the_same_batch(tmp_path, teacher, api):
     home = tmp_path / "home"
     config = batch_config(tmp_path, api, teacher, "max_requests = 2\nbatch_size = 1\ninstances = false\n")
-    first = kill_while_polling(api, "generate", config, home, deadline_s=180)
+    first = kill_while_polling(api, "generate", config, home, deadline_s=180, **shared_api())
     assert query(home, "SELECT batch_id, collected_at FROM teacher_batches") == [(first, None)]
     status = json.loads(cli("status", "--json", "--profile", "t", "--config", str(config), home=home).stdout)
     assert status["open_batches"] == [first]

@@ -12,7 +12,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from cliutil import cli, cli_popen, query
+from cliutil import cli, cli_popen, query, shared_api
 from fault_proxy import FaultProxy
 
 GENERATE_METRICS = {"requests", "failed_requests", "retries", "candidates", "rejected_by_reason", "prompt_tokens",
@@ -63,9 +63,9 @@ model = "{server.model_name}"
 
 
 @pytest.mark.slow
-def test_generate_stage_end_to_end_against_embedded_teacher(tmp_path):
+def test_generate_stage_end_to_end_against_embedded_teacher(tmp_path, prefect_api):
     home = tmp_path / "home"
-    out = cli("stage", "generate", "--profile", "tiny", home=home)
+    out = cli("stage", "generate", "--profile", "tiny", home=home)  # as a user runs it: its own ephemeral Prefect
     assert out.returncode == 0, out.stderr[-3000:]
     requests = query(home, "SELECT purpose, count(*), count(error) FROM teacher_requests GROUP BY purpose")
     assert dict((p, n) for p, n, _ in requests)["instructions"] == 8          # tiny: max_requests = 8
@@ -82,7 +82,7 @@ def test_generate_stage_end_to_end_against_embedded_teacher(tmp_path):
     assert generate["metrics"]["requests"] == sum(n for _, n, _ in requests)
     assert generate["metrics"]["teacher_model"].endswith("tiny-llama")
     # a second run has its target or its request cap already: it sends nothing new
-    again = cli("stage", "generate", "--profile", "tiny", home=home)
+    again = cli("stage", "generate", "--profile", "tiny", home=home, **shared_api())
     assert again.returncode == 0, again.stderr[-2000:]
     assert query(home, "SELECT count(*) FROM teacher_requests")[0][0] == sum(n for _, n, _ in requests)
 
@@ -103,9 +103,9 @@ def prefect_servers_of(home: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_run_resumes_without_duplicates_or_loss(tmp_path):
+def test_sigkill_mid_run_resumes_without_duplicates_or_loss(tmp_path, prefect_api):
     home = tmp_path / "home"
-    config = write_config(tmp_path, "[profiles.t.generate]\nmax_requests = 30\ntarget_kept = 1000\n"
+    config = write_config(tmp_path, "[profiles.t.generate]\nmax_requests = 16\ntarget_kept = 1000\n"
                                     "[profiles.t.teacher]\nmax_concurrency = 1\n")
     run = cli_popen("stage", "generate", "--profile", "t", "--config", str(config), home=home)
     log = home / "logs" / "teacher-server.log"
@@ -124,17 +124,17 @@ def test_sigkill_mid_run_resumes_without_duplicates_or_loss(tmp_path):
         time.sleep(0.5)
     assert not prefect_servers_of(home), "the killed run left its Prefect server running"
     stored = query(home, "SELECT request_key, created_at FROM teacher_requests")
-    assert 0 < len(stored) < 30
+    assert 0 < len(stored) < 16
     candidates_before = query(home, "SELECT candidate_id, request_key, position, instruction FROM candidates")
 
-    out = cli("stage", "generate", "--profile", "t", "--config", str(config), home=home)
+    out = cli("stage", "generate", "--profile", "t", "--config", str(config), home=home, **shared_api())
     assert out.returncode == 0, out.stderr[-3000:]
     after = dict(query(home, "SELECT request_key, created_at FROM teacher_requests"))
     for key, created in stored:            # nothing stored was sent again (a resend would rewrite the row)
         assert after[key] == created
-    assert query(home, "SELECT count(*) FROM teacher_requests WHERE purpose = 'instructions'")[0][0] == 30
+    assert query(home, "SELECT count(*) FROM teacher_requests WHERE purpose = 'instructions'")[0][0] == 16
     keys = [k for k in after if k.startswith("instructions:")]
-    assert sorted(keys) == [f"instructions:{i:06d}" for i in range(30)]  # no gap, no duplicate
+    assert sorted(keys) == [f"instructions:{i:06d}" for i in range(16)]  # no gap, no duplicate
     candidates_after = query(home, "SELECT candidate_id, request_key, position, instruction FROM candidates")
     assert set(candidates_before) <= set(candidates_after)                # no loss
     assert query(home, "SELECT count(*) FROM candidates c WHERE NOT EXISTS "
@@ -182,7 +182,7 @@ instances = false
 
 
 @pytest.mark.slow
-def test_faults_are_retried_counted_and_never_dropped(tmp_path, server):
+def test_faults_are_retried_counted_and_never_dropped(tmp_path, server, prefect_api):
     home = tmp_path / "home"
     # one request at a time so the schedule maps onto requests deterministically:
     # request 1: 429 then ok; request 2: 500, timeout, ok; request 3: 503 x3 -> gives up (max_retries 2)
@@ -201,7 +201,7 @@ backoff_max_s = 0.2
 max_requests = 4
 instances = false
 """)
-        out = cli("stage", "generate", "--profile", "t", "--config", str(config), home=home)
+        out = cli("stage", "generate", "--profile", "t", "--config", str(config), home=home, **shared_api())
         assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads(cli("status", "--json", "--profile", "t", "--config", str(config),
                              home=home).stdout)["stages"]["generate"]["metrics"]
@@ -229,13 +229,13 @@ def test_next_keys_fill_gaps_and_retry_failures_first():
 
 
 @pytest.mark.slow
-def test_gap_in_stored_keys_is_filled_exactly(tmp_path, server):
+def test_gap_in_stored_keys_is_filled_exactly(tmp_path, server, prefect_api):
     """issue 14.1: a home with a hole in its keys (as an out-of-order kill leaves) resumes by sending
     exactly the missing key, resends nothing stored, and finishes."""
     home = tmp_path / "home"
     with FaultProxy(upstream(server)) as proxy:
         config = remote_config(tmp_path, proxy.base_url, server.model_name)
-        first = cli("stage", "generate", "--profile", "t", "--config", str(config), home=home)
+        first = cli("stage", "generate", "--profile", "t", "--config", str(config), home=home, **shared_api())
         assert first.returncode == 0, first.stderr[-3000:]
         stored = instruction_rows(home)
         assert sorted(stored) == [f"instructions:{i:06d}" for i in range(8)]
@@ -244,7 +244,7 @@ def test_gap_in_stored_keys_is_filled_exactly(tmp_path, server):
         con.execute("DELETE FROM teacher_requests WHERE request_key = 'instructions:000003'")
         con.close()
         sent_before = proxy.requests
-        again = cli("stage", "generate", "--profile", "t", "--config", str(config), home=home)
+        again = cli("stage", "generate", "--profile", "t", "--config", str(config), home=home, **shared_api())
         assert again.returncode == 0, again.stderr[-3000:]
         assert proxy.requests - sent_before == 1                       # exactly the missing key was sent
     after = instruction_rows(home)
@@ -256,7 +256,7 @@ def test_gap_in_stored_keys_is_filled_exactly(tmp_path, server):
 
 
 @pytest.mark.slow
-def test_sigkill_with_a_group_commit_pending_resends_exactly_the_lost_keys(tmp_path, server):
+def test_sigkill_with_a_group_commit_pending_resends_exactly_the_lost_keys(tmp_path, server, prefect_api):
     """issue 13: results are committed in batches; a SIGKILL while a batch is pending loses that batch
     only, and the rerun sends exactly its keys (nothing stored twice, nothing stored resent). The
     filter stage then re-derives the verdicts generation recorded, in the recorded order."""
@@ -266,7 +266,7 @@ def test_sigkill_with_a_group_commit_pending_resends_exactly_the_lost_keys(tmp_p
                                body="max_requests = 16\ncommit_every = 4\ncommit_ms = 600000\n")
         config.write_text(config.read_text().replace("max_requests = 8\n", "").replace(
             "max_concurrency = 2", "max_concurrency = 1"))
-        run = cli_popen("stage", "generate", "--profile", "t", "--config", str(config), home=home)
+        run = cli_popen("stage", "generate", "--profile", "t", "--config", str(config), home=home, **shared_api())
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and run.poll() is None and proxy.answered < 6:
             time.sleep(0.02)
@@ -279,7 +279,7 @@ def test_sigkill_with_a_group_commit_pending_resends_exactly_the_lost_keys(tmp_p
         candidates_before = set(query(home, "SELECT candidate_id, request_key, instruction FROM candidates"))
 
         sent_before = proxy.requests
-        out = cli("stage", "generate", "--profile", "t", "--config", str(config), home=home)
+        out = cli("stage", "generate", "--profile", "t", "--config", str(config), home=home, **shared_api())
         assert out.returncode == 0, out.stderr[-3000:]
         assert proxy.requests - sent_before == 16 - len(stored)      # exactly the lost and the new keys
     after = instruction_rows(home)
@@ -292,20 +292,20 @@ def test_sigkill_with_a_group_commit_pending_resends_exactly_the_lost_keys(tmp_p
     verdicts = "SELECT candidate_id, verdict, reason, max_score, most_similar FROM candidates ORDER BY candidate_id"
     generated = query(home, verdicts)
     assert generated
-    filtered = cli("stage", "filter", "--profile", "t", "--config", str(config), home=home)
+    filtered = cli("stage", "filter", "--profile", "t", "--config", str(config), home=home, **shared_api())
     assert filtered.returncode == 0, filtered.stderr[-3000:]
     assert query(home, verdicts) == generated
 
 
 @pytest.mark.slow
-def test_refused_endpoint_stops_at_once_and_a_fixed_one_recovers_the_failures(tmp_path, server):
+def test_refused_endpoint_stops_at_once_and_a_fixed_one_recovers_the_failures(tmp_path, server, prefect_api):
     """issue 14.2: a 401 stops the stage at once with one line naming the endpoint and the cause; an
     unreachable endpoint fails the stage (most requests failed) with the failures stored; a rerun
     against a working endpoint retries exactly the failed keys and succeeds."""
     home = tmp_path / "home"
     with FaultProxy(upstream(server), ["401"] * 100) as refusing:
         config = remote_config(tmp_path, refusing.base_url, server.model_name)
-        out = cli("stage", "generate", "--profile", "t", "--config", str(config), home=home)
+        out = cli("stage", "generate", "--profile", "t", "--config", str(config), home=home, **shared_api())
         assert out.returncode != 0
         last = out.stderr.strip().splitlines()[-1]
         assert refusing.base_url in last and "401" in last, out.stderr[-2000:]
@@ -316,7 +316,7 @@ def test_refused_endpoint_stops_at_once_and_a_fixed_one_recovers_the_failures(tm
         sock.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
     config = remote_config(tmp_path, dead, server.model_name)
-    out = cli("stage", "generate", "--profile", "t", "--config", str(config), home=home)
+    out = cli("stage", "generate", "--profile", "t", "--config", str(config), home=home, **shared_api())
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]
     assert dead in last and "failed this run" in last, out.stderr[-2000:]
@@ -327,7 +327,7 @@ def test_refused_endpoint_stops_at_once_and_a_fixed_one_recovers_the_failures(tm
 
     with FaultProxy(upstream(server)) as working:
         config = remote_config(tmp_path, working.base_url, server.model_name)
-        out = cli("stage", "generate", "--profile", "t", "--config", str(config), home=home)
+        out = cli("stage", "generate", "--profile", "t", "--config", str(config), home=home, **shared_api())
         assert out.returncode == 0, out.stderr[-3000:]
         assert working.requests == 8                    # the failed keys again, then the rest of the cap
     assert query(home, "SELECT count(*), count(error) FROM teacher_requests")[0] == (8, 0)
