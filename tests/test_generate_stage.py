@@ -25,6 +25,12 @@ def write_config(tmp_path: Path, body: str) -> Path:
     return path
 
 
+def stage(name: str, config: Path, home: Path):
+    """`instructflow stage NAME` on profile t against the session's Prefect API: the ephemeral start
+    (~20 s) is tested only where a test runs the CLI without this."""
+    return cli("stage", name, "--profile", "t", "--config", str(config), home=home, **shared_api())
+
+
 def run_generator(wh, cfg, settings):
     """The generate stage's Generator in-process (no Prefect) against `settings`' teacher; its tally."""
     import asyncio
@@ -127,7 +133,7 @@ def test_sigkill_mid_run_resumes_without_duplicates_or_loss(tmp_path, prefect_ap
     assert 0 < len(stored) < 16
     candidates_before = query(home, "SELECT candidate_id, request_key, position, instruction FROM candidates")
 
-    out = cli("stage", "generate", "--profile", "t", "--config", str(config), home=home, **shared_api())
+    out = stage("generate", config, home)
     assert out.returncode == 0, out.stderr[-3000:]
     after = dict(query(home, "SELECT request_key, created_at FROM teacher_requests"))
     for key, created in stored:            # nothing stored was sent again (a resend would rewrite the row)
@@ -201,7 +207,7 @@ backoff_max_s = 0.2
 max_requests = 4
 instances = false
 """)
-        out = cli("stage", "generate", "--profile", "t", "--config", str(config), home=home, **shared_api())
+        out = stage("generate", config, home)
         assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads(cli("status", "--json", "--profile", "t", "--config", str(config),
                              home=home).stdout)["stages"]["generate"]["metrics"]
@@ -235,7 +241,7 @@ def test_gap_in_stored_keys_is_filled_exactly(tmp_path, server, prefect_api):
     home = tmp_path / "home"
     with FaultProxy(upstream(server)) as proxy:
         config = remote_config(tmp_path, proxy.base_url, server.model_name)
-        first = cli("stage", "generate", "--profile", "t", "--config", str(config), home=home, **shared_api())
+        first = stage("generate", config, home)
         assert first.returncode == 0, first.stderr[-3000:]
         stored = instruction_rows(home)
         assert sorted(stored) == [f"instructions:{i:06d}" for i in range(8)]
@@ -244,7 +250,7 @@ def test_gap_in_stored_keys_is_filled_exactly(tmp_path, server, prefect_api):
         con.execute("DELETE FROM teacher_requests WHERE request_key = 'instructions:000003'")
         con.close()
         sent_before = proxy.requests
-        again = cli("stage", "generate", "--profile", "t", "--config", str(config), home=home, **shared_api())
+        again = stage("generate", config, home)
         assert again.returncode == 0, again.stderr[-3000:]
         assert proxy.requests - sent_before == 1                       # exactly the missing key was sent
     after = instruction_rows(home)
@@ -279,7 +285,7 @@ def test_sigkill_with_a_group_commit_pending_resends_exactly_the_lost_keys(tmp_p
         candidates_before = set(query(home, "SELECT candidate_id, request_key, instruction FROM candidates"))
 
         sent_before = proxy.requests
-        out = cli("stage", "generate", "--profile", "t", "--config", str(config), home=home, **shared_api())
+        out = stage("generate", config, home)
         assert out.returncode == 0, out.stderr[-3000:]
         assert proxy.requests - sent_before == 16 - len(stored)      # exactly the lost and the new keys
     after = instruction_rows(home)
@@ -292,7 +298,7 @@ def test_sigkill_with_a_group_commit_pending_resends_exactly_the_lost_keys(tmp_p
     verdicts = "SELECT candidate_id, verdict, reason, max_score, most_similar FROM candidates ORDER BY candidate_id"
     generated = query(home, verdicts)
     assert generated
-    filtered = cli("stage", "filter", "--profile", "t", "--config", str(config), home=home, **shared_api())
+    filtered = stage("filter", config, home)
     assert filtered.returncode == 0, filtered.stderr[-3000:]
     assert query(home, verdicts) == generated
 
@@ -305,7 +311,7 @@ def test_refused_endpoint_stops_at_once_and_a_fixed_one_recovers_the_failures(tm
     home = tmp_path / "home"
     with FaultProxy(upstream(server), ["401"] * 100) as refusing:
         config = remote_config(tmp_path, refusing.base_url, server.model_name)
-        out = cli("stage", "generate", "--profile", "t", "--config", str(config), home=home, **shared_api())
+        out = stage("generate", config, home)
         assert out.returncode != 0
         last = out.stderr.strip().splitlines()[-1]
         assert refusing.base_url in last and "401" in last, out.stderr[-2000:]
@@ -316,7 +322,7 @@ def test_refused_endpoint_stops_at_once_and_a_fixed_one_recovers_the_failures(tm
         sock.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
     config = remote_config(tmp_path, dead, server.model_name)
-    out = cli("stage", "generate", "--profile", "t", "--config", str(config), home=home, **shared_api())
+    out = stage("generate", config, home)
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]
     assert dead in last and "failed this run" in last, out.stderr[-2000:]
@@ -327,7 +333,7 @@ def test_refused_endpoint_stops_at_once_and_a_fixed_one_recovers_the_failures(tm
 
     with FaultProxy(upstream(server)) as working:
         config = remote_config(tmp_path, working.base_url, server.model_name)
-        out = cli("stage", "generate", "--profile", "t", "--config", str(config), home=home, **shared_api())
+        out = stage("generate", config, home)
         assert out.returncode == 0, out.stderr[-3000:]
         assert working.requests == 8                    # the failed keys again, then the rest of the cap
     assert query(home, "SELECT count(*), count(error) FROM teacher_requests")[0] == (8, 0)
