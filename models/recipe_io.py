@@ -312,6 +312,7 @@ def trainer_args(section: Any, checkpoints_dir: Path, precision: str) -> dict[st
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         seed=section.seed,
+        train_sampling_strategy="group_by_length" if section.group_by_length else "random",
         eval_strategy="steps",
         eval_steps=section.eval_steps,
         save_strategy="steps",

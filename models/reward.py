@@ -51,12 +51,15 @@ def score_with(model, tokenizer, prompts: Sequence[str], responses: Sequence[str
     device = next(model.parameters()).device
     eos = tokenizer.eos_token or ""
     ids = [tokenizer(text=reward_text(p, r, eos))["input_ids"][-max_length:] for p, r in zip(prompts, responses)]
+    # longest first, so each batch pads to a width close to its own members' (the scores go back in input order)
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     was_training = model.training
     model.eval()
-    scores: list[float] = []
+    scores = [0.0] * len(ids)
     with torch.no_grad():
         for start in range(0, len(ids), batch_size):
-            batch = ids[start:start + batch_size]
+            rows = order[start:start + batch_size]
+            batch = [ids[i] for i in rows]
             width = max(len(x) for x in batch)
             input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
             attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -64,7 +67,8 @@ def score_with(model, tokenizer, prompts: Sequence[str], responses: Sequence[str
                 input_ids[row, :len(x)] = torch.tensor(x)
                 attention_mask[row, :len(x)] = 1
             logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-            scores += logits[:, 0].float().cpu().tolist()
+            for i, value in zip(rows, logits[:, 0].float().cpu().tolist()):
+                scores[i] = value
     model.train(was_training)
     return scores
 
@@ -115,6 +119,33 @@ def count_too_long(tokenizer, rows: Sequence[dict], max_length: int) -> int:
     eos = tokenizer.eos_token or ""
     return sum(max(len(tokenizer(text=reward_text(r["prompt"], r[side], eos))["input_ids"])
                    for side in ("chosen", "rejected")) > max_length for r in rows)
+
+
+def pair_length_grouped(trainer_class):
+    """`trainer_class` (TRL's RewardTrainer) whose length-grouped samplers (reward.group_by_length) read each
+    pair's width: HF's sampler looks for `input_ids`, but a pair is `chosen_ids` + `rejected_ids`, padded
+    together to the longer of the two."""
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    def widths(dataset) -> list[int]:
+        return [max(len(c), len(r)) for c, r in zip(dataset["chosen_ids"], dataset["rejected_ids"])]
+
+    class PairLengthGrouped(trainer_class):
+        def _get_train_sampler(self, train_dataset=None):
+            if self.args.train_sampling_strategy != "group_by_length":
+                return super()._get_train_sampler(train_dataset)
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=widths(dataset))
+
+        def _get_eval_sampler(self, eval_dataset):
+            if self.args.train_sampling_strategy != "group_by_length":
+                return super()._get_eval_sampler(eval_dataset)
+            return LengthGroupedSampler(self.args.eval_batch_size, lengths=widths(eval_dataset),
+                                        generator=torch.Generator().manual_seed(self.args.seed))
+
+    return PairLengthGrouped
 
 
 def load_reward_model(sft_model: Path, seed: int):
@@ -176,7 +207,7 @@ def train_reward(train: Sequence[dict], eval: Sequence[dict], cfg: RewardConfig,
         lr_scheduler_type="linear",
     )
     peft_config = lora_config(cfg, "SEQ_CLS") if cfg.lora else None
-    trainer = RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(train_rows),
+    trainer = pair_length_grouped(RewardTrainer)(model=model, args=config, train_dataset=Dataset.from_list(train_rows),
                             eval_dataset=Dataset.from_list(eval_rows), processing_class=tokenizer,
                             peft_config=peft_config, callbacks=[ReportSteps(on_step, on_progress)])
     drop_printer(trainer)

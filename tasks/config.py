@@ -107,6 +107,9 @@ class SFTConfig:
     eval_fraction: float = 0.1
     max_length: int = 512
     packing: bool = False
+    # batches of examples of similar length (HF's LengthGroupedSampler): less padding, so fewer tokens
+    # computed per step; the order stays seeded and random across groups
+    group_by_length: bool = True
     epochs: float = 1.0
     max_steps: int = -1
     learning_rate: float = 2e-5
@@ -145,6 +148,7 @@ class PreferencesConfig:
 class RewardConfig:
     eval_fraction: float = 0.2
     max_length: int = 512
+    group_by_length: bool = True        # as sft.group_by_length; a pair's length is its longer side
     epochs: float = 1.0
     max_steps: int = -1
     learning_rate: float = 1e-5

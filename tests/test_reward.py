@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaForSequenceClassification
 
 from instructflow.models.bundled import ensure_bundled_hf_dir
-from instructflow.models.reward import RewardInputError, score, train_reward
+from instructflow.models.reward import RewardInputError, pair_length_grouped, score, train_reward
 from instructflow.models.tiny import build_tiny_llama
 from instructflow.tasks.config import RewardConfig
 
@@ -94,6 +94,8 @@ def test_scores_do_not_depend_on_batch_padding_or_on_overlong_inputs(tiny, tmp_p
     batched = score(tiny_as_reward(tiny, tmp_path), prompts, responses, batch_size=3)
     single = [score(tiny_as_reward(tiny, tmp_path), [p], [r], batch_size=1)[0] for p, r in zip(prompts, responses)]
     assert batched == pytest.approx(single, abs=1e-5)
+    # batches are formed longest first; the scores still come back in the order of the inputs
+    assert score(tiny_as_reward(tiny, tmp_path), prompts, responses, batch_size=2) == pytest.approx(single, abs=1e-5)
     # longer than max_length: the end (the reply and its eos) is kept, so the score is the last window's
     long = score(tiny_as_reward(tiny, tmp_path), [" word" * 300], [" fine"], max_length=32)
     window = score(tiny_as_reward(tiny, tmp_path), [" word" * 30], [" fine"], max_length=32)  # 30 + fine + eos
@@ -154,3 +156,30 @@ def test_bad_input_is_one_clear_line(case, message, tiny, tmp_path):
     with pytest.raises(RewardInputError, match=message) as info:
         train_reward(train, [], **s)
     assert "\n" not in str(info.value)
+
+
+def test_length_grouped_batches_pad_less_and_still_cover_every_pair_once(tiny, tmp_path):
+    """reward.group_by_length: the pair-width sampler groups short pairs with short ones, so a batch (chosen and
+    rejected padded together) holds fewer pad tokens, and an epoch still reads each pair exactly once."""
+    from datasets import Dataset
+    from trl import RewardConfig as TRLRewardConfig, RewardTrainer
+
+    rng = random.Random(3)
+    pairs = [{"prompt": f"Topic {i}: ", "chosen": " ".join(rng.choice(WORDS) for _ in range(n)),
+              "rejected": " ".join(rng.choice(WORDS) for _ in range(n - 1))}
+             for i, n in enumerate(rng.choice([3, 40]) for _ in range(64))]
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    padded, seen = {}, {}
+    for strategy in ("group_by_length", "random"):
+        args = TRLRewardConfig(output_dir=str(tmp_path / strategy), per_device_train_batch_size=4, use_cpu=True,
+                               report_to="none", train_sampling_strategy=strategy, seed=0, max_length=128)
+        model = AutoModelForSequenceClassification.from_pretrained(tiny, num_labels=1)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        trainer = pair_length_grouped(RewardTrainer)(model=model, args=args, train_dataset=Dataset.from_list(pairs),
+                                                     processing_class=tokenizer)
+        batches = list(trainer.get_train_dataloader())
+        padded[strategy] = sum(int((b["attention_mask"] == 0).sum()) for b in batches)
+        seen[strategy] = sorted(tuple(row[mask.bool()].tolist()) for b in batches
+                                for row, mask in zip(b["input_ids"], b["attention_mask"]))
+    assert seen["group_by_length"] == seen["random"] and len(seen["random"]) == 2 * len(pairs)
+    assert padded["group_by_length"] < padded["random"] / 2, padded
