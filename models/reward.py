@@ -207,9 +207,10 @@ def train_reward(train: Sequence[dict], eval: Sequence[dict], cfg: RewardConfig,
         lr_scheduler_type="linear",
     )
     peft_config = lora_config(cfg, "SEQ_CLS") if cfg.lora else None
-    trainer = pair_length_grouped(RewardTrainer)(model=model, args=config, train_dataset=Dataset.from_list(train_rows),
-                            eval_dataset=Dataset.from_list(eval_rows), processing_class=tokenizer,
-                            peft_config=peft_config, callbacks=[ReportSteps(on_step, on_progress)])
+    trainer = pair_length_grouped(RewardTrainer)(
+        model=model, args=config, train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows), processing_class=tokenizer, peft_config=peft_config,
+        callbacks=[ReportSteps(on_step, on_progress)])
     drop_printer(trainer)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
