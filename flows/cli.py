@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -16,12 +15,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Seed tasks -> Self-Instruct -> ROUGE-L filter -> SFT -> preferences -> reward -> PPO -> evaluate.")
 console = Console(stderr=True, soft_wrap=True)  # one-line errors stay one line at any width
 
-# Prefect reads its settings once, when first imported: they are fixed here, before any command can
+# Prefect reads its settings once, when first imported: `main` fixes these before any command can
 # import it. The ephemeral API's first start migrates a new SQLite file: slow on a busy 2-core machine.
 PREFECT_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING",
                     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
-for _name, _value in PREFECT_DEFAULTS.items():
-    os.environ.setdefault(_name, _value)
 
 ProfileOpt = typer.Option(None, "--profile", "-p", help="Config profile (default: the file's default_profile, 'cpu').")
 HomeOpt = typer.Option(None, "--home", help="Data home (default: $INSTRUCTFLOW_HOME or ./.instructflow).")
@@ -48,9 +45,6 @@ def _prepare(home: Optional[str], config: Optional[str], profile: Optional[str],
         warehouse_for(home_path)
     except (ConfigError, WarehouseError) as exc:
         fail(str(exc))
-    os.environ["INSTRUCTFLOW_HOME"] = str(home_path)
-    if config:
-        os.environ["INSTRUCTFLOW_CONFIG"] = str(Path(config).resolve())
     # Ephemeral flow runs land in the home's own Prefect database, so `instructflow dashboard`
     # later shows their history and artifacts.
     if "PREFECT_HOME" not in os.environ:
@@ -65,7 +59,8 @@ def _prepare(home: Optional[str], config: Optional[str], profile: Optional[str],
         from instructflow.flows.server import guard_ephemeral_server
 
         guard_ephemeral_server()
-    from instructflow.flows.common import publish_status, quiet_console
+    from instructflow.flows.common import quiet_console
+    from instructflow.flows.status import publish_status
 
     quiet_console(home_path, verbose)
     publish_status(cfg, home_path, None)  # `status` answers from it while this process holds the lock
@@ -97,8 +92,7 @@ def run(profile: Optional[str] = ProfileOpt, home: Optional[str] = HomeOpt, conf
     from instructflow.flows.pipeline import pipeline
 
     only = [s.strip() for s in stages.split(",")] if stages else None
-    results = _run_guarded(lambda: pipeline(profile=cfg.profile, stages_to_run=only, force=force,
-                                            home=str(home_path), config=config))
+    results = _run_guarded(lambda: pipeline(home=str(home_path), stages_to_run=only, force=force, cfg=cfg))
     _print_summary(cfg, home_path, results)
     _print_outcome(home_path, results)
 
@@ -113,11 +107,15 @@ def stage(name: str = typer.Argument(..., help="Stage name (see `instructflow st
     """Rerun exactly one stage (always runs), optionally followed by its stale downstream stages."""
     cfg, home_path = _prepare(home, config, profile, verbose)
     from instructflow.flows.pipeline import run_single
-    from instructflow.flows.stages import stage_names
+    from instructflow.flows.stages import stage_names, stage_spec
 
     if name not in stage_names():
         fail(f"unknown stage {name!r} (stages: {', '.join(stage_names())})")
-    results = _run_guarded(lambda: run_single(name, cfg.profile, str(home_path), config, force, downstream))
+    spec = stage_spec(name)
+    if spec.enabled is not None and not spec.enabled(cfg):
+        fail(f"{name} is not among profile {cfg.profile}'s methods ({', '.join(cfg.methods) or 'none'}): add it to "
+             f"`methods` in [profiles.{cfg.profile}]")
+    results = _run_guarded(lambda: run_single(name, cfg, home_path, force, downstream))
     _print_summary(cfg, home_path, results)
 
 
@@ -205,45 +203,9 @@ def _short(value) -> str:
 @app.command()
 def doctor(profile: Optional[str] = ProfileOpt, home: Optional[str] = HomeOpt, config: Optional[str] = ConfigOpt):
     """Versions, data home, bundled model, teacher reachability, GPU, and whether scheduled runs are being created."""
-    from importlib import metadata
+    from instructflow.flows.doctor import doctor_rows
 
-    rows: list[tuple[str, str, bool]] = []
-    rows.append(("python", sys.version.split()[0], sys.version_info >= (3, 11)))
-    for package in ("torch", "transformers", "trl", "prefect", "fastapi", "duckdb", "openai", "rouge-score", "gguf"):
-        try:
-            rows.append((package, metadata.version(package), True))
-        except metadata.PackageNotFoundError:
-            rows.append((package, "missing", False))
-    cfg = None
-    try:
-        from instructflow.flows.common import data_home
-        from instructflow.tasks.config import load_config
-
-        cfg = load_config(profile, config)
-        rows.append(("config", f"{cfg.source} · profile {cfg.profile}", True))
-        home_path = data_home(home)
-        rows.append(("data home", f"{home_path} (writable)", True))
-    except Exception as exc:  # doctor reports, it does not stop at the first problem
-        rows.append(("config/home", str(exc), False))
-    try:
-        from instructflow.models.bundled import bundled_gguf_path
-
-        gguf = bundled_gguf_path()
-        rows.append(("bundled model", f"{gguf.name} ({gguf.stat().st_size / 1e6:.0f} MB)", True))
-    except Exception as exc:
-        rows.append(("bundled model", str(exc), False))
-    if cfg is not None:
-        rows.append(_teacher_check(cfg))
-    try:
-        import torch
-
-        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU only)"
-        rows.append(("gpu", gpu, True))
-    except Exception as exc:
-        rows.append(("gpu", str(exc), False))
-    rows.append(("prefect api", os.environ.get("PREFECT_API_URL") or "ephemeral (per process)", True))
-    rows.append(_prefect_timeout_check())
-    rows.append(_scheduler_check(home))
+    rows = doctor_rows(profile, home, config)
     table = Table(title="instructflow doctor")
     table.add_column("check")
     table.add_column("result", overflow="fold")
@@ -253,84 +215,6 @@ def doctor(profile: Optional[str] = ProfileOpt, home: Optional[str] = HomeOpt, c
     Console().print(table)
     if not all(ok for _, _, ok in rows):
         raise typer.Exit(1)
-
-
-def _prefect_timeout_check() -> tuple[str, str, bool]:
-    """The timeout Prefect really uses in this process (it reads settings at import, so order matters)."""
-    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
-
-    seconds = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
-    return ("Prefect startup timeout", f"{seconds:g} s", True)
-
-
-def _scheduler_check(home: Optional[str]) -> tuple[str, str, bool]:
-    """Is the Prefect server this home's runs go to creating the scheduled runs of its deployments?"""
-    from datetime import datetime, timezone
-    from importlib import metadata
-
-    import httpx
-
-    from instructflow.flows.common import data_home
-    from instructflow.flows.server import SERVER_LOG, last_scheduler_error, running_dashboard
-
-    sqlalchemy = metadata.version("sqlalchemy")
-    bad_sqlalchemy = tuple(int(part) for part in sqlalchemy.split(".")[:2]) >= (2, 1)
-    prefix = (f"sqlalchemy {sqlalchemy}: prefect 3.8.8's scheduler fails on 2.1 (pip install 'sqlalchemy<2.1' or "
-              "`make setup`); " if bad_sqlalchemy else "")
-    try:
-        home_path = data_home(home)
-    except Exception as exc:
-        return ("scheduler", prefix + str(exc), False)
-    own_api = running_dashboard(home_path)
-    api = os.environ.get("PREFECT_API_URL") or own_api
-    if not api:
-        return ("scheduler", prefix + "no server running for this home: schedules fire only while `instructflow "
-                "dashboard` or `instructflow deploy` runs (the per-process API has no scheduler)", not bad_sqlalchemy)
-    error = last_scheduler_error(home_path) if api == own_api else None
-    log_note = f" (server log: {home_path / SERVER_LOG})" if api == own_api else ""
-    upcoming_after = datetime.now(timezone.utc).isoformat()
-    try:
-        with httpx.Client(base_url=api.rstrip("/"), timeout=10) as client:
-            flows = {f["id"]: f["name"] for f in client.post("/flows/filter", json={}).raise_for_status().json()}
-            upcoming = {}
-            for deployment in client.post("/deployments/filter", json={}).raise_for_status().json():
-                if deployment.get("paused") or not any(s.get("active") for s in deployment.get("schedules") or []):
-                    continue
-                runs = {"deployment_id": {"any_": [deployment["id"]]}, "state": {"type": {"any_": ["SCHEDULED"]}},
-                        "expected_start_time": {"after_": upcoming_after}}
-                name = f"{flows.get(deployment['flow_id'], '?')}/{deployment['name']}"
-                upcoming[name] = client.post("/flow_runs/count", json={"flow_runs": runs}).raise_for_status().json()
-    except httpx.HTTPError as exc:
-        return ("scheduler", f"{prefix}{api} unreachable: {type(exc).__name__}{log_note}", False)
-    if not upcoming:
-        text, ok = f"no deployment with an active schedule on {api}", True
-    else:
-        text = "; ".join(f"{name}: {count} upcoming scheduled runs" if count else
-                         f"{name}: NO upcoming run created (the server's scheduler is not working)"
-                         for name, count in upcoming.items())
-        ok = all(upcoming.values())
-    if error:
-        text, ok = f"{text}; last scheduler error: {error}", False
-    return ("scheduler", prefix + text + log_note, ok and not bad_sqlalchemy)
-
-
-def _teacher_check(cfg) -> tuple[str, str, bool]:
-    teacher = cfg.teacher
-    if teacher.endpoint == "embedded":
-        import shutil
-
-        found = shutil.which("transformers") or (Path(sys.executable).parent / "transformers").exists()
-        return ("teacher", f"embedded: transformers serve on {teacher.embedded_model} (started per stage)", bool(found))
-    import httpx
-
-    from instructflow.tasks.config import teacher_api_key
-
-    url = teacher.endpoint.rstrip("/") + "/models"
-    try:
-        response = httpx.get(url, headers={"Authorization": f"Bearer {teacher_api_key(teacher)}"}, timeout=10)
-        return ("teacher", f"{teacher.endpoint} answered {response.status_code}", response.status_code < 400)
-    except httpx.HTTPError as exc:
-        return ("teacher", f"{teacher.endpoint} unreachable: {type(exc).__name__}", False)
 
 
 @app.command()
@@ -361,9 +245,8 @@ def batches(home: Optional[str] = HomeOpt, profile: Optional[str] = ProfileOpt, 
         Console().print(table)
         return
     from instructflow.flows.common import data_home
-    from instructflow.tasks.batch import BatchAPI, BatchAPIError
+    from instructflow.tasks.batch import BatchAPIError, cancel_batch
     from instructflow.tasks.config import ConfigError, teacher_api_key
-    from instructflow.tasks.teacher import TeacherSettings
     from instructflow.warehouse.store import WarehouseError, open_warehouse
 
     try:
@@ -371,18 +254,9 @@ def batches(home: Optional[str] = HomeOpt, profile: Optional[str] = ProfileOpt, 
     except WarehouseError as exc:
         fail(str(exc), code=1)
     try:
-        row = queries.batch_by_id(wh, cancel)
-        if row is None:
-            fail(f"no batch {cancel!r} in this warehouse (`instructflow batches` lists them)", code=1)
         cfg, _ = _config_for_reading(profile, config, wh)
-        api = BatchAPI(TeacherSettings(base_url=row["endpoint"], model=cfg.teacher.model or "batch",
-                                       api_key=teacher_api_key(cfg.teacher)))
-        try:
-            batch = api.cancel(cancel)
-        finally:
-            api.close()
-        queries.mark_batch_cancelling(wh, cancel, batch.status)
-        console.print(f"batch {cancel}: {batch.status} (the next run of its stage collects what it finished and "
+        status = cancel_batch(wh, cancel, cfg.teacher.model, teacher_api_key(cfg.teacher))
+        console.print(f"batch {cancel}: {status} (the next run of its stage collects what it finished and "
                       "resubmits only the rest)", highlight=False)
     except (ConfigError, BatchAPIError) as exc:
         fail(str(exc), code=1)
@@ -441,9 +315,10 @@ def export_alpaca(out: Path = typer.Option(..., "--out", help="Output JSON file.
                   source: Optional[str] = SourceOpt, profile: Optional[str] = ProfileOpt,
                   config: Optional[str] = ConfigOpt):
     """Alpaca JSON: a list of {"instruction", "input", "output"} (by default the examples SFT trains on)."""
+    from instructflow.tasks.export import write_alpaca
+
     rows, summary = _export_rows(home, source, profile, config)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_alpaca(rows, out)
     console.print(f"wrote {len(rows)} records to {out}: {summary}", highlight=False)
 
 
@@ -452,14 +327,10 @@ def export_jsonl(out: Path = typer.Option(..., "--out", help="Output JSONL file.
                  source: Optional[str] = SourceOpt, profile: Optional[str] = ProfileOpt,
                  config: Optional[str] = ConfigOpt):
     """One {"prompt", "completion"} line per example, the prompt in the Alpaca format (TRL's prompt-completion form)."""
-    from instructflow.tasks.sft_data import alpaca_prompt
+    from instructflow.tasks.export import write_prompt_completion_jsonl
 
     rows, summary = _export_rows(home, source, profile, config)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps({"prompt": alpaca_prompt(row["instruction"], row["input"]),
-                                     "completion": row["output"]}, ensure_ascii=False) + "\n")
+    write_prompt_completion_jsonl(rows, out)
     console.print(f"wrote {len(rows)} records to {out}: {summary}", highlight=False)
 
 
@@ -568,14 +439,21 @@ def deploy(cron: Optional[str] = typer.Option(None, "--cron", help='Cron schedul
 
 
 def _print_summary(cfg, home_path: Path, results: dict) -> None:
+    """One row per stage that ran or was skipped: its headline metrics, whole (every metric: `status --json`)."""
+    from instructflow.flows.stages import stage_spec
+
     table = Table(title=f"instructflow · profile {cfg.profile} · {home_path}")
     table.add_column("stage")
     table.add_column("result", overflow="fold")
     for name, metrics in (results or {}).items():
         metrics = metrics or {}
-        shown = ", ".join(f"{k}={_short(v)}" for k, v in metrics.items() if not isinstance(v, (dict, list)))
-        table.add_row(name, shown[:300] or "-")
+        shown = [f"{k}={_whole(metrics[k])}" for k in stage_spec(name).headline if metrics.get(k) is not None]
+        table.add_row(name, ("skipped (inputs unchanged): " if metrics.get("skipped") else "") + (", ".join(shown) or "-"))
     Console().print(table)
+
+
+def _whole(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 # (stage, metric, label) for the closing lines of `instructflow run`
@@ -609,6 +487,8 @@ def _print_outcome(home_path: Path, results: dict) -> None:
 
 
 def main() -> None:
+    for name, value in PREFECT_DEFAULTS.items():  # before any command imports prefect
+        os.environ.setdefault(name, value)
     app()
 
 

@@ -1,19 +1,20 @@
-"""What every stage flow shares: the data home, the open warehouse, and `stage_context`, which
-records a stage run (input hash, status, metrics, timings) around the stage's own story and
-publishes its Prefect artifacts. Flows hold no business logic; this holds no stage logic."""
+"""What every stage flow shares: the data home, the open warehouse, `StageSpec` (what a stage declares
+it reads), and `stage_context`, which records a stage run (input hash, status, metrics, timings)
+around the stage's own story and publishes its Prefect artifacts. Flows hold no business logic; this
+holds no stage logic, and imports no stage (the registry, flows/stages.py, imports the stages)."""
 from __future__ import annotations
 
 import atexit
-import hashlib
 import json
 import os
+import shutil
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from instructflow.tasks.config import Config, load_config
+from instructflow.tasks.config import Config, stable_hash
 from instructflow.tasks.library_output import quiet_progress_bars
 from instructflow.warehouse import queries
 from instructflow.warehouse.store import Warehouse, WarehouseError, open_warehouse
@@ -87,29 +88,6 @@ def close_warehouses() -> None:
 STATUS_SNAPSHOT = "status-snapshot.json"
 
 
-def publish_status(cfg: Config, home: Path, live_stage: str | None) -> None:
-    """While this process holds the warehouse lock nobody else can open it, so it publishes what
-    `status` would say (atomically, at each stage start and end) and, after a stage, the report."""
-    from datetime import datetime, timezone
-
-    from instructflow.flows.report import write_report
-    from instructflow.flows.status import stage_status
-
-    wh = warehouse_for(home)
-    try:
-        snapshot = {"running": True, "stage": live_stage, "pid": os.getpid(),
-                    "as_of": datetime.now(timezone.utc).isoformat(timespec="seconds"), **stage_status(cfg, home, wh)}
-        partial = home / f"{STATUS_SNAPSHOT}.{os.getpid()}"
-        partial.write_text(json.dumps(snapshot, default=str))
-        os.replace(partial, home / STATUS_SNAPSHOT)
-        if live_stage is None:
-            write_report(wh, home, home / "report.html")
-    except Exception:  # a side channel for readers: it never fails the run
-        import logging
-
-        logging.getLogger(__name__).warning("could not publish the status snapshot", exc_info=True)
-
-
 def seed_paths(cfg: Config) -> list[Path]:
     """The configured seed files/dirs; `bundled` is the package's seed file (not its seeds/ folder,
     which also ships the preference sample)."""
@@ -118,15 +96,34 @@ def seed_paths(cfg: Config) -> list[Path]:
     return [shipped_path(entry, "seed_tasks.jsonl") for entry in cfg.seeds]
 
 
-def stable_hash(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def cache_dir() -> Path:
     """Converted models and tiny test models, shared across data homes (they never change)."""
     path = Path(os.environ.get("INSTRUCTFLOW_CACHE") or Path.home() / ".cache" / "instructflow")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What a stage declares: everything its output depends on feeds its input hash, so `run` skips it
+    only when none of that changed and `status` says which part did."""
+    name: str
+    flow: Callable                       # the Prefect flow: flow(cfg, home, run_id=None, force=False) -> metrics
+    config_sections: tuple[str, ...]     # config it reads: whole sections ("reward") or single keys ("ppo.seed")
+    upstream: tuple[str, ...] = ()       # stages whose outputs it consumes (their output hashes feed its input hash)
+    data_inputs: Callable[[Config, Warehouse], dict] | None = None   # warehouse/file fingerprints it consumes
+    outputs_exist: Callable[[Config, Warehouse], bool] | None = None  # a fresh stage whose outputs vanished reruns
+    enabled: Callable[[Config], bool] | None = None  # None: always; an alignment method: when the profile runs it
+    summary: str = ""                    # one line under the stage's heading in the report
+    headline: tuple[str, ...] = ()       # the metrics `run` prints for it (all of them: `status --json`)
+
+
+def checkpoint_exists(kind: str) -> Callable[[Config, Warehouse], bool]:
+    """`outputs_exist` of a training stage: its newest registered checkpoint of `kind` is still on disk."""
+    def exists(cfg: Config, wh: Warehouse) -> bool:
+        last = wh.latest_checkpoint(kind)
+        return last is not None and (Path(last["path"]) / "config.json").exists()
+    return exists
 
 
 @dataclass
@@ -148,6 +145,14 @@ class StageContext:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def run_dir(self, *identity: Any) -> Path:
+        """The stage's folder for one job (same inputs -> same folder, so a killed run resumes in it);
+        emptied first when the stage is forced."""
+        path = self.out_dir / f"run-{stable_hash([*identity, self.inputs['config']])}"
+        if self.force and path.exists():
+            shutil.rmtree(path)
+        return path
+
     def step(self, step: int, values: dict[str, float]) -> None:
         self.wh.add_step_metrics(self.stage_run_id, self.stage, step, values)
 
@@ -156,11 +161,8 @@ class StageContext:
         self.output_hash = output_hash
 
 
-def stage_inputs(stage: str, cfg: Config, wh: Warehouse) -> dict:
+def stage_inputs(spec: StageSpec, cfg: Config, wh: Warehouse) -> dict:
     """The components of a stage's input hash: its config, its external data, its upstream outputs."""
-    from instructflow.flows.stages import stage_spec  # the registry imports the stage modules
-
-    spec = stage_spec(stage)
     inputs: dict[str, Any] = {"config": cfg.section_hash(*spec.config_sections)}
     inputs.update(spec.data_inputs(cfg, wh) if spec.data_inputs else {})
     for upstream in spec.upstream:
@@ -173,33 +175,28 @@ def input_hash(inputs: dict) -> str:
     return stable_hash(inputs)
 
 
-def freshness(stage: str, cfg: Config, wh: Warehouse):
+def freshness(spec: StageSpec, cfg: Config, wh: Warehouse):
     """(fresh, last successful StageRun or None, current inputs). Fresh: same input hash as the
     last success and its outputs still exist."""
-    from instructflow.flows.stages import stage_spec
-
-    spec = stage_spec(stage)
-    inputs = stage_inputs(stage, cfg, wh)
-    last = wh.last_stage_run(stage, status="success")
+    inputs = stage_inputs(spec, cfg, wh)
+    last = wh.last_stage_run(spec.name, status="success")
     fresh = (last is not None and last.input_hash == input_hash(inputs)
              and (spec.outputs_exist is None or spec.outputs_exist(cfg, wh)))
     return fresh, last, inputs
 
 
 @contextmanager
-def stage_context(stage: str, profile: str, home: str | None, config: str | None, run_id: str | None,
+def stage_context(spec: StageSpec, cfg: Config, home: str | Path, run_id: str | None,
                   force: bool) -> Iterator[StageContext]:
-    cfg = load_config(profile, config)
     home_path = data_home(home)
     wh = warehouse_for(home_path)
     own_run = run_id is None
     if own_run:
-        run_id = wh.start_run(cfg.profile, f"stage {stage}", flow_run_id=_flow_run_id())
-    inputs = stage_inputs(stage, cfg, wh)
-    stage_run_id = wh.start_stage_run(run_id, stage, input_hash(inputs), inputs)
-    ctx = StageContext(stage=stage, cfg=cfg, home=home_path, wh=wh, run_id=run_id, stage_run_id=stage_run_id,
+        run_id = wh.start_run(cfg.profile, f"stage {spec.name}", flow_run_id=flow_run_id())
+    inputs = stage_inputs(spec, cfg, wh)
+    stage_run_id = wh.start_stage_run(run_id, spec.name, input_hash(inputs), inputs)
+    ctx = StageContext(stage=spec.name, cfg=cfg, home=home_path, wh=wh, run_id=run_id, stage_run_id=stage_run_id,
                        force=force, inputs=inputs)
-    publish_status(cfg, home_path, stage)
     try:
         yield ctx
     except BaseException as exc:
@@ -207,22 +204,20 @@ def stage_context(stage: str, profile: str, home: str | None, config: str | None
         wh.finish_stage_run(stage_run_id, "failed", ctx.metrics, None, message)
         if own_run:
             wh.finish_run(run_id, "failed")
-        publish_status(cfg, home_path, None)
         if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
             (home_path / "logs").mkdir(exist_ok=True)
-            (home_path / "logs" / f"{stage}-{stage_run_id}.txt").write_text(traceback.format_exc())
+            (home_path / "logs" / f"{spec.name}-{stage_run_id}.txt").write_text(traceback.format_exc())
         raise
     # Inputs are re-read at the end: a stage that changes its own inputs (generate adds candidates
     # the filter hashes) must be recorded against what it finally consumed.
-    final_inputs = stage_inputs(stage, cfg, wh)
+    final_inputs = stage_inputs(spec, cfg, wh)
     queries.record_final_inputs(wh, stage_run_id, input_hash(final_inputs), final_inputs)
     wh.finish_stage_run(stage_run_id, "success", ctx.metrics, ctx.output_hash or stable_hash(ctx.metrics))
     if own_run:
         wh.finish_run(run_id, "success")
-    publish_status(cfg, home_path, None)
 
 
-def _flow_run_id() -> str | None:
+def flow_run_id() -> str | None:
     try:
         from prefect.runtime import flow_run
         return flow_run.id
@@ -266,5 +261,3 @@ def _in_prefect_run() -> bool:
     except Exception:
         return False
 
-
-StageBody = Callable[[StageContext], None]

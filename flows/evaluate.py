@@ -8,9 +8,9 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NONE
 
-from instructflow.flows.common import StageContext, publish_artifacts, stable_hash, stage_context
-from instructflow.flows.stages import StageSpec
+from instructflow.flows.common import StageContext, StageSpec, publish_artifacts, stage_context
 from instructflow.flows.teacher import judge_with_teacher
+from instructflow.tasks.config import Config, stable_hash
 from instructflow.tasks.judge import win_rate
 from instructflow.tasks.plots import plot_bars, plot_histograms
 from instructflow.tasks.prompts import heldout_prompts, reward_split
@@ -83,10 +83,9 @@ def judge(ctx: StageContext, rows: list[dict]) -> None:
         row["judge_outcome"] = "tie" if same else {"a": "ppo", "b": "sft"}.get(verdict["outcome"], verdict["outcome"])
 
 
-@flow(name="evaluate", log_prints=True)
-def evaluate_flow(profile: str = "cpu", home: str | None = None, config: str | None = None,
-                  run_id: str | None = None, force: bool = False) -> dict:
-    with stage_context("evaluate", profile, home, config, run_id, force) as ctx:
+@flow(name="evaluate", log_prints=True, validate_parameters=False)
+def evaluate_flow(cfg: Config, home: str, run_id: str | None = None, force: bool = False) -> dict:
+    with stage_context(STAGE, cfg, home, run_id, force) as ctx:
         evaluate = ctx.cfg.evaluate
         sft, reward, ppo = (ctx.wh.latest_checkpoint(k) for k in ("sft", "reward", "ppo_policy"))
         if not (sft and reward and ppo):
@@ -135,6 +134,9 @@ def evaluate_flow(profile: str = "cpu", home: str | None = None, config: str | N
 
 
 STAGE = StageSpec(
-    name="evaluate", flow=evaluate_flow, config_sections=("evaluate",), upstream=("sft", "reward", "ppo"),
+    name="evaluate", flow=evaluate_flow, upstream=("sft", "reward", "ppo"),
+    # the prompts after PPO's (ppo.*), and the held-out reward model trains with the reward settings
+    config_sections=("evaluate", "reward", "ppo.prompt_source", "ppo.prompts", "ppo.seed"),
     summary="held-out reward, KL and judge win rate of PPO vs SFT",
+    headline=("prompts", "rm_score_sft", "rm_score_ppo", "kl_ppo", "win_rate_ppo_vs_sft"),
 )

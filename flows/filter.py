@@ -8,8 +8,7 @@ from prefect import flow, task
 from prefect.cache_policies import NONE
 from rich.progress import track
 
-from instructflow.flows.common import StageContext, publish_artifacts, seed_paths, stage_context
-from instructflow.flows.stages import StageSpec
+from instructflow.flows.common import StageContext, StageSpec, publish_artifacts, seed_paths, stage_context
 from instructflow.tasks.config import Config
 from instructflow.tasks.generate import build_filter, candidate_pool_id, judge_candidate
 from instructflow.tasks.plots import plot_histograms
@@ -36,10 +35,9 @@ def refilter(ctx: StageContext) -> dict:
     return scores
 
 
-@flow(name="filter", log_prints=True)
-def filter_flow(profile: str = "cpu", home: str | None = None, config: str | None = None,
-                run_id: str | None = None, force: bool = False) -> dict:
-    with stage_context("filter", profile, home, config, run_id, force) as ctx:
+@flow(name="filter", log_prints=True, validate_parameters=False)
+def filter_flow(cfg: Config, home: str, run_id: str | None = None, force: bool = False) -> dict:
+    with stage_context(STAGE, cfg, home, run_id, force) as ctx:
         started = time.monotonic()
         sync_seed_tasks(ctx.wh, seed_paths(ctx.cfg), max_chars=ctx.cfg.generate.max_seed_chars)
         scores = refilter(ctx)
@@ -61,6 +59,7 @@ def filter_data_inputs(cfg: Config, wh: Warehouse) -> dict:
 
 
 STAGE = StageSpec(
-    name="filter", flow=filter_flow, config_sections=("filter",), data_inputs=filter_data_inputs,
+    name="filter", flow=filter_flow, config_sections=("filter", "generate.max_seed_chars"), data_inputs=filter_data_inputs,
     summary="heuristic filters + exact ROUGE-L near-duplicate filter over every stored candidate",
+    headline=("candidates", "kept", "rejected_near_duplicate"),
 )

@@ -6,13 +6,12 @@ import time
 
 from prefect import flow, task
 from prefect.cache_policies import NONE
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from instructflow.flows.common import StageContext, publish_artifacts, seed_paths, stage_context
-from instructflow.flows.stages import StageSpec
+from instructflow.flows.common import StageContext, StageSpec, publish_artifacts, seed_paths, stage_context
 from instructflow.flows.teacher import teacher_session
 from instructflow.tasks.batch_generate import BatchGenerator
+from instructflow.tasks.config import Config
 from instructflow.tasks.generate import Generator, Tally
 from instructflow.tasks.plots import plot_bars
 from instructflow.tasks.seeds import sync_seed_tasks
@@ -44,10 +43,9 @@ def generate_instructions(ctx: StageContext, settings: TeacherSettings) -> Tally
         return asyncio.run(go())
 
 
-@flow(name="generate", log_prints=True)
-def generate_flow(profile: str = "cpu", home: str | None = None, config: str | None = None,
-                  run_id: str | None = None, force: bool = False) -> dict:
-    with stage_context("generate", profile, home, config, run_id, force) as ctx:
+@flow(name="generate", log_prints=True, validate_parameters=False)
+def generate_flow(cfg: Config, home: str, run_id: str | None = None, force: bool = False) -> dict:
+    with stage_context(STAGE, cfg, home, run_id, force) as ctx:
         started = time.monotonic()
         kept_before = queries.candidate_counts(ctx.wh)["kept"]
         sync_seed_tasks(ctx.wh, seed_paths(ctx.cfg), max_chars=ctx.cfg.generate.max_seed_chars)
@@ -77,6 +75,7 @@ def generate_flow(profile: str = "cpu", home: str | None = None, config: str | N
 
 
 STAGE = StageSpec(
-    name="generate", flow=generate_flow, config_sections=("teacher", "generate"),
+    name="generate", flow=generate_flow, config_sections=("seeds", "teacher", "generate", "filter"),
     summary="Self-Instruct / Alpaca expansion of the seed tasks by the teacher",
+    headline=("kept", "kept_with_instances", "candidates", "requests", "failed_requests", "cost_usd"),
 )

@@ -10,10 +10,9 @@ from prefect import flow, task
 from prefect.cache_policies import NONE
 from rich.progress import Progress
 
-from instructflow.flows.common import StageContext, publish_artifacts, stable_hash, stage_context
-from instructflow.flows.stages import StageSpec
+from instructflow.flows.common import StageContext, StageSpec, publish_artifacts, stage_context
 from instructflow.flows.teacher import judge_with_teacher
-from instructflow.tasks.config import Config
+from instructflow.tasks.config import Config, stable_hash
 from instructflow.tasks.preferences import load_preference_file, pair_key, sample_pairs
 from instructflow.tasks.prompts import heldout_prompts
 from instructflow.tasks.seeds import shipped_path
@@ -66,10 +65,9 @@ def import_files(wh: Warehouse, files: list[str]) -> int:
                                      for pair in pairs])
 
 
-@flow(name="preferences", log_prints=True)
-def preferences_flow(profile: str = "cpu", home: str | None = None, config: str | None = None,
-                     run_id: str | None = None, force: bool = False) -> dict:
-    with stage_context("preferences", profile, home, config, run_id, force) as ctx:
+@flow(name="preferences", log_prints=True, validate_parameters=False)
+def preferences_flow(cfg: Config, home: str, run_id: str | None = None, force: bool = False) -> dict:
+    with stage_context(STAGE, cfg, home, run_id, force) as ctx:
         preferences = ctx.cfg.preferences
         files = [str(f) for f in resolve_import_files(preferences.import_files)]
         for path in files:  # a bad line fails the stage now, in one line, before any sampling
@@ -101,11 +99,11 @@ def resolve_import_files(files: list[str]) -> list[Path]:
 def preferences_data_inputs(cfg: Config, wh: Warehouse) -> dict:
     files = resolve_import_files(cfg.preferences.import_files)
     return {"import_files": stable_hash([hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else str(f)
-                                         for f in files]),
-            "teacher": cfg.section_hash("teacher")}
+                                         for f in files])}
 
 
 STAGE = StageSpec(
-    name="preferences", flow=preferences_flow, config_sections=("preferences",), upstream=("sft",),
+    name="preferences", flow=preferences_flow, config_sections=("preferences", "teacher"), upstream=("sft",),
     data_inputs=preferences_data_inputs, summary="SFT samples judged pairwise by the teacher in both orders; imports",
+    headline=("prompts", "pairs_kept", "imported", "order_disagreements"),
 )

@@ -177,3 +177,47 @@ def guard_ephemeral_server() -> None:
     start_with_reaper._instructflow_reaped = True
     SubprocessASGIServer._run_uvicorn_command = start_with_reaper
     SubprocessASGIServer.start = start_with_one_retry
+
+
+def scheduler_check(home_path: Path) -> tuple[str, str, bool]:
+    """Is the Prefect server this home's runs go to creating the scheduled runs of its deployments?"""
+    from datetime import datetime, timezone
+    from importlib import metadata
+
+    import httpx
+
+    sqlalchemy = metadata.version("sqlalchemy")
+    bad_sqlalchemy = tuple(int(part) for part in sqlalchemy.split(".")[:2]) >= (2, 1)
+    prefix = (f"sqlalchemy {sqlalchemy}: prefect 3.8.8's scheduler fails on 2.1 (pip install 'sqlalchemy<2.1' or "
+              "`make setup`); " if bad_sqlalchemy else "")
+    own_api = running_dashboard(home_path)
+    api = os.environ.get("PREFECT_API_URL") or own_api
+    if not api:
+        return ("scheduler", prefix + "no server running for this home: schedules fire only while `instructflow "
+                "dashboard` or `instructflow deploy` runs (the per-process API has no scheduler)", not bad_sqlalchemy)
+    error = last_scheduler_error(home_path) if api == own_api else None
+    log_note = f" (server log: {home_path / SERVER_LOG})" if api == own_api else ""
+    upcoming_after = datetime.now(timezone.utc).isoformat()
+    try:
+        with httpx.Client(base_url=api.rstrip("/"), timeout=10) as client:
+            flows = {f["id"]: f["name"] for f in client.post("/flows/filter", json={}).raise_for_status().json()}
+            upcoming = {}
+            for deployment in client.post("/deployments/filter", json={}).raise_for_status().json():
+                if deployment.get("paused") or not any(s.get("active") for s in deployment.get("schedules") or []):
+                    continue
+                runs = {"deployment_id": {"any_": [deployment["id"]]}, "state": {"type": {"any_": ["SCHEDULED"]}},
+                        "expected_start_time": {"after_": upcoming_after}}
+                name = f"{flows.get(deployment['flow_id'], '?')}/{deployment['name']}"
+                upcoming[name] = client.post("/flow_runs/count", json={"flow_runs": runs}).raise_for_status().json()
+    except httpx.HTTPError as exc:
+        return ("scheduler", f"{prefix}{api} unreachable: {type(exc).__name__}{log_note}", False)
+    if not upcoming:
+        text, ok = f"no deployment with an active schedule on {api}", True
+    else:
+        text = "; ".join(f"{name}: {count} upcoming scheduled runs" if count else
+                         f"{name}: NO upcoming run created (the server's scheduler is not working)"
+                         for name, count in upcoming.items())
+        ok = all(upcoming.values())
+    if error:
+        text, ok = f"{text}; last scheduler error: {error}", False
+    return ("scheduler", prefix + text + log_note, ok and not bad_sqlalchemy)

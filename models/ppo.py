@@ -38,7 +38,7 @@ Memory options for models bigger than the CPU smoke tests:
 * `precision="bf16"` (or "auto" on a GPU with bf16): actor and critic keep float32 weights and
   optimizer state and run under bf16 autocast; the frozen reference and reward models are loaded
   in bf16 (half their memory). TRL's own `bf16` flag is not used: its Accelerator ignores it.
-* `lora=True`: LoRA adapters (peft, all linear layers, rank `lora_r`) on actor AND critic; only the
+* `lora=True`: LoRA adapters (recipe_io.lora_config, the builder every recipe uses) on actor AND critic; only the
   adapters (and the critic's score head) are trained, so optimizer state shrinks to a few MB.
   Saved rounds hold the merged weights (plain from_pretrained dirs). The reference is still a
   separate full copy of the SFT model.
@@ -55,9 +55,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from transformers import TrainerCallback
-
-from instructflow.models.recipe_io import check_config, resolve_precision, write_dir_atomically
+from instructflow.models.files import write_dir_atomically
+from instructflow.models.recipe_io import ReportSteps, lora_config, resolve_precision
 from instructflow.tasks.config import PPOConfig
 from instructflow.tasks.plots import plot_lines
 
@@ -76,6 +75,7 @@ METRIC_NAMES = {
     "approxkl": "policy/approxkl_avg",
     "num_eos_tokens": "val/num_eos_tokens",
     "lr": "lr",
+    "episode": "episode",  # rollouts done in this chunk (TRL's own count)
 }
 
 
@@ -152,7 +152,10 @@ def train_ppo(prompts: Sequence[str], cfg: PPOConfig, policy_model: Path, reward
     reference.eval().requires_grad_(False)
     reward.eval().requires_grad_(False)
     if cfg.lora:
-        actor, critic = _with_lora(actor, "CAUSAL_LM", cfg), _with_lora(critic, "SEQ_CLS", cfg)
+        from peft import get_peft_model
+
+        actor = get_peft_model(actor, lora_config(cfg, "CAUSAL_LM"))
+        critic = get_peft_model(critic, lora_config(cfg, "SEQ_CLS"))  # its score head trains in full
     if cfg.gradient_checkpointing:
         for model in (actor, critic):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -171,7 +174,13 @@ def train_ppo(prompts: Sequence[str], cfg: PPOConfig, policy_model: Path, reward
         lambda u: 0.0 if first_step + u < warmup else 1.0 - (first_step + u - warmup) / (total_updates - warmup),
         lambda u: 1.0 - (first_step + u) / total_updates])
 
+    chunk = {"episodes": 0, "started": time.time()}  # the chunk being trained: episodes before it, its start
+
     def report(global_step: int, metrics: dict[str, float]) -> None:
+        done_in_chunk = metrics.pop("episode", 0.0)
+        metrics["episodes"] = float(chunk["episodes"] + done_in_chunk)
+        # TRL's own "eps" is rounded down to an int: useless below 1 episode/s on a CPU
+        metrics["episodes_per_s"] = done_in_chunk / max(time.time() - chunk["started"], 1e-9)
         history.append({"step": global_step, **metrics})
         if on_step is not None:
             on_step(global_step, dict(metrics))
@@ -190,7 +199,8 @@ def train_ppo(prompts: Sequence[str], cfg: PPOConfig, policy_model: Path, reward
             set_seed(cfg.seed + step)  # python, numpy (minibatch shuffles), torch (prompt order, sampling)
             trainer = _ppo_trainer(cfg, output_dir, updates * rollout_batch, cfg.seed + step, tokenizer, actor,
                                    reference, reward, critic, dataset, optimizer, scheduler)
-            trainer.add_callback(_ReportSteps(first_step=step, first_episode=episodes, report=report))
+            trainer.add_callback(ReportSteps(report, names=METRIC_NAMES, first_step=step))
+            chunk.update(episodes=episodes, started=time.time())
             with autocast:
                 trainer.train()
             step, episodes = step + updates, episodes + updates * rollout_batch
@@ -246,8 +256,7 @@ def train_ppo(prompts: Sequence[str], cfg: PPOConfig, policy_model: Path, reward
 # Input checks
 
 def _check_inputs(cfg: PPOConfig, models: dict[str, Path | None]) -> None:
-    """The section's values (checked when the config loaded; again here for a hand-built one) and the model dirs."""
-    check_config(cfg, PPOInputError)
+    """The model dirs (the section checked itself when it was built)."""
     for name, path in models.items():
         if path is not None and not (path / "config.json").is_file():
             raise PPOInputError(f"train_ppo: {name} {path} is not a model dir (no config.json)")
@@ -340,34 +349,6 @@ def _ppo_trainer(cfg: PPOConfig, output_dir: Path, episodes: int, seed: int, tok
     for noisy in (PrinterCallback, ProgressCallback):  # they print every log dict; on_step gets them instead
         trainer.remove_callback(noisy)
     return trainer
-
-
-class _ReportSteps(TrainerCallback):
-    """Turns each PPO update's log dict into report(global step, metrics under our names)."""
-
-    def __init__(self, first_step: int, first_episode: int, report: Callable[[int, dict], None]):
-        self.first_step, self.first_episode, self.report = first_step, first_episode, report
-        self.started = time.time()
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.started = time.time()
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs or "objective/scores" not in logs:
-            return
-        metrics = {ours: float(logs[theirs]) for ours, theirs in METRIC_NAMES.items() if theirs in logs}
-        metrics["episodes"] = float(self.first_episode + state.episode)
-        # TRL's own "eps" is rounded down to an int: useless below 1 episode/s on a CPU
-        metrics["episodes_per_s"] = state.episode / max(time.time() - self.started, 1e-9)
-        self.report(self.first_step + state.global_step, metrics)
-
-
-def _with_lora(model, task_type: str, cfg: PPOConfig):
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
-                        task_type=task_type)  # SEQ_CLS also trains the score head in full (modules_to_save)
-    return get_peft_model(model, config)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""What the training recipes (models/sft.py, reward.py, ppo.py) share: checking inputs, the run
-record and resume, the job fingerprint, the one precision rule, LoRA, and writing directories atomically.
+"""What the training recipes (models/sft.py, reward.py, ppo.py, dpo.py, grpo.py) share: checking inputs,
+the run record and resume, the job fingerprint, the one precision rule, the one LoRA builder, the
+TrainingArguments every Trainer-based recipe sets from its section, and the one step-report callback.
 
 A recipe's output_dir holds:
 
@@ -7,28 +8,30 @@ A recipe's output_dir holds:
     checkpoints/        the Trainer's checkpoint-N dirs (SFT, reward; PPO keeps its own rounds/)
     final/              the result; `metrics.json` is written last, then the dir is renamed into place
 
-Every directory a recipe (or models/bundled.py) publishes goes through `replace_dir`: built under a
+Every directory a recipe (or models/bundled.py) publishes goes through models/files.py: built under a
 temp name next to its target, then renamed, so a kill mid-write never leaves a dir that looks finished.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 from transformers import TrainerCallback
 
+from instructflow.models.files import read_json, replace_dir, write_json
+from instructflow.tasks.config import TrainerConfig, TrainingConfig
+
 StepCallback = Callable[[int, dict[str, float]], None]
 ProgressCallback = Callable[[int, int], None]
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # never lm_head
-LORA_DROPOUT = 0.05
 LOGGING_STEPS = 1              # every optimizer step reaches on_step
 SAVE_TOTAL_LIMIT = 2           # Trainer checkpoints kept (resume needs only the newest)
 RUN_FILE = "run.json"          # job fingerprint + values measured before training, for resumes
@@ -61,17 +64,6 @@ def check_model_dir(path: Path, what: str, error: type[ValueError]) -> Path:
     if not (path / "config.json").is_file():
         raise error(f"{what} {path} has no config.json (expected a model saved with save_pretrained)")
     return path
-
-
-def check_config(section: Any, error: type[ValueError]) -> None:
-    """The recipe refuses what config loading refuses (same rule, tasks/config.py), for callers that
-    build a section dataclass by hand instead of loading it."""
-    from instructflow.tasks.config import ConfigError, check_section
-
-    try:
-        check_section("settings", section)
-    except ConfigError as exc:
-        raise error(str(exc)) from None
 
 
 def resolve_precision(precision: str, error: type[ValueError], fp16_ok: bool = True) -> str:
@@ -108,13 +100,14 @@ class TrainerInputs(NamedTuple):
 def check_trainer_inputs(train: Sequence[Mapping[str, Any]], eval: Sequence[Mapping[str, Any]], fields: Sequence[str],
                          cfg: Any, model_dir: Path, model_name: str, output_dir: Path, error: type[ValueError],
                          empty: str) -> TrainerInputs:
-    """Rows (each a dict of `fields`; `empty` says why no train rows is an error), the section's rules
-    (checked when the config loaded; again here for hand-built sections), the input model, the precision."""
+    """Rows (each a dict of `fields`; `empty` says why no train rows is an error), the input model, the
+    precision (the section checked itself when it was built)."""
     train_rows = check_rows(train, "train", fields, error)
     eval_rows = check_rows(eval, "eval", fields, error)
     if not train_rows:
         raise error(f"train set is empty: {empty}")
-    check_config(cfg, error)
+    if cfg.qlora and not (importlib.util.find_spec("bitsandbytes") and _cuda_available()):
+        raise error("qlora=True needs a CUDA GPU and `pip install bitsandbytes`; use lora=True on this machine")
     model_dir = check_model_dir(model_dir, model_name, error)
     precision = resolve_precision(cfg.precision, error)
     eval_rows, eval_on_train = eval_rows or train_rows, not eval_rows
@@ -123,58 +116,17 @@ def check_trainer_inputs(train: Sequence[Mapping[str, Any]], eval: Sequence[Mapp
                          precision, job)
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def fingerprint(section: Any, paths: Mapping[str, Path], *datasets: Sequence[Mapping[str, str]]) -> str:
     """What makes two calls the same job: the config section, the input models and the data (not output_dir)."""
     config = {**dataclasses.asdict(section), **{k: str(v) for k, v in paths.items()}}
     blob = json.dumps([config, [list(d) for d in datasets]], sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-# ----------------------------------------------------------------------------------------------
-# Files
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    """Write then rename, so a kill mid-write never leaves a truncated file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def replace_dir(tmp: Path, target: Path) -> Path:
-    """Rename the finished `tmp` onto `target`; an existing target is removed only once the new one is in place."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.tmp-old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(target, old)
-        os.rename(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, target)
-    return target
-
-
-def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> Path:
-    """`write(tmp)` into a fresh temp dir next to `target`, then `replace_dir`; a failed write leaves no trace."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a crash mid-write
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; model dirs and caches are meant to be shared
-        return replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,11 +225,28 @@ def ensure_pad(tokenizer, model) -> None:
     model.config.pad_token_id = tokenizer.pad_token_id
 
 
-def lora_config(section: Any, task_type: str):
+def lora_config(section: TrainingConfig, task_type: str):
+    """The one LoRA builder of every recipe: rank, alpha and dropout from the section, every linear layer
+    of the blocks (never lm_head). task_type SEQ_CLS also trains the score head in full (modules_to_save)."""
     from peft import LoraConfig
 
-    return LoraConfig(r=section.lora_r, lora_alpha=section.lora_alpha, lora_dropout=LORA_DROPOUT,
+    return LoraConfig(r=section.lora_r, lora_alpha=section.lora_alpha, lora_dropout=section.lora_dropout,
                       target_modules=LORA_TARGETS, bias="none", task_type=task_type)
+
+
+def load_causal_lm(model_dir: Path, section: TrainingConfig, precision: str):
+    """A causal LM to train: fp32 weights (bf16/fp16 run as autocast), or with `qlora` a 4-bit NF4 base
+    (CUDA + bitsandbytes, checked by `check_trainer_inputs`)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if not section.qlora:
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    from transformers import BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization, dtype=torch.float32)
 
 
 def save_merged_lora(base, adapter_dir: Path, out_dir: Path, tokenizer) -> None:
@@ -294,8 +263,8 @@ def save_merged_lora(base, adapter_dir: Path, out_dir: Path, tokenizer) -> None:
 # ----------------------------------------------------------------------------------------------
 # Trainer plumbing
 
-def trainer_args(section: Any, checkpoints_dir: Path, precision: str) -> dict[str, Any]:
-    """The TrainingArguments the SFT and reward recipes set the same way from their config section."""
+def trainer_args(section: TrainerConfig, checkpoints_dir: Path, precision: str) -> dict[str, Any]:
+    """The TrainingArguments every Trainer-based recipe (sft, reward, dpo, grpo) sets the same way from its section."""
     import torch
 
     return dict(
@@ -306,6 +275,8 @@ def trainer_args(section: Any, checkpoints_dir: Path, precision: str) -> dict[st
         per_device_eval_batch_size=section.batch_size,
         gradient_accumulation_steps=section.grad_accum,
         learning_rate=section.learning_rate,
+        lr_scheduler_type=section.lr_scheduler,
+        warmup_steps=section.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps in transformers 5
         activation_checkpointing=section.gradient_checkpointing,  # the new name; TRL defaults the old one to True
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),  # also makes `torchrun` on CPU real (gloo) data parallelism
@@ -330,22 +301,30 @@ def series(log_history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[flo
 
 
 class ReportSteps(TrainerCallback):
-    """Forward every Trainer log entry to `on_step(step, values)` and each step to `on_progress(step, total)`."""
+    """The one step-report callback of every recipe: each Trainer log entry to `on_step(step, values)`,
+    each optimizer step to `on_progress(step, total)`; rank 0 only.
 
-    def __init__(self, on_step: StepCallback | None, on_progress: ProgressCallback | None = None):
-        self.on_step = on_step
-        self.on_progress = on_progress
+    Values are the entry's finite numbers; with `names` (ours -> the trainer's key) only those, renamed,
+    and an entry holding none of them is skipped (PPO logs one dict per update). `first_step` offsets
+    the step for trainers that run in chunks (PPO)."""
+
+    def __init__(self, on_step: StepCallback | None, on_progress: ProgressCallback | None = None,
+                 names: Mapping[str, str] | None = None, first_step: int = 0):
+        self.on_step, self.on_progress, self.names, self.first_step = on_step, on_progress, names, first_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.on_step is not None and state.is_world_process_zero and logs:
-            values = {k: float(v) for k, v in logs.items()
-                      if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-            if values:
-                self.on_step(state.global_step, values)
+        if self.on_step is None or not state.is_world_process_zero or not logs:
+            return
+        if self.names is not None:
+            logs = {ours: logs[theirs] for ours, theirs in self.names.items() if theirs in logs}
+        values = {k: float(v) for k, v in logs.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        if values:
+            self.on_step(self.first_step + state.global_step, values)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.on_progress is not None and state.is_world_process_zero:
-            self.on_progress(state.global_step, state.max_steps)
+            self.on_progress(self.first_step + state.global_step, state.max_steps)
 
 
 def drop_printer(trainer) -> None:

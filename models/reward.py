@@ -21,8 +21,7 @@ from typing import Any, Sequence
 
 from instructflow.models.recipe_io import (ProgressCallback, ReportSteps, StepCallback, check_model_dir,
                                            check_trainer_inputs, drop_printer, ensure_pad, is_main_rank, lora_config,
-                                           publish_final, save_trained_model, start_or_resume,
-                                           trainer_args, update_run)
+                                           publish_final, save_trained_model, start_or_resume, trainer_args, update_run)
 from instructflow.tasks.config import RewardConfig
 from instructflow.tasks.library_output import quiet_progress_bars
 
@@ -204,7 +203,6 @@ def train_reward(train: Sequence[dict], eval: Sequence[dict], cfg: RewardConfig,
         **trainer_args(cfg, output_dir / "checkpoints", precision),
         max_length=cfg.max_length,
         center_rewards_coefficient=cfg.center_rewards_coefficient or None,
-        lr_scheduler_type="linear",
     )
     peft_config = lora_config(cfg, "SEQ_CLS") if cfg.lora else None
     trainer = pair_length_grouped(RewardTrainer)(

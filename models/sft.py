@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import logging
 import sys
@@ -55,8 +54,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from instructflow.models.recipe_io import (ProgressCallback, ReportSteps, StepCallback, check_trainer_inputs,
-                                           drop_printer, ensure_pad, is_main_rank, lora_config, publish_final,
-                                           read_json, save_trained_model, series, start_or_resume,
+                                           drop_printer, ensure_pad, is_main_rank, load_causal_lm, lora_config,
+                                           publish_final, read_json, save_trained_model, series, start_or_resume,
                                            trainer_args, update_run)
 from instructflow.tasks.config import ConfigError, SFTConfig, section_from_dict
 from instructflow.tasks.library_output import quiet_progress_bars
@@ -94,19 +93,6 @@ def count_truncated(tokenizer, rows: Sequence[Mapping[str, str]], max_length: in
     return truncated, dropped
 
 
-def load_model(base_model: Path, qlora: bool, precision: str):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    if not qlora:
-        return AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
-    from transformers import BitsAndBytesConfig
-
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-    return AutoModelForCausalLM.from_pretrained(base_model, quantization_config=quantization, dtype=torch.float32)
-
-
 def train_sft(train: Sequence[dict], eval: Sequence[dict], cfg: SFTConfig, base_model: Path, output_dir: Path,
               on_step: StepCallback | None = None, on_progress: ProgressCallback | None = None) -> dict:
     """Fine-tune `base_model` on prompt/completion rows with the `sft` section `cfg`; returns metrics
@@ -118,8 +104,6 @@ def train_sft(train: Sequence[dict], eval: Sequence[dict], cfg: SFTConfig, base_
     """
     started = time.time()
     # 1. inputs (the section's values were checked when the config loaded; again here for hand-built ones)
-    if cfg.qlora and not (importlib.util.find_spec("bitsandbytes") and _cuda_available()):
-        raise SFTInputError("qlora=True needs a CUDA GPU and `pip install bitsandbytes`; use lora=True on this machine")
     train_rows, eval_rows, eval_on_train, base_model, output_dir, precision, job = check_trainer_inputs(
         train, eval, ("prompt", "completion"), cfg, base_model, "base_model", output_dir, SFTInputError,
         empty="nothing to fine-tune on")
@@ -138,7 +122,7 @@ def train_sft(train: Sequence[dict], eval: Sequence[dict], cfg: SFTConfig, base_
     quiet_progress_bars()
     torch.manual_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(base_model)
-    model = load_model(base_model, cfg.qlora, precision)
+    model = load_causal_lm(base_model, cfg, precision)
     ensure_pad(tokenizer, model)
     truncated, dropped = 0, 0
     for name, rows in [("train", train_rows)] + ([] if eval_on_train else [("eval", eval_rows)]):
@@ -155,8 +139,6 @@ def train_sft(train: Sequence[dict], eval: Sequence[dict], cfg: SFTConfig, base_
         packing_strategy="bfd",          # exact on sdpa/eager too (see module docstring)
         completion_only_loss=True,
         dataset_num_proc=None,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps in transformers 5
         include_num_input_tokens_seen="non_padding",
     )
     peft_config = lora_config(cfg, "CAUSAL_LM") if (cfg.lora or cfg.qlora) else None
@@ -211,12 +193,6 @@ def train_sft(train: Sequence[dict], eval: Sequence[dict], cfg: SFTConfig, base_
     return publish_final(trainer, tmp, metrics)
 
 
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def plot_loss(path: Path, log_history: Sequence[Mapping[str, Any]], eval_loss_before: float) -> Path:
     from instructflow.tasks.plots import plot_lines
 
@@ -229,6 +205,25 @@ def plot_loss(path: Path, log_history: Sequence[Mapping[str, Any]], eval_loss_be
 
 # ----------------------------------------------------------------------------------------------
 # `accelerate launch ... -m instructflow.models.sft --job job.json`
+
+def run_sft(train: Sequence[dict], eval: Sequence[dict], cfg: SFTConfig, base_model: Path, output_dir: Path,
+            on_step: StepCallback | None = None) -> dict:
+    """`train_sft` in this process (`launcher = "inprocess"`) or under `accelerate launch` on
+    `num_processes` processes; with a launch, the per-step log is replayed to `on_step` afterwards."""
+    if cfg.launcher == "inprocess":
+        return train_sft(train, eval, cfg, base_model, output_dir, on_step=on_step)
+    from instructflow.models.launch import accelerate_launch
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    job = write_job(output_dir / "job.json", train, eval, cfg, base_model, output_dir)
+    accelerate_launch("instructflow.models.sft", job, cfg, output_dir / "launch.log")
+    metrics = json.loads((output_dir / "final" / "metrics.json").read_text())
+    states = sorted(output_dir.glob("checkpoints/checkpoint-*/trainer_state.json"),
+                    key=lambda p: int(p.parent.name.split("-")[1]))
+    for entry in json.loads(states[-1].read_text())["log_history"] if (states and on_step) else []:
+        on_step(int(entry.get("step", 0)), {k: v for k, v in entry.items() if k in ("loss", "eval_loss", "learning_rate")})
+    return metrics
+
 
 def write_job(path: Path, train: Sequence[dict], eval: Sequence[dict], cfg: SFTConfig, base_model: Path,
               output_dir: Path) -> Path:

@@ -266,3 +266,18 @@ class BatchJobs:
             raise BatchFailed(f"{what}: {len(used_up)} request keys (e.g. {used_up[0]}) were in {attempts} batches "
                               f"that ended without running them (last: {states[used_up[0]]['error']}); "
                               f"see `instructflow batches`")
+
+
+def cancel_batch(wh: Warehouse, batch_id: str, model: str, api_key: str) -> str:
+    """`instructflow batches --cancel ID`: cancel one stored batch at the endpoint it was sent to; returns
+    its new status. What it finished is still collected by the next run of its stage."""
+    row = queries.batch_by_id(wh, batch_id)
+    if row is None:
+        raise BatchAPIError(f"no batch {batch_id!r} in this warehouse (`instructflow batches` lists them)")
+    api = BatchAPI(TeacherSettings(base_url=row["endpoint"], model=model or "batch", api_key=api_key))
+    try:
+        batch = api.cancel(batch_id)
+    finally:
+        api.close()
+    queries.mark_batch_cancelling(wh, batch_id, batch.status)
+    return batch.status

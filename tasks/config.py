@@ -1,4 +1,4 @@
-"""Configuration: one TOML file with named profiles, validated into typed sections.
+"""Configuration: one TOML file with named profiles, validated into frozen, typed sections.
 
 Resolution order for the file: `--config PATH`, `$INSTRUCTFLOW_CONFIG`, `./instructflow.toml`,
 then the defaults shipped in the package (`flows/instructflow.toml`). A profile may `inherits`
@@ -6,6 +6,15 @@ another; keys are deep-merged. Env overrides for the teacher endpoint: INSTRUCTF
 INSTRUCTFLOW_TEACHER_MODEL, INSTRUCTFLOW_TEACHER_API (chat|completions). The API key is never part
 of the config: it is read from the env var named by `teacher.api_key_env` (or
 INSTRUCTFLOW_TEACHER_API_KEY) only when a client is built, so it cannot reach hashes, DuckDB or logs.
+
+A command resolves its config once (`load_config`) and hands the frozen `Config` to the pipeline and
+the stages. Every section checks itself when it is constructed (`Section.__post_init__`): by the
+loader, from a job file, or by hand in a test or bench, so the recipes trust the section they get.
+
+The training sections share one shape: `TrainingConfig` (optimiser, batch, precision, LoRA, launcher:
+every training stage) and `TrainerConfig` (schedule, epochs/steps, length, eval/save cadence: the
+stages trained by a transformers Trainer). Each adds only its own keys, and each shared key has one
+range (RANGES, under "training." or "trainer.").
 """
 from __future__ import annotations
 
@@ -17,15 +26,29 @@ import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, get_origin, get_type_hints
+from typing import Any, ClassVar, get_origin, get_type_hints
 
 from instructflow.tasks.heuristics import DEFAULT_BLACKLIST
 
 PACKAGED_CONFIG = "instructflow.toml"
+ALIGNMENT_METHODS = ("ppo", "dpo", "grpo")
+
+
+def stable_hash(value: Any) -> str:
+    """16 hex digits of the SHA-256 of `value` as sorted JSON: input hashes, run folders, section hashes."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class ConfigError(ValueError):
     """One-line configuration error that names the file and the bad key."""
+
+
+class SettingError(ConfigError):
+    """A section refused one of its values at construction; the loader re-labels it with the file and profile."""
+
+    def __init__(self, section: str, key: str, requirement: str):
+        self.section, self.key, self.requirement = section, key, requirement
+        super().__init__(f"settings: {section}.{key} must be {requirement}")
 
 
 def choice(default: str, *allowed: str):
@@ -35,8 +58,50 @@ def choice(default: str, *allowed: str):
 # Every int/float key has its allowed range in RANGES (after the sections); a new numeric key adds a line there.
 
 
-@dataclass
-class TeacherConfig:
+@dataclass(frozen=True)
+class Section:
+    """A config section: frozen, and checked once, when it is built (types, choices, RANGES, cross-key rules)."""
+    SECTION: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            origin = get_origin(hints[f.name]) or hints[f.name]
+            if not _type_ok(origin, value):
+                raise SettingError(self.SECTION, f.name, f"{origin.__name__}, got {type(value).__name__} {value!r}")
+            if origin is float and not isinstance(value, float):
+                object.__setattr__(self, f.name, float(value))  # 1 in TOML means 1.0 for a float key
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise SettingError(self.SECTION, f.name, f"one of {', '.join(choices)}, got {value!r}")
+            allowed = range_of(type(self), f.name)
+            if allowed is not None and value not in allowed:
+                raise SettingError(self.SECTION, f.name, f"{allowed}, got {getattr(self, f.name)!r}")
+        for key, ok, what in self.cross_key_rules():
+            if not ok:
+                raise SettingError(self.SECTION, key, what)
+
+    def cross_key_rules(self) -> list[tuple[str, bool, str]]:
+        """(key, ok, what it must be) for keys whose allowed values depend on another key."""
+        return []
+
+
+def _type_ok(origin: type, value: Any) -> bool:
+    return {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        list: lambda v: isinstance(v, list),
+        dict: lambda v: isinstance(v, dict),
+    }[origin](value)
+
+
+@dataclass(frozen=True)
+class TeacherConfig(Section):
+    SECTION: ClassVar[str] = "teacher"
+
     endpoint: str = "embedded"          # "embedded" (transformers serve on the bundled model) or a base URL
     embedded_model: str = "bundled"     # embedded only: "bundled" (SmolLM2-135M-Instruct), "tiny", or a local HF dir
     model: str = ""                     # model id sent to a remote endpoint (ignored for embedded)
@@ -59,9 +124,17 @@ class TeacherConfig:
     prices: dict = field(default_factory=lambda: {"gpt-4o-mini": [0.15, 0.6], "gpt-4o": [2.5, 10.0],
                                                   "gpt-4.1-mini": [0.4, 1.6]})
 
+    def cross_key_rules(self):
+        # refused at load, not after preferences sampled for minutes
+        return [("mode", self.mode != "batch" or self.endpoint != "embedded",
+                 "'sync' with teacher.endpoint = 'embedded' (transformers serve has no Batch API): point "
+                 "teacher.endpoint at one that has, e.g. https://api.openai.com/v1")]
 
-@dataclass
-class GenerateConfig:
+
+@dataclass(frozen=True)
+class GenerateConfig(Section):
+    SECTION: ClassVar[str] = "generate"
+
     recipe: str = choice("self-instruct", "self-instruct", "alpaca")
     target_kept: int = 40               # stop once this many generated instructions passed every filter
     max_requests: int = 200             # hard cap on instruction requests, so a weak teacher cannot loop forever
@@ -85,9 +158,14 @@ class GenerateConfig:
     batch_size: int = 500               # batch mode: instruction prompts per batch (self-instruct: per round)
     seed: int = 42
 
+    def cross_key_rules(self):
+        return [("n_machine_demos", self.n_machine_demos <= self.n_demos, "<= generate.n_demos")]
 
-@dataclass
-class FilterConfig:
+
+@dataclass(frozen=True)
+class FilterConfig(Section):
+    SECTION: ClassVar[str] = "filter"
+
     # heuristic filters (applied inline by generate and re-derived by the filter stage)
     blacklist: list = field(default_factory=lambda: list(DEFAULT_BLACKLIST))
     min_words: int = 4                  # fewer words are rejected (the reference rejects <= 3)
@@ -98,42 +176,75 @@ class FilterConfig:
     tokenizer: str = choice("rouge", "rouge", "unicode")
     with_mean: bool = False
 
+    def cross_key_rules(self):
+        return [("max_words", self.max_words >= self.min_words, ">= filter.min_words")]
 
-@dataclass
-class SFTConfig:
-    base_model: str = "bundled"         # "bundled", "tiny" (random tiny Llama, tests), or a local HF dir
-    style: str = choice("alpaca", "alpaca", "chat")
-    include_seed_instances: bool = True
-    eval_fraction: float = 0.1
-    max_length: int = 512
-    packing: bool = False
-    # batches of examples of similar length (HF's LengthGroupedSampler): less padding, so fewer tokens
-    # computed per step; the order stays seeded and random across groups
-    group_by_length: bool = True
-    epochs: float = 1.0
-    max_steps: int = -1
+
+# --- training: one shape for every training stage -----------------------------------------------
+
+@dataclass(frozen=True)
+class TrainingConfig(Section):
+    """What every training stage (sft, reward, ppo, dpo, grpo) sets the same way."""
+    SECTION: ClassVar[str] = "training"
+    # stages whose recipe runs under `accelerate launch` (the others refuse launcher = "accelerate")
+    LAUNCHABLE: ClassVar[bool] = False
+
     learning_rate: float = 2e-5
-    batch_size: int = 4
+    batch_size: int = 4                 # per device (ppo: rollouts per device per update)
     grad_accum: int = 1
-    warmup_ratio: float = 0.03
-    lr_scheduler: str = choice("cosine", "cosine", "linear", "constant", "constant_with_warmup")
-    lora: bool = False
+    seed: int = 42
+    precision: str = choice("auto", "auto", "fp32", "bf16", "fp16")  # auto: bf16 on a GPU that has it, fp32 on CPU
+    gradient_checkpointing: bool = False
+    lora: bool = False                  # LoRA adapters (models/recipe_io.lora_config), merged into the saved model
     lora_r: int = 16
     lora_alpha: int = 32
-    qlora: bool = False
-    gradient_checkpointing: bool = False
-    precision: str = choice("auto", "auto", "fp32", "bf16", "fp16")
-    eval_steps: int = 50
-    save_steps: int = 50
-    seed: int = 42
+    lora_dropout: float = 0.05
+    qlora: bool = False                 # LoRA on a 4-bit base (CUDA + bitsandbytes)
     # "inprocess": the flow calls the recipe; "accelerate": `accelerate launch` runs it (several GPUs)
     launcher: str = choice("inprocess", "inprocess", "accelerate")
     accelerate_config: str = "ddp"      # ddp | deepspeed_zero2 | deepspeed_zero3 (shipped) or a YAML path
     num_processes: int = 0              # 0 = what the accelerate config says
 
+    def cross_key_rules(self):
+        found = self.launcher != "accelerate" or accelerate_config_file(self.accelerate_config) is not None
+        return [("launcher", self.launcher == "inprocess" or self.LAUNCHABLE,
+                 f"'inprocess' for the {self.SECTION} stage (only sft runs under accelerate so far)"),
+                ("accelerate_config", found,
+                 f"a shipped accelerate config (ddp, deepspeed_zero2, deepspeed_zero3) or a YAML file, "
+                 f"got {self.accelerate_config!r}")]
 
-@dataclass
-class PreferencesConfig:
+
+@dataclass(frozen=True)
+class TrainerConfig(TrainingConfig):
+    """What the stages trained by a transformers Trainer (sft, reward, dpo, grpo) add: schedule, length, cadence."""
+    epochs: float = 1.0
+    max_steps: int = -1                 # -1: train for `epochs`
+    warmup_ratio: float = 0.03          # share of the steps the learning rate warms up over
+    lr_scheduler: str = choice("cosine", "cosine", "linear", "constant", "constant_with_warmup")
+    max_length: int = 512               # tokens of prompt + reply (a pair's longer side for reward/dpo)
+    # batches of examples of similar length (HF's LengthGroupedSampler): less padding, so fewer tokens
+    # computed per step; the order stays seeded and random across groups
+    group_by_length: bool = True
+    eval_steps: int = 50
+    save_steps: int = 50
+
+
+@dataclass(frozen=True)
+class SFTConfig(TrainerConfig):
+    SECTION: ClassVar[str] = "sft"
+    LAUNCHABLE: ClassVar[bool] = True
+
+    base_model: str = "bundled"         # "bundled", "tiny" (random tiny Llama, tests), or a local HF dir
+    style: str = choice("alpaca", "alpaca", "chat")
+    include_seed_instances: bool = True
+    eval_fraction: float = 0.1
+    packing: bool = False
+
+
+@dataclass(frozen=True)
+class PreferencesConfig(Section):
+    SECTION: ClassVar[str] = "preferences"
+
     prompts: int = 24                   # prompts to sample responses for
     k: int = 2                          # responses per prompt (>= 2)
     temperature: float = 1.0
@@ -144,37 +255,29 @@ class PreferencesConfig:
     seed: int = 42
 
 
-@dataclass
-class RewardConfig:
-    eval_fraction: float = 0.2
-    max_length: int = 512
-    group_by_length: bool = True        # as sft.group_by_length; a pair's length is its longer side
-    epochs: float = 1.0
-    max_steps: int = -1
+@dataclass(frozen=True)
+class RewardConfig(TrainerConfig):
+    SECTION: ClassVar[str] = "reward"
+
     learning_rate: float = 1e-5
-    batch_size: int = 4
-    grad_accum: int = 1
+    eval_fraction: float = 0.2
     center_rewards_coefficient: float = 0.01
-    lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    gradient_checkpointing: bool = False
-    precision: str = choice("auto", "auto", "fp32", "bf16", "fp16")
-    eval_steps: int = 50
-    save_steps: int = 50
-    seed: int = 42
+
+    def cross_key_rules(self):
+        return super().cross_key_rules() + [("qlora", not self.qlora, "false (a 4-bit reward model is not supported)")]
 
 
-@dataclass
-class PPOConfig:
+@dataclass(frozen=True)
+class PPOConfig(TrainingConfig):
+    SECTION: ClassVar[str] = "ppo"
+
+    learning_rate: float = 3e-6
+    batch_size: int = 8
     prompts: int = 64
     prompt_source: str = choice("eval", "eval", "all")
     total_episodes: int = 64
-    batch_size: int = 8
-    grad_accum: int = 1
     num_mini_batches: int = 1
     num_ppo_epochs: int = 4
-    learning_rate: float = 3e-6
     response_length: int = 53
     temperature: float = 0.7
     kl_coef: float = 0.05
@@ -192,16 +295,27 @@ class PPOConfig:
     save_every_steps: int = 2           # PPO updates between saved (policy, value) rounds
     keep_rounds: int = 0                # keep only the newest N rounds on disk (0 = all)
     save_optimizer: bool = True         # AdamW state in the newest round: exact resume, ~2x model size on disk
-    lora: bool = False                  # LoRA on actor and critic (rank lora_r, all linear layers)
-    lora_r: int = 16
-    lora_alpha: int = 32
-    gradient_checkpointing: bool = False
-    precision: str = choice("auto", "auto", "fp32", "bf16")   # the PPO loop has no fp16 loss scaling
-    seed: int = 42
+
+    def cross_key_rules(self):
+        # what the PPO loop would otherwise refuse only after SFT and reward have trained
+        rollout_batch = self.batch_size * self.grad_accum
+        return super().cross_key_rules() + [
+            ("precision", self.precision != "fp16", "one of auto, fp32, bf16 (the PPO loop has no fp16 loss scaling), "
+                                                   f"got {self.precision!r}"),
+            ("qlora", not self.qlora, "false (PPO trains LoRA on full-precision weights: use lora)"),
+            ("total_episodes", self.total_episodes % rollout_batch == 0,
+             f"a multiple of ppo.batch_size * ppo.grad_accum (= {rollout_batch}), got {self.total_episodes}"),
+            ("num_mini_batches", rollout_batch % self.num_mini_batches == 0,
+             f"a divisor of ppo.batch_size * ppo.grad_accum (= {rollout_batch}), got {self.num_mini_batches}"),
+            ("value_warmup_updates", self.value_warmup_updates < self.total_episodes // rollout_batch,
+             f"fewer than the run's {self.total_episodes // rollout_batch} updates (ppo.total_episodes / "
+             f"{rollout_batch}) so that the policy trains at all, got {self.value_warmup_updates}")]
 
 
-@dataclass
-class EvaluateConfig:
+@dataclass(frozen=True)
+class EvaluateConfig(Section):
+    SECTION: ClassVar[str] = "evaluate"
+
     prompts: int = 16
     max_new_tokens: int = 64
     judge: bool = True
@@ -211,11 +325,14 @@ class EvaluateConfig:
     seed: int = 7
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
+    """One resolved profile: built once per command (`load_config`), then handed to every stage."""
     profile: str
     source: str                          # the file the profile came from
     seeds: list = field(default_factory=lambda: ["bundled"])   # files/dirs; "bundled" = the package's seeds/
+    # the alignment methods this profile trains beside SFT (each a stage; evaluate compares all it finds)
+    methods: list = field(default_factory=lambda: ["ppo"])
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
@@ -225,14 +342,34 @@ class Config:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in ALIGNMENT_METHODS]
+        if unknown or len(set(self.methods)) != len(self.methods):
+            raise SettingError("profile", "methods", f"a list of distinct methods from {', '.join(ALIGNMENT_METHODS)}, "
+                                                    f"got {self.methods!r}")
+
     def section_hash(self, *names: str) -> str:
-        """Hash of the named sections (what a stage's output depends on). Never contains secrets."""
-        payload = {n: dataclasses.asdict(getattr(self, n)) if n != "seeds" else self.seeds for n in names}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        """Hash of the named sections or single keys ("reward", "preferences.seed"): what a stage's output
+        depends on. Never contains secrets."""
+        payload = {}
+        for name in names:
+            section, _, key = name.partition(".")
+            value = getattr(self, section)
+            value = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+            payload[name] = value[key] if key else value
+        return stable_hash(payload)
+
+    def replace(self, **sections: Any) -> "Config":
+        """A copy with some sections' keys changed, checked as a loaded one: replace(ppo={"lr": 1e-5})."""
+        changed = {name: dataclasses.replace(getattr(self, name), **keys) for name, keys in sections.items()}
+        return dataclasses.replace(self, **changed)
 
 
 SECTIONS = {f.name: f for f in dataclasses.fields(Config) if f.name not in ("profile", "source")}
-SECTION_OF = {type(f.default_factory()): name for name, f in SECTIONS.items() if name != "seeds"}
+LIST_KEYS = ("seeds", "methods")   # profile keys that are lists of strings, not tables
+SECTION_CLASSES: dict[str, type[Section]] = {name: hint for name, hint in get_type_hints(Config).items()
+                                             if name in SECTIONS and name not in LIST_KEYS}
+TRAINING_SECTIONS = tuple(name for name, cls in SECTION_CLASSES.items() if issubclass(cls, TrainingConfig))
 
 
 def packaged_text() -> str:
@@ -278,23 +415,6 @@ def _resolve_profile(label: str, profiles: dict, name: str, chain: tuple[str, ..
     return _deep_merge(_resolve_profile(label, profiles, parent, chain + (name,)), body)
 
 
-def _coerce(label: str, where: str, value: Any, annotation: Any) -> Any:
-    origin = get_origin(annotation) or annotation
-    ok = {
-        bool: lambda v: isinstance(v, bool),
-        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        str: lambda v: isinstance(v, str),
-        list: lambda v: isinstance(v, list),
-        dict: lambda v: isinstance(v, dict),
-    }[origin](value)
-    if not ok:
-        raise ConfigError(f"{label}: {where} must be {origin.__name__}, got {type(value).__name__} {value!r}")
-    if origin is float:
-        value = float(value)
-    return value  # choices and ranges: check_section, once the section is built
-
-
 # Keys that once existed: a user file that still sets one gets a line saying what to do instead.
 REMOVED_KEYS = {
     "generate.requests_per_round": "removed (the streaming scheduler has no rounds: it keeps teacher.max_concurrency "
@@ -302,22 +422,22 @@ REMOVED_KEYS = {
 }
 
 
-def _build_section(label: str, prefix: str, cls: type, raw: Any):
+def _build_section(label: str, prefix: str, cls: type[Section], raw: Any) -> Section:
+    """A section from a TOML table (or a job file's dict); every refusal names the file and the key."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{label}: {prefix} must be a table")
-    hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values = {}
-    section = prefix.rsplit(".", 1)[-1]
-    for key, value in raw.items():
-        if f"{section}.{key}" in REMOVED_KEYS:
-            raise ConfigError(f"{label}: {prefix}.{key}: {REMOVED_KEYS[f'{section}.{key}']}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if f"{cls.SECTION}.{key}" in REMOVED_KEYS:
+            raise ConfigError(f"{label}: {prefix}.{key}: {REMOVED_KEYS[f'{cls.SECTION}.{key}']}")
         if key not in fields:
             near = [n for n in fields if n.startswith(key[:3])]
-            hint = f" (did you mean {near[0]}?)" if near else f" (known: {', '.join(fields)})"
+            hint = f" (did you mean {near[0]}?)" if near else f" (known: {', '.join(sorted(fields))})"
             raise ConfigError(f"{label}: {prefix}.{key}: unknown key{hint}")
-        values[key] = _coerce(label, f"{prefix}.{key}", value, hints[key])
-    return cls(**values)
+    try:
+        return cls(**raw)
+    except SettingError as exc:
+        raise ConfigError(f"{label}: {prefix}.{exc.key} must be {exc.requirement}") from None
 
 
 @dataclass(frozen=True)
@@ -356,7 +476,8 @@ FRACTION, OPEN_FRACTION = Range(0, 1), Range(0, 1, open_lo=True, open_hi=True)
 STEPS = Range(1, also=-1)               # -1 = train for `epochs`; 0, which the Trainer reads the same way, is refused
 SEED = Range(0, 2**32 - 1)              # what numpy accepts
 
-# The documented range of every numeric key (README "Configuration" lists the same), checked at load.
+# The documented range of every numeric key (README "Configuration" lists the same), checked when a
+# section is built. Keys every training section shares are listed once, under "training." / "trainer.".
 RANGES: dict[str, Range] = {
     "teacher.max_concurrency": AT_LEAST_1, "teacher.max_retries": AT_LEAST_0, "teacher.timeout_s": POSITIVE,
     "teacher.backoff_base_s": AT_LEAST_0, "teacher.backoff_max_s": AT_LEAST_0, "teacher.startup_timeout_s": POSITIVE,
@@ -370,91 +491,51 @@ RANGES: dict[str, Range] = {
     "generate.key_attempts": AT_LEAST_1, "generate.max_failed_fraction": FRACTION, "generate.seed": SEED,
     "filter.min_words": AT_LEAST_0, "filter.max_words": AT_LEAST_1, "filter.threshold": FRACTION,
     "filter.top_k": AT_LEAST_0,
-    "sft.eval_fraction": OPEN_FRACTION, "sft.max_length": Range(8), "sft.epochs": POSITIVE, "sft.max_steps": STEPS,
-    "sft.learning_rate": POSITIVE, "sft.batch_size": AT_LEAST_1, "sft.grad_accum": AT_LEAST_1,
-    "sft.warmup_ratio": Range(0, 1, open_hi=True), "sft.lora_r": AT_LEAST_1, "sft.lora_alpha": AT_LEAST_1,
-    "sft.eval_steps": AT_LEAST_1, "sft.save_steps": AT_LEAST_1, "sft.seed": SEED, "sft.num_processes": AT_LEAST_0,
+    "training.learning_rate": POSITIVE, "training.batch_size": AT_LEAST_1, "training.grad_accum": AT_LEAST_1,
+    "training.seed": SEED, "training.lora_r": AT_LEAST_1, "training.lora_alpha": AT_LEAST_1,
+    "training.lora_dropout": Range(0, 1, open_hi=True), "training.num_processes": AT_LEAST_0,
+    "trainer.epochs": POSITIVE, "trainer.max_steps": STEPS, "trainer.warmup_ratio": Range(0, 1, open_hi=True),
+    "trainer.max_length": Range(8), "trainer.eval_steps": AT_LEAST_1, "trainer.save_steps": AT_LEAST_1,
+    "sft.eval_fraction": OPEN_FRACTION,
     "preferences.prompts": AT_LEAST_1, "preferences.k": Range(2), "preferences.temperature": POSITIVE,
     "preferences.top_p": Range(0, 1, open_lo=True), "preferences.max_new_tokens": AT_LEAST_1, "preferences.seed": SEED,
-    "reward.eval_fraction": OPEN_FRACTION, "reward.max_length": AT_LEAST_1, "reward.epochs": POSITIVE,
-    "reward.max_steps": STEPS, "reward.learning_rate": POSITIVE, "reward.batch_size": AT_LEAST_1,
-    "reward.grad_accum": AT_LEAST_1, "reward.center_rewards_coefficient": AT_LEAST_0, "reward.eval_steps": AT_LEAST_1,
-    "reward.save_steps": AT_LEAST_1, "reward.seed": SEED, "reward.lora_r": AT_LEAST_1, "reward.lora_alpha": AT_LEAST_1,
-    "ppo.prompts": AT_LEAST_1, "ppo.total_episodes": AT_LEAST_1, "ppo.batch_size": AT_LEAST_1,
-    "ppo.grad_accum": AT_LEAST_1, "ppo.num_mini_batches": AT_LEAST_1, "ppo.num_ppo_epochs": AT_LEAST_1,
-    "ppo.learning_rate": POSITIVE, "ppo.response_length": AT_LEAST_1, "ppo.temperature": POSITIVE,
+    "reward.eval_fraction": OPEN_FRACTION, "reward.center_rewards_coefficient": AT_LEAST_0,
+    "ppo.prompts": AT_LEAST_1, "ppo.total_episodes": AT_LEAST_1, "ppo.num_mini_batches": AT_LEAST_1,
+    "ppo.num_ppo_epochs": AT_LEAST_1, "ppo.response_length": AT_LEAST_1, "ppo.temperature": POSITIVE,
     "ppo.kl_coef": AT_LEAST_0, "ppo.cliprange": POSITIVE, "ppo.vf_coef": AT_LEAST_0, "ppo.lam": Range(0, 1),
     "ppo.missing_eos_penalty": AT_LEAST_0, "ppo.value_warmup_updates": AT_LEAST_0, "ppo.max_prompt_length": AT_LEAST_1,
-    "ppo.save_every_steps": AT_LEAST_1,
-    "ppo.keep_rounds": AT_LEAST_0, "ppo.seed": SEED, "ppo.lora_r": AT_LEAST_1, "ppo.lora_alpha": AT_LEAST_1,
+    "ppo.save_every_steps": AT_LEAST_1, "ppo.keep_rounds": AT_LEAST_0,
     "evaluate.prompts": AT_LEAST_1, "evaluate.max_new_tokens": AT_LEAST_1, "evaluate.seed": SEED,
 }
 
 
+def range_key(cls: type, key: str) -> str:
+    """Where RANGES lists `key` of section class `cls`: once for a shared training key, else under its section."""
+    for shared, prefix in ((TrainingConfig, "training"), (TrainerConfig, "trainer")):
+        if issubclass(cls, shared) and key in shared.__dict__.get("__annotations__", {}):
+            return f"{prefix}.{key}"
+    return f"{cls.SECTION}.{key}"
+
+
+def range_of(cls: type, key: str) -> Range | None:
+    return RANGES.get(range_key(cls, key))
+
+
 def accelerate_config_file(name: str) -> Path | None:
-    """`sft.accelerate_config` as a file: a shipped config (models/accelerate/NAME.yaml) or a path; None if neither."""
+    """`accelerate_config` as a file: a shipped config (models/accelerate/NAME.yaml) or a path; None if neither."""
     shipped = resources.files("instructflow.models").joinpath("accelerate", f"{name}.yaml")
     path = Path(str(shipped)) if shipped.is_file() else Path(name).expanduser()
     return path if path.is_file() else None
 
 
-def _cross_key_rules(name: str, section: Any) -> list[tuple[str, bool, str]]:
-    """(key, ok, what it must be) for keys whose range depends on another key of the same section."""
-    if name == "teacher":  # refused at load, not after preferences sampled for minutes
-        return [("mode", section.mode != "batch" or section.endpoint != "embedded",
-                 "'sync' with teacher.endpoint = 'embedded' (transformers serve has no Batch API): point "
-                 "teacher.endpoint at one that has, e.g. https://api.openai.com/v1")]
-    if name == "generate":
-        return [("n_machine_demos", section.n_machine_demos <= section.n_demos, "<= generate.n_demos")]
-    if name == "filter":
-        return [("max_words", section.max_words >= section.min_words, ">= filter.min_words")]
-    if name == "sft":
-        found = section.launcher != "accelerate" or accelerate_config_file(section.accelerate_config) is not None
-        return [("accelerate_config", found,
-                 f"a shipped accelerate config (ddp, deepspeed_zero2, deepspeed_zero3) or a YAML file, "
-                 f"got {section.accelerate_config!r}")]
-    if name == "ppo":  # what the PPO loop would otherwise refuse only after SFT and reward have trained
-        rollout_batch = section.batch_size * section.grad_accum
-        return [("total_episodes", section.total_episodes % rollout_batch == 0,
-                 f"a multiple of ppo.batch_size * ppo.grad_accum (= {rollout_batch}), got {section.total_episodes}"),
-                ("num_mini_batches", rollout_batch % section.num_mini_batches == 0,
-                 f"a divisor of ppo.batch_size * ppo.grad_accum (= {rollout_batch}), got {section.num_mini_batches}"),
-                ("value_warmup_updates", section.value_warmup_updates < section.total_episodes // rollout_batch,
-                 f"fewer than the run's {section.total_episodes // rollout_batch} updates (ppo.total_episodes / "
-                 f"{rollout_batch}) so that the policy trains at all, got {section.value_warmup_updates}")]
-    return []
-
-
-def check_section(label: str, section: Any, prefix: str | None = None) -> None:
-    """Every value of one section a stage would refuse: choices, RANGES, cross-key rules. Runs for every
-    section when the config loads (`prefix` = profiles.NAME.SECTION); the recipes in models/ run it again
-    on a section built by hand (tests, benches), so the rule lives here only. What depends on the machine
-    (fp16 and qlora need CUDA) is checked by the recipe, where the machine is known."""
-    name = SECTION_OF[type(section)]
-    prefix = prefix or name
-    hints = get_type_hints(type(section))
-    for f in dataclasses.fields(section):
-        value, where = getattr(section, f.name), f"{prefix}.{f.name}"
-        _coerce(label, where, value, hints[f.name])
-        choices = f.metadata.get("choices")
-        if choices and value not in choices:
-            raise ConfigError(f"{label}: {where} must be one of {', '.join(choices)}, got {value!r}")
-        allowed = RANGES.get(f"{name}.{f.name}")
-        if allowed is not None and value not in allowed:
-            raise ConfigError(f"{label}: {where} must be {allowed}, got {value!r}")
-    for key, ok, what in _cross_key_rules(name, section):
-        if not ok:
-            raise ConfigError(f"{label}: {prefix}.{key} must be {what}")
-
-
-def section_from_dict(label: str, name: str, raw: Any):
-    """One section from a plain dict (e.g. the SFT job file), checked as a config file's section is."""
-    section = _build_section(label, name, type(SECTIONS[name].default_factory()), raw)
-    check_section(label, section)
-    return section
+def section_from_dict(label: str, name: str, raw: Any) -> Section:
+    """One section from a plain dict (e.g. a launcher's job file), checked as a config file's section is."""
+    return _build_section(label, name, SECTION_CLASSES[name], raw)
 
 
 def load_config(profile: str | None = None, path: str | Path | None = None) -> Config:
+    """The profile `profile` (or the default) of the config file `path` (or the usual places), resolved once:
+    inheritance merged, teacher env overrides applied, every section built and checked, frozen."""
     label, text = config_path(path)
     try:
         document = tomllib.loads(text)
@@ -472,37 +553,35 @@ def load_config(profile: str | None = None, path: str | Path | None = None) -> C
         profiles = {name: _deep_merge(base.get(name, {}), body) if isinstance(body, dict) else body
                     for name, body in {**base, **profiles}.items()}
     name = profile or os.environ.get("INSTRUCTFLOW_PROFILE") or document.get("default_profile") or "cpu"
-    raw = _resolve_profile(label, profiles, name)
+    raw = _with_env_overrides(_resolve_profile(label, profiles, name))
     prefix = f"profiles.{name}"
     sections: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in SECTIONS:
             raise ConfigError(f"{label}: {prefix}.{key}: unknown section (known: {', '.join(SECTIONS)}, inherits)")
-        if key == "seeds":
+        if key in LIST_KEYS:
             if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-                raise ConfigError(f"{label}: {prefix}.seeds must be a list of paths")
+                raise ConfigError(f"{label}: {prefix}.{key} must be a list of "
+                                  f"{'paths' if key == 'seeds' else 'method names'}")
             sections[key] = value
         else:
-            sections[key] = _build_section(label, f"{prefix}.{key}", SECTIONS[key].default_factory().__class__, value)
-    cfg = Config(profile=name, source=label, **sections)
-    _apply_env_overrides(cfg)
-    for key in SECTION_OF.values():
-        check_section(label, getattr(cfg, key), f"{prefix}.{key}")
-    return cfg
+            sections[key] = _build_section(label, f"{prefix}.{key}", SECTION_CLASSES[key], value)
+    try:
+        return Config(profile=name, source=label, **sections)
+    except SettingError as exc:
+        raise ConfigError(f"{label}: {prefix}.{exc.key} must be {exc.requirement}") from None
 
 
-def _apply_env_overrides(cfg: Config) -> None:
-    endpoint = os.environ.get("INSTRUCTFLOW_TEACHER_ENDPOINT")
-    if endpoint:
-        cfg.teacher.endpoint = endpoint
-    model = os.environ.get("INSTRUCTFLOW_TEACHER_MODEL")
-    if model:
-        cfg.teacher.model = model
-    api = os.environ.get("INSTRUCTFLOW_TEACHER_API")
-    if api:
-        if api not in ("chat", "completions"):
-            raise ConfigError(f"INSTRUCTFLOW_TEACHER_API must be chat or completions, got {api!r}")
-        cfg.teacher.api = api
+def _with_env_overrides(raw: dict) -> dict:
+    """The profile's tables with the teacher env overrides applied, before any section is built."""
+    teacher = dict(raw.get("teacher") or {})
+    for key, env in (("endpoint", "INSTRUCTFLOW_TEACHER_ENDPOINT"), ("model", "INSTRUCTFLOW_TEACHER_MODEL"),
+                     ("api", "INSTRUCTFLOW_TEACHER_API")):
+        if os.environ.get(env):
+            teacher[key] = os.environ[env]
+    if teacher.get("api", "chat") not in ("chat", "completions") and os.environ.get("INSTRUCTFLOW_TEACHER_API"):
+        raise ConfigError(f"INSTRUCTFLOW_TEACHER_API must be chat or completions, got {teacher['api']!r}")
+    return {**raw, "teacher": teacher} if teacher or "teacher" in raw else raw
 
 
 def teacher_api_key(teacher: TeacherConfig) -> str:

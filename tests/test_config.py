@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from cliutil import cli
-from instructflow.tasks.config import (RANGES, SECTIONS, ConfigError, PPOConfig, check_section, list_profiles,
-                                       load_config, teacher_api_key)
+from instructflow.tasks.config import (RANGES, SECTION_CLASSES, TRAINING_SECTIONS, ConfigError, PPOConfig, RewardConfig,
+                                       SFTConfig, TrainerConfig, TrainingConfig, list_profiles, load_config, range_key,
+                                       teacher_api_key)
 
 
 def write(tmp_path, text):
@@ -64,14 +65,49 @@ def test_bad_config_names_file_and_key(tmp_path, body, message):
 
 
 def test_a_section_built_by_hand_meets_the_same_rules_as_a_loaded_one():
-    """What the recipes in models/ run on a section they did not get from load_config (tests, benches)."""
-    for profile in list_profiles():
-        check_section("settings", load_config(profile).ppo)
+    """A section checks itself when it is built, by the loader or by hand (tests, benches, a job file), so the
+    recipes in models/ trust the section they get."""
     with pytest.raises(ConfigError, match=r"^settings: ppo\.total_episodes must be a multiple of "
                                           r"ppo\.batch_size \* ppo\.grad_accum \(= 8\), got 10$"):
-        check_section("settings", PPOConfig(total_episodes=10))
-    with pytest.raises(ConfigError, match=r"^settings: ppo\.precision must be one of auto, fp32, bf16, got 'fp16'$"):
-        check_section("settings", PPOConfig(precision="fp16"))
+        PPOConfig(total_episodes=10)
+    with pytest.raises(ConfigError, match=r"^settings: ppo\.precision must be one of auto, fp32, bf16 "):
+        PPOConfig(precision="fp16")
+    with pytest.raises(ConfigError, match=r"^settings: sft\.learning_rate must be float, got str '1e-5'$"):
+        SFTConfig(learning_rate="1e-5")
+    cfg = load_config("cpu")
+    with pytest.raises(ConfigError, match=r"^settings: ppo\.batch_size must be >= 1, got 0$"):
+        cfg.replace(ppo={"batch_size": 0})
+    assert cfg.replace(ppo={"learning_rate": 1}).ppo.learning_rate == 1.0 and cfg.ppo.learning_rate != 1.0
+
+
+def test_a_resolved_config_is_frozen():
+    import dataclasses
+
+    cfg = load_config("tiny")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.sft.learning_rate = 1.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.sft = cfg.reward
+
+
+def test_every_training_section_shares_one_shape_with_one_range_per_shared_key():
+    """The drift the shared shape fixed: max_length was >= 8 for sft but >= 1 for reward, and only sft had
+    a configurable schedule. Now each shared key is declared once and ranged once."""
+    assert set(TRAINING_SECTIONS) >= {"sft", "reward", "ppo"}
+    shared = {f.name for f in __import__("dataclasses").fields(TrainingConfig)}
+    trainer = {f.name for f in __import__("dataclasses").fields(TrainerConfig)} - shared
+    for name in TRAINING_SECTIONS:
+        cls = SECTION_CLASSES[name]
+        assert shared <= set(cls.__dataclass_fields__), name
+        assert all(range_key(cls, key).startswith("training.") for key in shared if range_key(cls, key) in RANGES)
+        if issubclass(cls, TrainerConfig):
+            assert trainer <= set(cls.__dataclass_fields__)
+            assert {range_key(cls, key) for key in trainer} <= set(RANGES) | {"trainer.lr_scheduler",
+                                                                             "trainer.group_by_length"}
+    for cls in (SFTConfig, RewardConfig):
+        with pytest.raises(ConfigError, match=rf"^settings: {cls.SECTION}\.max_length must be >= 8, got 4$"):
+            cls(max_length=4)
+        assert cls(lr_scheduler="linear", warmup_ratio=0.1).lr_scheduler == "linear"
 
 
 def test_the_readme_ppo_sweep_file_loads_and_its_default_row_is_the_cpu_profile():
@@ -120,15 +156,16 @@ def test_missing_explicit_file(tmp_path):
 
 
 def test_every_numeric_key_has_a_range_and_every_profile_is_inside():
-    numeric = {f"{name}.{f.name}" for name, section in SECTIONS.items() if name != "seeds"
-               for f in dataclasses.fields(section.default_factory()) if f.type in ("int", "float", int, float)}
+    numeric = {range_key(cls, f.name) for cls in SECTION_CLASSES.values()
+               for f in dataclasses.fields(cls) if f.type in ("int", "float", int, float)}
     assert numeric - set(RANGES) == set(), "numeric keys without a range in tasks/config.py RANGES"
     assert set(RANGES) - numeric == set(), "RANGES names keys that do not exist"
     for profile in list_profiles():
         cfg = load_config(profile)
-        for where, allowed in RANGES.items():
-            section, key = where.split(".")
-            assert getattr(getattr(cfg, section), key) in allowed, (profile, where)
+        for name, cls in SECTION_CLASSES.items():
+            for f in dataclasses.fields(cls):
+                allowed = RANGES.get(range_key(cls, f.name))
+                assert allowed is None or getattr(getattr(cfg, name), f.name) in allowed, (profile, name, f.name)
 
 
 def test_readme_documents_every_range():
@@ -138,6 +175,7 @@ def test_readme_documents_every_range():
     lines = {line.split("`")[1]: line for line in readme.splitlines() if line.startswith("- `") and "`: `" in line}
     missing = [f"{where}: {allowed}" for where, allowed in RANGES.items()
                if f"`{where.split('.')[1]}` {allowed}" not in lines.get(where.split(".")[0], "")]
+    assert "training" in lines and "trainer" in lines, "the shared training keys have a line of their own"
     assert not missing, f"README's range list lacks: {missing}"
 
 

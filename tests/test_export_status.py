@@ -9,8 +9,8 @@ import pytest
 
 from cliutil import cli
 from instructflow.flows.common import close_warehouses, warehouse_for
+from instructflow.tasks.config import load_config
 from instructflow.warehouse import queries
-
 from test_filter_stage import store_candidates
 
 pytestmark = pytest.mark.slow  # starts a server, Prefect, or trains
@@ -28,7 +28,7 @@ def filtered_home_with_instances(seeded_home) -> tuple:
     home, config, seeds = seeded_home
     wh = warehouse_for(home)
     ids = store_candidates(wh, [NEW_INSTRUCTIONS])
-    filter_flow(profile="t", home=str(home), config=str(config))
+    filter_flow(load_config("t", config), str(home))
     assert [r["candidate_id"] for r in queries.kept_candidates(wh)] == ids
     queries.insert_instances_result(wh, ids[0], False, [("", "Check the lamp."), ("storm", "Wait it out.")], [])
     queries.insert_instances_result(wh, ids[1], False, [("", "Cold slows yeast.")], [])
@@ -86,7 +86,7 @@ def test_status_defaults_to_the_last_runs_profile_and_says_so(seeded_home):
     home, config, _ = seeded_home
     with config.open("a") as handle:  # t's filter differs from the default profile's (cpu)
         handle.write("[profiles.t.filter]\nthreshold = 0.6\n")
-    filter_flow(profile="t", home=str(home), config=str(config))
+    filter_flow(load_config("t", config), str(home))
     close_warehouses()
 
     out = cli("status", "--json", "--config", str(config), home=home)

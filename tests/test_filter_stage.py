@@ -9,6 +9,7 @@ import pytest
 from rouge_score import rouge_scorer
 
 from instructflow.flows.common import warehouse_for
+from instructflow.tasks.config import load_config
 from instructflow.warehouse import queries
 
 pytestmark = pytest.mark.slow  # starts a server, Prefect, or trains
@@ -57,7 +58,6 @@ def reference_verdicts(seed_texts: list[str], candidates: list[str], threshold: 
 def test_filter_matches_reference_greedy_in_arrival_order(seeded_home):
     from instructflow.flows.filter import filter_flow
     from instructflow.flows.status import stage_status
-    from instructflow.tasks.config import load_config
 
     home, config, seeds = seeded_home
     seed_texts = [json.loads(line)["instruction"] for line in seeds.read_text().splitlines() if line.strip()]
@@ -73,7 +73,7 @@ def test_filter_matches_reference_greedy_in_arrival_order(seeded_home):
          "Translate the sentence into French and explain any idioms you used."],
     ]
     ids = store_candidates(wh, batches)
-    metrics = filter_flow(profile="t", home=str(home), config=str(config))
+    metrics = filter_flow(load_config("t", config), str(home))
     flat = [t for b in batches for t in b]
     rows = {r["candidate_id"]: r for r in wh.rows("SELECT * FROM candidates")}
     heuristics = {5: "blacklist:picture", 6: "too_short"}
@@ -107,7 +107,7 @@ def test_filter_matches_reference_greedy_in_arrival_order(seeded_home):
     config.write_text(config.read_text() + "[profiles.t.filter]\nthreshold = 0.3\n")
     cfg = load_config("t", config)
     assert "config changed" in stage_status(cfg, home, wh)["stages"]["filter"]["why"]
-    stricter = filter_flow(profile="t", home=str(home), config=str(config))
+    stricter = filter_flow(load_config("t", config), str(home))
     assert stricter["kept"] < metrics["kept"] and stricter["threshold"] == 0.3
     assert wh.scalar("SELECT count(*) FROM teacher_requests") == 2   # only the stored ones: nothing was sent
     assert stage_status(cfg, home, wh)["stages"]["filter"]["state"] == "fresh"

@@ -9,6 +9,7 @@ import pytest
 
 from cliutil import cli
 from instructflow.flows.common import close_warehouses, warehouse_for
+from instructflow.tasks.config import load_config
 from instructflow.warehouse import queries
 
 pytestmark = pytest.mark.slow  # starts a server, Prefect, or trains
@@ -33,14 +34,14 @@ def read_artifacts(key: str) -> list[dict]:
 
 
 def test_pipeline_end_to_end_rerun_and_seed_edit(seeded_home):
+    from prefect.settings import PREFECT_API_URL
+
     from instructflow.flows.pipeline import pipeline
     from instructflow.flows.status import stage_status
-    from instructflow.tasks.config import load_config
-    from prefect.settings import PREFECT_API_URL
 
     home, config, seeds = seeded_home
     config.write_text(config.read_text() + "[profiles.t.evaluate]\nholdout_reward = true\n")
-    results = pipeline(profile="t", home=str(home), config=str(config))
+    results = pipeline(home=str(home), cfg=load_config("t", config))
     assert list(results) == STAGES
     wh = warehouse_for(home)
     first_run = wh.last_run()
@@ -90,7 +91,7 @@ def test_pipeline_end_to_end_rerun_and_seed_edit(seeded_home):
     states = {s: e["state"] for s, e in stage_status(cfg, home, wh)["stages"].items()}
     assert states["generate"] == "fresh" and states["filter"] == "stale"
     assert {states[s] for s in STAGES[2:]} == {"stale"}
-    pipeline(profile="t", home=str(home), config=str(config))
+    pipeline(home=str(home), cfg=load_config("t", config))
     third = wh.last_run()
     rows = stage_rows(wh, third["run_id"])
     assert rows["generate"] == "skipped"

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from rouge_score import rouge_scorer
 
+from instructflow.tasks.config import load_config
 from instructflow.tasks.seeds import (SeedFormatError, SeedInstance, SeedTask, bundled_seed_dir, load_seed_file,
                                       load_seeds, seeds_content_hash)
 
@@ -243,14 +244,14 @@ def test_generate_stage_refuses_an_oversized_seed_and_keeps_the_stored_seeds(see
     from instructflow.flows.generate import generate_flow
 
     home, config, seeds = seeded_home
-    filter_flow(profile="t", home=str(home), config=str(config))        # stores the seed tasks
+    filter_flow(load_config("t", config), str(home))        # stores the seed tasks
     wh = warehouse_for(home)
     stored = wh.scalar("SELECT count(*) FROM seed_tasks")
     n_lines = len(seeds.read_text().splitlines())
     with seeds.open("a") as handle:                                      # the 5 MB line from the issue
         handle.write(line(instruction="Translate this.", instances=[{"input": "z" * 5_000_000, "output": "ok"}]) + "\n")
     with pytest.raises(SeedFormatError, match=rf"^{re.escape(str(seeds))}:{n_lines + 1}: .*generate.max_seed_chars"):
-        generate_flow(profile="t", home=str(home), config=str(config))
+        generate_flow(load_config("t", config), str(home))
     assert wh.scalar("SELECT count(*) FROM seed_tasks") == stored
     failed = wh.last_stage_run("generate")
     assert failed.status == "failed" and f"{seeds}:{n_lines + 1}:" in failed.error

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from instructflow.flows.common import data_home, warehouse_for
+from instructflow.tasks.config import load_config
 from instructflow.tasks.seeds import bundled_seed_dir, load_seeds
 from instructflow.warehouse import queries
 
@@ -25,7 +26,7 @@ def test_accelerate_launcher_trains_on_two_processes(home, tmp_path, prefect_api
                       "accelerate_config = 'ddp'\nnum_processes = 2\nmax_steps = 4\nsave_steps = 4\neval_steps = 4\n")
     wh = warehouse_for(data_home(home))
     queries.replace_seed_tasks(wh, load_seeds([bundled_seed_dir() / "seed_tasks.jsonl"]))
-    metrics = sft_flow(profile="acc", home=str(home), config=str(config))
+    metrics = sft_flow(load_config("acc", config), str(home))
 
     state = json.loads((Path(metrics["checkpoint"]).parent / "checkpoints" / "checkpoint-4" /
                         "trainer_state.json").read_text())
@@ -44,4 +45,4 @@ def test_sft_on_an_empty_warehouse_says_what_to_run(home, prefect_api):
 
     data_home(home)
     with pytest.raises(ValueError, match="run `instructflow stage generate`"):
-        sft_flow(profile="tiny", home=str(home))
+        sft_flow(load_config("tiny"), str(home))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from instructflow.flows.common import stage_context, warehouse_for
+from instructflow.flows.stages import stage_spec
 from instructflow.flows.status import stage_status
 from instructflow.tasks.config import load_config
 
@@ -14,12 +15,12 @@ def states(home) -> dict:
 
 
 def test_status_says_outputs_missing_then_failed_with_the_error(home, tmp_path):
-    with stage_context("filter", "tiny", str(home), None, None, False) as ctx:
+    with stage_context(stage_spec("filter"), load_config("tiny"), str(home), None, False) as ctx:
         ctx.finish({"kept": 0})
     checkpoint = tmp_path / "sft-final"
     checkpoint.mkdir()
     (checkpoint / "config.json").write_text("{}")
-    with stage_context("sft", "tiny", str(home), None, None, False) as ctx:
+    with stage_context(stage_spec("sft"), load_config("tiny"), str(home), None, False) as ctx:
         ctx.wh.register_checkpoint(ctx.stage_run_id, "sft", str(checkpoint), "tiny", "d0", {}, {})
         ctx.finish({"train_examples": 1})
     now = states(home)
@@ -31,7 +32,7 @@ def test_status_says_outputs_missing_then_failed_with_the_error(home, tmp_path):
     assert sft["state"] == "stale" and sft["why"] == ["outputs missing"]
 
     with pytest.raises(RuntimeError):
-        with stage_context("sft", "tiny", str(home), None, None, False):
+        with stage_context(stage_spec("sft"), load_config("tiny"), str(home), None, False):
             raise RuntimeError("out of memory\n(details that belong in the log)")
     sft = states(home)["sft"]
     assert sft["state"] == "failed" and sft["why"] == ["RuntimeError: out of memory"]
@@ -41,12 +42,19 @@ def test_status_says_outputs_missing_then_failed_with_the_error(home, tmp_path):
 
 
 def test_the_report_written_at_each_stage_end_says_what_every_stage_does(home):
+    import dataclasses
     import html
 
+    from instructflow.flows.pipeline import run_stage
     from instructflow.flows.stages import stages
 
-    with stage_context("filter", "tiny", str(home), None, None, False) as ctx:
-        ctx.finish({"kept": 0})
+    def body(cfg, home, run_id=None, force=False):  # the filter stage's bookkeeping, without its Prefect flow
+        with stage_context(spec, cfg, home, run_id, force) as ctx:
+            ctx.finish({"kept": 0})
+        return {"kept": 0}
+
+    spec = dataclasses.replace(stage_spec("filter"), flow=body)
+    run_stage(spec, load_config("tiny"), home, None, False)
     report = (home / "report.html").read_text()   # no `report` command ran: the stage's end wrote it
     for spec in stages():
         assert f"<h2>{spec.name}</h2><p>{html.escape(spec.summary)}</p>" in report, spec.name
