@@ -224,7 +224,7 @@ class TrainerConfig(TrainingConfig):
     max_length: int = 512               # tokens of prompt + reply (a pair's longer side for reward/dpo)
     # batches of examples of similar length (HF's LengthGroupedSampler): less padding, so fewer tokens
     # computed per step; the order stays seeded and random across groups
-    group_by_length: bool = True
+    group_by_length: bool = True        # (grpo: no effect, a prompt's group of completions stays together)
     eval_steps: int = 50
     save_steps: int = 50
 
@@ -313,6 +313,47 @@ class PPOConfig(TrainingConfig):
 
 
 @dataclass(frozen=True)
+class DPOConfig(TrainerConfig):
+    """Direct preference optimisation (TRL DPOTrainer) from the SFT checkpoint on the preference pairs, with
+    the reward stage's train/eval split; the reference is the SFT model."""
+    SECTION: ClassVar[str] = "dpo"
+
+    learning_rate: float = 5e-6
+    beta: float = 0.1                   # strength of the implicit KL to the reference (TRL's default)
+    loss_type: str = choice("sigmoid", "sigmoid", "ipo", "hinge", "robust", "apo_zero")
+    # one reference pass over the pairs before training, then no reference model in memory
+    precompute_ref_log_probs: bool = True
+
+
+@dataclass(frozen=True)
+class GRPOConfig(TrainerConfig):
+    """Group relative policy optimisation (TRL GRPOTrainer) from the SFT checkpoint on the prompts PPO uses
+    (same selection: `prompts`, `prompt_source`, `seed`), rewarded by the trained reward model."""
+    SECTION: ClassVar[str] = "grpo"
+
+    learning_rate: float = 1e-6
+    prompts: int = 64
+    prompt_source: str = choice("eval", "eval", "all")
+    num_generations: int = 4            # completions per prompt; the per-device batch must be a multiple of it
+    max_completion_length: int = 53     # `max_length` caps prompt + completion: longer prompts are skipped
+    temperature: float = 0.7
+    beta: float = 0.04                  # KL coefficient to the SFT reference (0 = no reference model loaded)
+    epsilon: float = 0.2                # clip range of the policy ratio
+    num_iterations: int = 1             # optimisation passes over each generated batch (mu)
+    missing_eos_penalty: float = 1.0    # a rule reward: subtracted from a completion that does not end with eos
+    scale_rewards: str = choice("group", "group", "batch", "none")
+    loss_type: str = choice("dapo", "dapo", "grpo", "dr_grpo", "bnpo")
+
+    def cross_key_rules(self):
+        return super().cross_key_rules() + [
+            ("max_completion_length", self.max_completion_length < self.max_length,
+             f"< grpo.max_length (= {self.max_length}) so that a prompt fits beside it, got {self.max_completion_length}"),
+            ("batch_size", (self.batch_size * self.grad_accum) % self.num_generations == 0,
+             f"such that grpo.batch_size * grpo.grad_accum is a multiple of grpo.num_generations "
+             f"(= {self.num_generations}), got {self.batch_size} * {self.grad_accum}")]
+
+
+@dataclass(frozen=True)
 class EvaluateConfig(Section):
     SECTION: ClassVar[str] = "evaluate"
 
@@ -340,6 +381,8 @@ class Config:
     preferences: PreferencesConfig = field(default_factory=PreferencesConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def __post_init__(self) -> None:
@@ -505,6 +548,10 @@ RANGES: dict[str, Range] = {
     "ppo.kl_coef": AT_LEAST_0, "ppo.cliprange": POSITIVE, "ppo.vf_coef": AT_LEAST_0, "ppo.lam": Range(0, 1),
     "ppo.missing_eos_penalty": AT_LEAST_0, "ppo.value_warmup_updates": AT_LEAST_0, "ppo.max_prompt_length": AT_LEAST_1,
     "ppo.save_every_steps": AT_LEAST_1, "ppo.keep_rounds": AT_LEAST_0,
+    "dpo.beta": POSITIVE,
+    "grpo.prompts": AT_LEAST_1, "grpo.num_generations": Range(2), "grpo.max_completion_length": AT_LEAST_1,
+    "grpo.temperature": POSITIVE, "grpo.beta": AT_LEAST_0, "grpo.epsilon": POSITIVE,
+    "grpo.num_iterations": AT_LEAST_1, "grpo.missing_eos_penalty": AT_LEAST_0,
     "evaluate.prompts": AT_LEAST_1, "evaluate.max_new_tokens": AT_LEAST_1, "evaluate.seed": SEED,
 }
 
