@@ -5,8 +5,9 @@ from __future__ import annotations
 from instructflow.flows import evaluate, filter as filter_stage, generate, ppo, preferences, reward, sft
 from instructflow.flows.common import StageSpec
 
+# the alignment methods (ppo, dpo, grpo) are siblings: each runs when the profile's `methods` name it
 STAGES: list[StageSpec] = [generate.STAGE, filter_stage.STAGE, sft.STAGE, preferences.STAGE, reward.STAGE,
-                           ppo.STAGE, evaluate.STAGE]
+                           ppo.STAGE, dpo.STAGE, grpo.STAGE, evaluate.STAGE]
 
 
 def stages() -> list[StageSpec]:

@@ -178,6 +178,12 @@ def start_or_resume(output_dir: Path, job: str,
     return None, run or {"fingerprint": job}, (complete[-1] if complete else None)
 
 
+def trained_tokens(checkpoint: Path | None) -> int:
+    """Input tokens a Trainer had seen at `checkpoint` (0 for a fresh start): this session's tokens/s subtracts it."""
+    state = read_json(checkpoint / "trainer_state.json") if checkpoint else None
+    return int((state or {}).get("num_input_tokens_seen", 0))
+
+
 def update_run(output_dir: Path, run: dict[str, Any], **values: Any) -> dict[str, Any]:
     run = {**run, **values}
     if is_main_rank():
@@ -325,6 +331,34 @@ class ReportSteps(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.on_progress is not None and state.is_world_process_zero:
             self.on_progress(self.first_step + state.global_step, state.max_steps)
+
+
+def pair_length_grouped(trainer_class):
+    """`trainer_class` (TRL's RewardTrainer or DPOTrainer) whose length-grouped samplers (`group_by_length`)
+    read each pair's padded width: HF's sampler looks for `input_ids`, but a pair is `chosen_ids` and
+    `rejected_ids` (after `prompt_ids` for DPO), padded together to the longer of the two."""
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    def widths(dataset) -> list[int]:
+        prompts = dataset["prompt_ids"] if "prompt_ids" in dataset.column_names else [()] * len(dataset)
+        return [len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, dataset["chosen_ids"], dataset["rejected_ids"])]
+
+    class PairLengthGrouped(trainer_class):
+        def _get_train_sampler(self, train_dataset=None):
+            if self.args.train_sampling_strategy != "group_by_length":
+                return super()._get_train_sampler(train_dataset)
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=widths(dataset))
+
+        def _get_eval_sampler(self, eval_dataset):
+            if self.args.train_sampling_strategy != "group_by_length":
+                return super()._get_eval_sampler(eval_dataset)
+            return LengthGroupedSampler(self.args.eval_batch_size, lengths=widths(eval_dataset),
+                                        generator=torch.Generator().manual_seed(self.args.seed))
+
+    return PairLengthGrouped
 
 
 def drop_printer(trainer) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from instructflow.models.recipe_io import (ProgressCallback, ReportSteps, StepCallback, check_model_dir,
-                                           check_trainer_inputs, drop_printer, ensure_pad, is_main_rank, lora_config,
+                                           check_trainer_inputs, drop_printer, ensure_pad, is_main_rank, lora_config, pair_length_grouped,
                                            publish_final, save_trained_model, start_or_resume, trainer_args, update_run)
 from instructflow.tasks.config import RewardConfig
 from instructflow.tasks.library_output import quiet_progress_bars
@@ -118,33 +118,6 @@ def count_too_long(tokenizer, rows: Sequence[dict], max_length: int) -> int:
     eos = tokenizer.eos_token or ""
     return sum(max(len(tokenizer(text=reward_text(r["prompt"], r[side], eos))["input_ids"])
                    for side in ("chosen", "rejected")) > max_length for r in rows)
-
-
-def pair_length_grouped(trainer_class):
-    """`trainer_class` (TRL's RewardTrainer) whose length-grouped samplers (reward.group_by_length) read each
-    pair's width: HF's sampler looks for `input_ids`, but a pair is `chosen_ids` + `rejected_ids`, padded
-    together to the longer of the two."""
-    import torch
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-
-    def widths(dataset) -> list[int]:
-        return [max(len(c), len(r)) for c, r in zip(dataset["chosen_ids"], dataset["rejected_ids"])]
-
-    class PairLengthGrouped(trainer_class):
-        def _get_train_sampler(self, train_dataset=None):
-            if self.args.train_sampling_strategy != "group_by_length":
-                return super()._get_train_sampler(train_dataset)
-            dataset = train_dataset if train_dataset is not None else self.train_dataset
-            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                        lengths=widths(dataset))
-
-        def _get_eval_sampler(self, eval_dataset):
-            if self.args.train_sampling_strategy != "group_by_length":
-                return super()._get_eval_sampler(eval_dataset)
-            return LengthGroupedSampler(self.args.eval_batch_size, lengths=widths(eval_dataset),
-                                        generator=torch.Generator().manual_seed(self.args.seed))
-
-    return PairLengthGrouped
 
 
 def load_reward_model(sft_model: Path, seed: int):

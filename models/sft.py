@@ -56,18 +56,13 @@ from typing import Any, Mapping, Sequence
 from instructflow.models.recipe_io import (ProgressCallback, ReportSteps, StepCallback, check_trainer_inputs,
                                            drop_printer, ensure_pad, is_main_rank, load_causal_lm, lora_config,
                                            publish_final, read_json, save_trained_model, series, start_or_resume,
-                                           trainer_args, update_run)
+                                           trained_tokens, trainer_args, update_run)
 from instructflow.tasks.config import ConfigError, SFTConfig, section_from_dict
 from instructflow.tasks.library_output import quiet_progress_bars
 
 
 class SFTInputError(ValueError):
     """Bad rows or settings, reported in one line before any training starts."""
-
-
-def trained_tokens(checkpoint: Path | None) -> int:
-    state = read_json(checkpoint / "trainer_state.json") if checkpoint else None
-    return int((state or {}).get("num_input_tokens_seen", 0))
 
 
 class HideFlashAttentionPackingWarnings(logging.Filter):

@@ -13,5 +13,6 @@ def quiet_progress_bars() -> None:
 
     transformers_logging.disable_progress_bar()
     os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TQDM_DISABLE"] = "1"  # read at call time by TRL's own bars (DPO's reference log-prob pass)
     if "datasets" in sys.modules:
         sys.modules["datasets"].disable_progress_bars()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_MODULES = ["generate", "filter", "sft", "preferences", "reward", "ppo", "evaluate"]
+STAGE_MODULES = ["generate", "filter", "sft", "preferences", "reward", "ppo", "dpo", "grpo", "evaluate"]
 
 
 def imported_modules(path: Path) -> set[str]:

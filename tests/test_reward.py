@@ -11,7 +11,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaForSequenceClassification
 
 from instructflow.models.bundled import ensure_bundled_hf_dir
-from instructflow.models.reward import RewardInputError, pair_length_grouped, score, train_reward
+from instructflow.models.recipe_io import pair_length_grouped
+from instructflow.models.reward import RewardInputError, score, train_reward
 from instructflow.models.tiny import build_tiny_llama
 from instructflow.tasks.config import RewardConfig
 
