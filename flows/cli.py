@@ -459,10 +459,9 @@ def _whole(value) -> str:
 # (stage, metric, label) for the closing lines of `instructflow run`
 HEADLINE = [("filter", "kept", "kept instructions"), ("sft", "eval_loss_before", "SFT eval loss before"),
             ("sft", "eval_loss_after", "after"), ("reward", "accuracy_after", "reward accuracy (held-out pairs)"),
-            ("ppo", "reward_first", "PPO reward first"), ("ppo", "reward_last", "last"), ("ppo", "reward_slope", "slope per update"), ("ppo", "kl_last", "KL last"),
-            ("evaluate", "rm_score_sft", "RM score SFT"), ("evaluate", "rm_score_ppo", "PPO"),
-            ("evaluate", "rm_holdout_score_sft", "held-out RM score SFT"), ("evaluate", "rm_holdout_score_ppo", "PPO"),
-            ("evaluate", "win_rate_ppo_vs_sft", "PPO-vs-SFT win rate")]
+            ("dpo", "eval_accuracy", "DPO preference accuracy (held-out pairs)"),
+            ("ppo", "reward_slope", "PPO reward slope per update"), ("ppo", "kl_last", "KL last"),
+            ("grpo", "reward_slope", "GRPO reward slope per update")]
 
 
 def _print_outcome(home_path: Path, results: dict) -> None:
@@ -474,6 +473,8 @@ def _print_outcome(home_path: Path, results: dict) -> None:
              if key in (results.get(stage) or {})]
     if shown:
         out.print("[bold]" + " · ".join(shown) + "[/]")
+    for line in (results.get("evaluate") or {}).get("summary", []):  # each method vs SFT, with its intervals
+        out.print(f"[bold]{line}[/]", highlight=False)
     # written once, after each stage (`publish_status`), so `report` during a run sees it too
     report_path = home_path / "report.html"
     out.print(f"report: {report_path}" if report_path.exists() else

@@ -358,12 +358,18 @@ class EvaluateConfig(Section):
     SECTION: ClassVar[str] = "evaluate"
 
     prompts: int = 16
+    # held-out prompts of your own: a JSONL of self-instruct tasks or Alpaca records (or an Alpaca JSON
+    # list); "bundled:eval_prompts.jsonl" is the package's 96 user-style tasks; "" = the SFT held-out split
+    prompts_file: str = ""
     max_new_tokens: int = 64
     judge: bool = True
+    judge_prompts: int = 0              # the judge sees the first N prompts only (0 = all): each costs 2 requests per method
     # a second reward model, trained (with the `reward` settings) on the reward stage's eval pairs only,
-    # which PPO's reward model never trained on: scores SFT and PPO too, a check for reward hacking
+    # which the policies' reward model never trained on: scores every policy too, a check for reward hacking
     holdout_reward: bool = False
-    seed: int = 7
+    bootstrap_resamples: int = 2000     # paired bootstrap of each method-minus-SFT difference
+    confidence: float = 0.95
+    seed: int = 7                       # the held-out split's order and the bootstrap's resampling
 
 
 @dataclass(frozen=True)
@@ -552,7 +558,8 @@ RANGES: dict[str, Range] = {
     "grpo.prompts": AT_LEAST_1, "grpo.num_generations": Range(2), "grpo.max_completion_length": AT_LEAST_1,
     "grpo.temperature": POSITIVE, "grpo.beta": AT_LEAST_0, "grpo.epsilon": POSITIVE,
     "grpo.num_iterations": AT_LEAST_1, "grpo.missing_eos_penalty": AT_LEAST_0,
-    "evaluate.prompts": AT_LEAST_1, "evaluate.max_new_tokens": AT_LEAST_1, "evaluate.seed": SEED,
+    "evaluate.prompts": AT_LEAST_1, "evaluate.max_new_tokens": AT_LEAST_1, "evaluate.judge_prompts": AT_LEAST_0,
+    "evaluate.bootstrap_resamples": Range(100), "evaluate.confidence": OPEN_FRACTION, "evaluate.seed": SEED,
 }
 
 

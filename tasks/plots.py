@@ -72,6 +72,31 @@ def plot_bars(path: Path, title: str, values: Mapping[str, float], ylabel: str =
     return path
 
 
+def plot_intervals(path: Path, title: str, panels: Mapping[str, Mapping[str, tuple[float, float, float]]]) -> Path:
+    """One panel per measure: each method's estimate as a dot with its interval as a bar, and a line at 0
+    (no difference from the baseline). `panels`: measure label -> method -> (estimate, lo, hi)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shown = {label: rows for label, rows in panels.items() if rows}
+    fig, axes = plt.subplots(len(shown) or 1, 1, figsize=(7, 1.1 + 0.9 * sum(len(r) for r in shown.values())),
+                             dpi=100, squeeze=False)
+    for ax, (label, rows) in zip(axes[:, 0], shown.items()):
+        names = list(rows)
+        estimates = [rows[n][0] for n in names]
+        errors = [[rows[n][0] - rows[n][1] for n in names], [rows[n][2] - rows[n][0] for n in names]]
+        ax.errorbar(estimates, range(len(names)), xerr=errors, fmt="o", capsize=4)
+        ax.axvline(0.0, color="grey", linewidth=1, linestyle="--")
+        ax.set_yticks(range(len(names)), names)
+        ax.set_ylim(-0.7, len(names) - 0.3)
+        ax.set_title(label, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def png_data_uri(path: Path) -> str:
     """A PNG as a data URI: Prefect's image artifact needs a public URL, markdown accepts this."""
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")

@@ -31,9 +31,9 @@ def heldout_prompts(cfg: Config, wh: Warehouse, source: str, n: int, seed: int, 
             for i in picked]
 
 
-def format_prompt(cfg: Config, tokenizer, instruction: str) -> str:
-    """An imported or judged instruction in the policy's prompt format."""
-    return to_prompt_completion(InstructionExample(instruction, "", "", "imported"), cfg.sft.style, tokenizer)["prompt"]
+def format_prompt(cfg: Config, tokenizer, instruction: str, input: str = "") -> str:
+    """An imported, judged or evaluated task in the policy's prompt format."""
+    return to_prompt_completion(InstructionExample(instruction, input, "", "imported"), cfg.sft.style, tokenizer)["prompt"]
 
 
 def reward_split(cfg: Config, tokenizer, pairs: list[dict]) -> tuple[list[dict], list[dict]]:

@@ -14,7 +14,7 @@ from instructflow.warehouse import queries
 
 pytestmark = pytest.mark.slow  # starts a server, Prefect, or trains
 
-STAGES = ["generate", "filter", "sft", "preferences", "reward", "ppo", "evaluate"]
+STAGES = ["generate", "filter", "sft", "preferences", "reward", "ppo", "dpo", "grpo", "evaluate"]
 
 
 def stage_rows(wh, run_id):
@@ -47,9 +47,20 @@ def test_pipeline_end_to_end_rerun_and_seed_edit(seeded_home):
     first_run = wh.last_run()
     assert first_run["status"] == "success"
     assert stage_rows(wh, first_run["run_id"]) == {s: "success" for s in STAGES}
-    for kind in ("sft", "reward", "ppo_policy", "ppo_value"):
+    for kind in ("sft", "reward", "ppo_policy", "ppo_value", "dpo_policy", "grpo_policy"):
         assert wh.latest_checkpoint(kind) is not None, kind
     assert results["evaluate"]["prompts"] > 0 and results["ppo"]["steps"] > 0
+    assert results["dpo"]["steps"] > 0 and results["grpo"]["steps"] > 0
+    # every method against SFT on the same prompts, each measure with its interval around the difference
+    evaluate = results["evaluate"]
+    assert evaluate["methods"] == ["ppo", "dpo", "grpo"]
+    for method in ("ppo", "dpo", "grpo"):
+        for measure in ("rm_score", "ended", "repetition", "words", "rm_holdout_score"):
+            lo, hi = evaluate[f"{measure}_diff_{method}_ci"]
+            assert lo <= evaluate[f"{measure}_diff_{method}"] <= hi, (method, measure)
+        assert f"kl_{method}" in evaluate and f"judged_{method}" in evaluate
+    policies = wh.rows("SELECT policy, count(*) AS n FROM eval_replies GROUP BY policy ORDER BY policy")
+    assert policies == [{"policy": p, "n": evaluate["prompts"]} for p in ("dpo", "grpo", "ppo", "sft")]
     # evaluate.holdout_reward: a second RM trained on exactly the pairs the first one held out, scored
     # side by side with the first
     evaluate, reward = results["evaluate"], results["reward"]
@@ -74,8 +85,9 @@ def test_pipeline_end_to_end_rerun_and_seed_edit(seeded_home):
     close_warehouses()   # release the DuckDB lock for the CLI process
     done = cli("run", "--profile", "t", "--config", str(config), home=home, PREFECT_API_URL=PREFECT_API_URL.value())
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "kept instructions" in done.stdout and "PPO-vs-SFT win rate" in done.stdout
-    assert "RM score SFT" in done.stdout and "held-out RM score SFT" in done.stdout
+    assert "kept instructions" in done.stdout and "DPO preference accuracy" in done.stdout
+    for method in ("ppo", "dpo", "grpo"):   # a line per method: its differences to SFT with their intervals
+        assert f"{method} - sft on {evaluate['prompts']} prompts: RM " in done.stdout and "held-out RM" in done.stdout
     assert f"report: {home / 'report.html'}" in done.stdout and "instructflow dashboard" in done.stdout
     assert "<h2>evaluate</h2>" in (home / "report.html").read_text()
     wh = warehouse_for(home)
@@ -120,6 +132,6 @@ def test_pipeline_end_to_end_rerun_and_seed_edit(seeded_home):
     ppo = wh.last_stage_run("ppo")
     assert ppo.status == "success" and ppo.metrics["resumed_from"] is None and ppo.metrics["steps"] > 0
     evaluate = wh.last_stage_run("evaluate")
-    assert evaluate.status == "success" and evaluate.metrics["judged"] == 0   # the edited config, judge off
+    assert evaluate.status == "success" and "judged_ppo" not in evaluate.metrics   # the edited config, judge off
     cfg = load_config("t", config)
     assert {e["state"] for e in stage_status(cfg, home, wh)["stages"].values()} == {"fresh"}

@@ -360,18 +360,23 @@ def pair_samples(wh: Warehouse, limit: int = 60) -> list[dict]:
 
 
 # --- evaluate -----------------------------------------------------------------------------------
-def insert_eval_results(wh: Warehouse, stage_run_id: str, rows: Sequence[dict]) -> None:
+EVAL_REPLY_FIELDS = ("prompt_index", "prompt", "policy", "reply", "ended", "words", "repetition", "rm_score",
+                     "rm_holdout_score", "kl_to_sft", "judge_outcome")
+
+
+def insert_eval_replies(wh: Warehouse, stage_run_id: str, rows: Sequence[dict]) -> None:
+    """One row per (prompt, policy); a missing field is stored as NULL."""
     ts = now()
-    wh.executemany("INSERT INTO eval_results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                   [[stage_run_id, r["prompt"], r["sft_response"], r["ppo_response"], r["rm_score_sft"],
-                     r["rm_score_ppo"], r["kl_ppo"], r["judge_outcome"], ts] for r in rows])
+    wh.executemany(f"INSERT INTO eval_replies VALUES (?, {', '.join('?' * len(EVAL_REPLY_FIELDS))}, ?)",
+                   [[stage_run_id, *(r.get(f) for f in EVAL_REPLY_FIELDS), ts] for r in rows])
 
 
-def eval_rows(wh: Warehouse, stage_run_id: str) -> list[dict]:
-    return wh.rows("SELECT left(prompt, 200) AS prompt, left(sft_response, 200) AS sft_response, "
-                   "left(ppo_response, 200) AS ppo_response, round(rm_score_sft, 4) AS rm_score_sft, "
-                   "round(rm_score_ppo, 4) AS rm_score_ppo, round(kl_ppo, 4) AS kl_ppo, judge_outcome "
-                   "FROM eval_results WHERE stage_run_id = ?", [stage_run_id])
+def eval_samples(wh: Warehouse, stage_run_id: str, limit: int = 200) -> list[dict]:
+    """The artifact's table: one row per prompt and policy, texts cut for display."""
+    return wh.rows("SELECT prompt_index, policy, left(prompt, 200) AS prompt, left(reply, 300) AS reply, ended, words, "
+                   "round(repetition, 3) AS repetition, round(rm_score, 4) AS rm_score, "
+                   "round(kl_to_sft, 4) AS kl_to_sft, judge_outcome FROM eval_replies WHERE stage_run_id = ? "
+                   "ORDER BY prompt_index, policy LIMIT ?", [stage_run_id, limit])
 
 
 # --- stage runs ---------------------------------------------------------------------------------
