@@ -10,8 +10,6 @@ def visible_gpus() -> list[Gpu]:
 
     if not torch.cuda.is_available():
         return []
-    found = []
-    for index in range(torch.cuda.device_count()):
-        props = torch.cuda.get_device_properties(index)
-        found.append(Gpu(props.name, int(props.total_memory), bf16=props.major >= 8))  # bf16 from Ampere (sm_80) on
-    return found
+    bf16 = torch.cuda.is_bf16_supported()  # the rule models/recipe_io.resolve_precision applies to "auto"
+    return [Gpu(props.name, int(props.total_memory), bf16=bf16)
+            for props in map(torch.cuda.get_device_properties, range(torch.cuda.device_count()))]

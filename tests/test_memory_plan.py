@@ -198,6 +198,21 @@ def test_a_config_that_is_not_llama_shaped_is_one_line(tmp_path):
         model_config(str(tmp_path / "nowhere"))
 
 
+def test_tiny_before_it_is_built_is_models_tiny_shape_with_the_bundled_vocabulary(tmp_path, monkeypatch):
+    from instructflow.models.bundled import BUNDLED_DIR_NAME
+    from instructflow.models.tiny import tiny_llama_config
+
+    monkeypatch.setenv("INSTRUCTFLOW_CACHE", str(tmp_path))   # a cache with a converted bundled dir only
+    (tmp_path / BUNDLED_DIR_NAME).mkdir()
+    (tmp_path / BUNDLED_DIR_NAME / "config.json").write_text(json.dumps({**LLAMA3_8B, "vocab_size": 49152}))
+    config, source = model_config("tiny")
+    assert config == tiny_llama_config(49152) and source == "models/tiny.py (not built yet)"
+    # 49152*64 embeddings (tied) + 2 layers * (4*64*64 + 3*64*128 + 2*64) + 64 = 3,227,968
+    assert ModelShape.from_config(config).params() == 3_227_968
+    bundled, source = model_config("bundled")
+    assert bundled["hidden_size"] == 4096 and source == str(tmp_path / BUNDLED_DIR_NAME / "config.json")
+
+
 def test_hardware_from_options_and_visible_gpus():
     assert hardware_for(None, None, [])[0] == Hardware(gpus=1, memory_bytes=None)
     visible = [Gpu("A", 40 * GB), Gpu("B", 24 * GB, bf16=False)]
@@ -234,8 +249,12 @@ def test_plan_matches_the_tensors_of_a_real_adamw_step_on_the_tiny_llama():
     from instructflow.flows.teacher import local_model_dir
     from instructflow.models.recipe_io import lora_config
 
+    from instructflow.models.tiny import tiny_llama_config
+
     model_dir = local_model_dir("tiny")
-    shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
+    config = json.loads((model_dir / "config.json").read_text())
+    assert {key: config[key] for key in tiny_llama_config(1)} == tiny_llama_config(config["vocab_size"])
+    shape = ModelShape.from_config(config)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     assert sum(p.numel() for p in model.parameters()) == shape.params()
