@@ -307,7 +307,8 @@ def test_plan_says_when_nothing_fits_and_refuses_bad_input(tmp_path):
     assert all(stage["fits"] is False and not stage["advice"] and stage["closest"] for stage in report["stages"].values())
     text = cli("plan", "--config", str(config), "--profile", "t", "--gpus", "1", "--gpu-memory-gb", "0.001")
     assert text.returncode == 1 and "over 0.0 GB" in text.stdout and "no setting tried makes it fit" in text.stdout
-    for args, message in ((["--gpus", "0"], "--gpus must be >= 1"), (["--gpu-memory-gb", "-1"], "--gpu-memory-gb must be > 0"),
+    for args, message in ((["--gpus", "0"], "--gpus must be >= 1"),
+                          (["--gpu-memory-gb", "-1"], "--gpu-memory-gb must be > 0"),
                           (["--profile", "nope"], "unknown profile 'nope'")):
         bad = cli("plan", "--gpus", "1", *args)
         assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
