@@ -142,8 +142,10 @@ def plan(profile: Optional[str] = ProfileOpt, config: Optional[str] = ConfigOpt,
          gpu_memory_gb: Optional[float] = typer.Option(None, "--gpu-memory-gb", help="Memory of each GPU in GB "
                                                        "(2^30 bytes; default: the visible GPUs')."),
          as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
-    """GPU memory per device of each training stage (weights, gradients, AdamW, frozen models, activations),
-    whether it fits, and the settings that would make it fit. Loads no weights."""
+    """GPU memory per device of each training stage, whether it fits, and what would make it fit.
+
+    Weights, gradients, AdamW state, frozen models and an activation estimate, from the base model's
+    config.json and the profile's training sections; loads no weights, starts no Prefect."""
     from instructflow.flows.plan import hardware_for, plan_for, plan_report
     from instructflow.tasks.config import ConfigError, load_config
     from instructflow.tasks.memory_plan import PlanError
