@@ -31,8 +31,10 @@ The LAST line printed (stdout) is one JSON object:
   sft:     status, models.{smollm2,llama_1b}.{params, packing_off, packing_on}.{tokens_per_s, mfu, ...},
            mfu_target (0.40, the 1B model with packing), mfu_over_target (null without a peak)
   teacher: status, single.{tokens_per_s, ...}, concurrent.{concurrency, tokens_per_s, ...}, concurrent_over_single
-  ppo:     status, episodes_per_s, episodes, updates, batch_size, response_length, seconds
+  ppo:     status, episodes_per_s, episodes, updates, batch_size, response_length, seconds, peak_memory_gb
   qlora:   status, steps, tokens_per_s, peak_memory_gb  (or status "skipped" and reason)
+Beside every peak_memory_gb (GPU: torch.cuda.max_memory_allocated / 2**30; CPU: null) is planned_memory_gb,
+what `instructflow plan` computes for the same section and model (tasks/memory_plan.py), to check it.
 """
 from __future__ import annotations
 
@@ -116,6 +118,16 @@ def param_count(model_dir: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def planned_gb(section, model_dir: Path) -> float:
+    """`instructflow plan`'s per-GPU total for this section on this model (tasks/memory_plan.py), to set
+    beside the measured peak: the first GPU run checks the estimate."""
+    from instructflow.tasks.memory_plan import GB, Hardware, ModelShape, stage_memory
+
+    shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return stage_memory(section, shape, Hardware(bf16=bf16)).total_bytes / GB
+
+
 def mfu(params: int, tokens_per_s: float, peak: float | None) -> float | None:
     return 6 * params * tokens_per_s / (peak * 1e12) if peak else None
 
@@ -153,7 +165,8 @@ def sft_once(model_dir: Path, rows: list[dict], cfg, plan: Plan, scratch: Path, 
     (s0, t0, n0), (s1, t1, n1) = timed[0], timed[-1]
     return {"steps": s1, "timed_steps": s1 - s0, "tokens": int(n1 - n0), "seconds": t1 - t0,
             "tokens_per_s": (n1 - n0) / (t1 - t0), "recipe_tokens_per_s": metrics["tokens_per_s"],
-            "precision": metrics["precision"], "peak_memory_gb": peak_gb, "wall_s": time.perf_counter() - started}
+            "precision": metrics["precision"], "peak_memory_gb": peak_gb,
+            "planned_memory_gb": planned_gb(section, model_dir), "wall_s": time.perf_counter() - started}
 
 
 def sft_section(dirs: dict[str, Path], rows: list[dict], cfg, plan: Plan, scratch: Path, peak: float | None) -> dict:
@@ -211,7 +224,10 @@ def ppo_section(model_dir: Path, rows: list[dict], cfg, plan: Plan, scratch: Pat
     section = dataclasses.replace(p, total_episodes=plan.ppo_batch, batch_size=plan.ppo_batch, grad_accum=1,
                                   save_every_steps=1, keep_rounds=1, save_optimizer=False,
                                   value_warmup_updates=0)  # a rate of full updates: every one trains the actor too
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     warm = train_ppo(prompts, section, model_dir, model_dir, out)  # one update: CUDA context, allocator, kernel choice
+    peak_gb = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     seconds_per_update = plan.ppo_batch / warm["episodes_per_s"]
     updates = max(1, min(plan.ppo_max_updates, int(plan.ppo_seconds / seconds_per_update)))
     log(f"ppo: warm-up update {seconds_per_update:.1f} s; timing {updates} more")
@@ -222,7 +238,8 @@ def ppo_section(model_dir: Path, rows: list[dict], cfg, plan: Plan, scratch: Pat
     return {"episodes_per_s": timed["episodes_per_s"], "episodes": timed["episodes"] - warm["episodes"],
             "updates": updates, "batch_size": plan.ppo_batch, "response_length": p.response_length,
             "num_ppo_epochs": p.num_ppo_epochs, "seconds": updates * plan.ppo_batch / timed["episodes_per_s"],
-            "warmup_episodes_per_s": warm["episodes_per_s"], "reward_last": timed["reward_last"]}
+            "warmup_episodes_per_s": warm["episodes_per_s"], "reward_last": timed["reward_last"],
+            "peak_memory_gb": peak_gb, "planned_memory_gb": planned_gb(section, model_dir)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,7 +251,7 @@ def qlora_section(model_dir: Path, rows: list[dict], cfg, plan: Plan, scratch: P
     run = sft_once(model_dir, rows, cfg, plan, scratch, packing=True, qlora=True, steps=plan.qlora_steps)
     log(f"qlora: {run['tokens_per_s']:,.0f} tokens/s, peak {run['peak_memory_gb']:.1f} GB")
     return {"steps": run["steps"], "tokens_per_s": run["tokens_per_s"], "peak_memory_gb": run["peak_memory_gb"],
-            "packing": True, "wall_s": run["wall_s"]}
+            "planned_memory_gb": run["planned_memory_gb"], "packing": True, "wall_s": run["wall_s"]}
 
 
 # ----------------------------------------------------------------------------------------------

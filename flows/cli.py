@@ -89,9 +89,10 @@ def run(profile: Optional[str] = ProfileOpt, home: Optional[str] = HomeOpt, conf
         verbose: bool = VerboseOpt):
     """Run the whole pipeline; stages whose inputs are unchanged are skipped."""
     cfg, home_path = _prepare(home, config, profile, verbose)
+    only = [s.strip() for s in stages.split(",")] if stages else None
+    _check_memory(cfg, only)
     from instructflow.flows.pipeline import pipeline
 
-    only = [s.strip() for s in stages.split(",")] if stages else None
     results = _run_guarded(lambda: pipeline(home=str(home_path), stages_to_run=only, force=force, cfg=cfg))
     _print_summary(cfg, home_path, results)
     _print_outcome(home_path, results)
@@ -115,8 +116,98 @@ def stage(name: str = typer.Argument(..., help="Stage name (see `instructflow st
     if spec.enabled is not None and not spec.enabled(cfg):
         fail(f"{name} is not among profile {cfg.profile}'s methods ({', '.join(cfg.methods) or 'none'}): add it to "
              f"`methods` in [profiles.{cfg.profile}]")
+    _check_memory(cfg, stage_names()[stage_names().index(name):] if downstream else [name])
     results = _run_guarded(lambda: run_single(name, cfg, home_path, force, downstream))
     _print_summary(cfg, home_path, results)
+
+
+def _check_memory(cfg, stages: Optional[list[str]]) -> None:
+    """On a GPU, refuse (one line) a training stage of `stages` (None: all) that cannot fit, before any runs."""
+    from instructflow.flows.plan import memory_refusal
+    from instructflow.models.devices import visible_gpus
+    from instructflow.tasks.memory_plan import PlanError
+
+    try:
+        found = memory_refusal(cfg, stages, visible_gpus())
+    except (PlanError, OSError, RuntimeError) as exc:  # a model the plan cannot read: the stage says what is wrong
+        console.print(f"[yellow]memory plan skipped:[/] {str(exc).splitlines()[0]}", highlight=False)
+        return
+    if found:
+        fail(found)
+
+
+@app.command()
+def plan(profile: Optional[str] = ProfileOpt, config: Optional[str] = ConfigOpt,
+         gpus: Optional[int] = typer.Option(None, "--gpus", help="GPUs per machine (default: the visible ones, or 1)."),
+         gpu_memory_gb: Optional[float] = typer.Option(None, "--gpu-memory-gb", help="Memory of each GPU in GB "
+                                                       "(2^30 bytes; default: the visible GPUs')."),
+         as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
+    """GPU memory per device of each training stage, whether it fits, and what would make it fit.
+
+    Weights, gradients, AdamW state, frozen models and an activation estimate, from the base model's
+    config.json and the profile's training sections; loads no weights, starts no Prefect."""
+    from instructflow.flows.plan import hardware_for, plan_for, plan_report
+    from instructflow.tasks.config import ConfigError, load_config
+    from instructflow.tasks.memory_plan import PlanError
+
+    if gpus is not None and gpus < 1:
+        fail(f"--gpus must be >= 1, got {gpus}")
+    if gpu_memory_gb is not None and not gpu_memory_gb > 0:
+        fail(f"--gpu-memory-gb must be > 0, got {gpu_memory_gb}")
+    try:
+        cfg = load_config(profile, config)
+        visible = []
+        if gpus is None or gpu_memory_gb is None:  # torch only when an option is left to the machine
+            from instructflow.models.devices import visible_gpus
+
+            visible = visible_gpus()
+        hardware, where = hardware_for(gpus, gpu_memory_gb, visible)
+        plans, shape, source = plan_for(cfg, hardware)
+    except (ConfigError, PlanError, OSError, RuntimeError) as exc:
+        fail(str(exc).splitlines()[0])
+    if as_json:
+        print(json.dumps(plan_report(cfg, plans, shape, source, hardware, where)))
+    else:
+        _print_plans(cfg, plans, shape, source, where)
+    if any(p.fits is False for p in plans):
+        raise typer.Exit(1)
+
+
+PLAN_ROWS = {"weights": "weights", "gradients": "gradients", "optimizer": "AdamW moments",
+             "reference": "reference (frozen)", "reward_model": "reward model (frozen)",
+             "critic": "critic (trained)", "activations": "activations"}
+
+
+def _print_plans(cfg, plans, shape, source, where) -> None:
+    """One table per training stage: GB per component, the total against the GPU, then the advice."""
+    from instructflow.tasks.memory_plan import GB
+
+    out = Console(soft_wrap=True)  # an advice line stays one line
+    out.print(f"model: {source}", highlight=False)
+    out.print(f"  {shape.params() / 1e9:.3g}B parameters: {shape.num_hidden_layers} layers, hidden {shape.hidden_size}, "
+              f"{shape.num_attention_heads} heads ({shape.num_key_value_heads} kv), vocab {shape.vocab_size}",
+              highlight=False)
+    out.print(f"plan for: profile {cfg.profile}, {where}", highlight=False)
+    for p in plans:
+        table = Table(title=f"{p.stage} · {p.training} · {p.precision} · {p.rows} x {p.seq_len} tokens · {p.sharding}",
+                      title_justify="left", min_width=72)
+        table.add_column("per GPU")
+        table.add_column("GB", justify="right")
+        table.add_column("", style="dim")
+        notes = p.component_notes()
+        for name, label in PLAN_ROWS.items():
+            if p.components[name]:
+                table.add_row(label, f"{p.components[name] / GB:.2f}", notes[name])
+        verdict = ("no verdict" if p.fits is None else f"[green]fits {p.memory_bytes / GB:.1f} GB[/]" if p.fits
+                   else f"[red]over {p.memory_bytes / GB:.1f} GB[/]")
+        table.add_row("[bold]total[/]", f"[bold]{p.total_bytes / GB:.2f}[/]", verdict)
+        out.print(table)
+        for advice in p.advice:
+            out.print(f"  fits with: {advice}", highlight=False)
+        if p.closest is not None:
+            out.print(f"  no setting tried makes it fit; the least: {p.closest}", highlight=False)
+        for note in p.notes:
+            out.print(f"  note: {note}", highlight=False)
 
 
 @app.command()

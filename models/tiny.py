@@ -14,6 +14,15 @@ from instructflow.models.bundled import build_dir_atomically, ensure_distinct_pa
 TINY_FORMAT_VERSION = 2  # bump when the build below changes, so cached tiny dirs are rebuilt
 
 
+def tiny_llama_config(vocab_size: int, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
+                      intermediate_size: int = 128, max_position_embeddings: int = 512) -> dict:
+    """The shape of build_tiny_llama's model, as config.json names it: what `instructflow plan` reads
+    without building the model (no torch)."""
+    return {"vocab_size": vocab_size, "hidden_size": hidden_size, "intermediate_size": intermediate_size,
+            "num_hidden_layers": num_layers, "num_attention_heads": num_heads, "num_key_value_heads": num_heads,
+            "max_position_embeddings": max_position_embeddings, "tie_word_embeddings": True}
+
+
 def build_tiny_llama(out_dir: Path, *, tokenizer_dir: Path, seed: int = 0, hidden_size: int = 64,
                      num_layers: int = 2, num_heads: int = 4, intermediate_size: int = 128,
                      max_position_embeddings: int = 512) -> Path:
@@ -39,9 +48,8 @@ def build_tiny_llama(out_dir: Path, *, tokenizer_dir: Path, seed: int = 0, hidde
         ensure_distinct_pad(tokenizer)  # already done for the bundled dir; vocab_size below covers an added pad
         tokenizer.model_max_length = max_position_embeddings
         config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
-            num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
-            max_position_embeddings=max_position_embeddings, tie_word_embeddings=True,
+            **tiny_llama_config(len(tokenizer), hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                                intermediate_size=intermediate_size, max_position_embeddings=max_position_embeddings),
             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id, dtype="float32",
         )

@@ -51,7 +51,7 @@ def test_sft_packing_off_and_on_on_both_models(report):
             run = model[mode]
             assert positive(run["tokens_per_s"]) and positive(run["tokens"]) and positive(run["seconds"])
             assert run["timed_steps"] >= 1 and run["steps"] == 2 and run["precision"] == "fp32"
-            assert run["mfu"] is None and run["peak_memory_gb"] is None
+            assert run["mfu"] is None and run["peak_memory_gb"] is None and positive(run["planned_memory_gb"])
             assert positive(run["recipe_tokens_per_s"])
 
 
@@ -71,6 +71,7 @@ def test_ppo_trains_timed_updates(report):
     assert ppo["episodes"] == ppo["updates"] * ppo["batch_size"] > 0
     assert positive(ppo["episodes_per_s"]) and positive(ppo["warmup_episodes_per_s"]) and positive(ppo["seconds"])
     assert math.isfinite(ppo["reward_last"])
+    assert ppo["peak_memory_gb"] is None and positive(ppo["planned_memory_gb"])
 
 
 def test_qlora_is_skipped_with_its_reason_on_cpu(report):
