@@ -130,7 +130,7 @@ def train_grpo(prompts: Sequence[str], cfg: GRPOConfig, policy_model: Path, rewa
         beta=cfg.beta, epsilon=cfg.epsilon, num_iterations=cfg.num_iterations,
         scale_rewards=cfg.scale_rewards, loss_type=cfg.loss_type,
         include_num_input_tokens_seen="non_padding",
-        dataset_num_proc=None, log_completions=False,
+        log_completions=False,
     )
     peft_config = lora_config(cfg, "CAUSAL_LM") if (cfg.lora or cfg.qlora) else None
     trainer = GRPOTrainer(
