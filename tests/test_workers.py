@@ -17,7 +17,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from cliutil import cli, query
+from cliutil import cli, cli_env, exe, query, shared_api
 
 pytestmark = pytest.mark.slow  # starts a server, Prefect, or trains
 
@@ -177,3 +177,29 @@ def test_a_worker_runs_the_stage_deployments_and_runs_of_one_home_wait_for_each_
         left = stop(worker)
     time.sleep(1)
     assert not [pid for pid in [worker.pid, *left] if alive(pid)], "the worker or its flow runs outlived the test"
+
+
+def test_a_cli_run_waits_for_the_process_holding_its_home(seeded_home, tmp_path):
+    """The CLI's own runs wait too (a Prefect concurrency limit would not cover them): `stage filter`
+    started while another process holds the home says whom it waits for, then runs once it is free."""
+    home, config, _ = seeded_home
+    holder = duckdb.connect(str(home / "warehouse.duckdb"))
+    err = tmp_path / "stage.err"
+    run = subprocess.Popen([exe(), "stage", "filter", "--profile", "t", "--config", str(config)],
+                           stdout=subprocess.DEVNULL, stderr=err.open("w"), env=cli_env(home, **shared_api()))
+    try:
+        deadline = time.monotonic() + 120
+        line = f"waiting for the run holding {home} (pid {os.getpid()})"
+        while line not in err.read_text() and time.monotonic() < deadline:
+            assert run.poll() is None, err.read_text()[-3000:]
+            time.sleep(0.5)
+        assert line in err.read_text(), err.read_text()[-3000:]
+        time.sleep(1.5)
+        assert run.poll() is None  # still waiting, not failed
+        holder.close()
+        assert run.wait(timeout=180) == 0, err.read_text()[-3000:]
+    finally:
+        holder.close()
+        if run.poll() is None:
+            run.kill()
+    assert query(home, "SELECT status FROM stage_runs WHERE stage = 'filter'") == [("success",)]
