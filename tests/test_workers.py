@@ -168,8 +168,11 @@ def test_a_worker_runs_the_stage_deployments_and_runs_of_one_home_wait_for_each_
                                 "AND s.status = 'success' ORDER BY s.started_at", [str(i) for i in pair])
             assert len(spans) == 2, spans
             assert spans[0][2] <= spans[1][1], spans
+            # ... and the later one then waited for the earlier one's process (the pid its worker started)
             later = uuid.UUID(spans[1][0])
-            assert [pid for pid in waiting_lines()[later] if pid != os.getpid()], waiting_lines()
+            [earlier] = [r for r in runs if r.id != later]
+            assert int(earlier.infrastructure_pid) in waiting_lines()[later], (earlier.infrastructure_pid,
+                                                                               waiting_lines())
         print(f"deploy {deploy_s:.0f} s, first run done at {first_s:.0f} s, all at {time.monotonic() - started:.0f} s")
     finally:
         if holder is not None:
