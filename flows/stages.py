@@ -2,7 +2,7 @@
 entry here: `run`, `stage NAME`, `status`, the report and the pipeline flow pick it up from this list."""
 from __future__ import annotations
 
-from instructflow.flows import evaluate, filter as filter_stage, generate, ppo, preferences, reward, sft
+from instructflow.flows import dpo, evaluate, filter as filter_stage, generate, grpo, ppo, preferences, reward, sft
 from instructflow.flows.common import StageSpec
 
 # the alignment methods (ppo, dpo, grpo) are siblings: each runs when the profile's `methods` name it
