@@ -32,17 +32,24 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _prepare(home: Optional[str], config: Optional[str], profile: Optional[str], verbose: bool = False):
-    """Resolve config and home, point Prefect at the home (unless the user pointed it elsewhere)."""
-    from instructflow.flows.common import data_home, warehouse_for
+def _prepare(home: Optional[str], config: Optional[str], profile: Optional[str], verbose: bool = False,
+             hold_warehouse: bool = True):
+    """Resolve config and home, point Prefect at the home (unless the user pointed it elsewhere).
+    hold_warehouse: take the home's warehouse for this process (waiting for a run that holds it);
+    otherwise only check it (deploy: the runs take it)."""
+    from instructflow.flows.common import check_warehouse, data_home, warehouse_for
     from instructflow.tasks.config import ConfigError, load_config
     from instructflow.warehouse.store import WarehouseError
 
     try:
         cfg = load_config(profile, config)
         home_path = data_home(home)
-        # take the warehouse (and its lock) before Prefect starts: a locked or newer file fails in one line
-        warehouse_for(home_path)
+        # take the warehouse (and its lock) before Prefect starts: a newer file fails in one line, and
+        # while another run holds it this waits for that run, saying so
+        if hold_warehouse:
+            warehouse_for(home_path, say=lambda line: console.print(line, highlight=False))
+        else:
+            check_warehouse(home_path)
     except (ConfigError, WarehouseError) as exc:
         fail(str(exc))
     # Ephemeral flow runs land in the home's own Prefect database, so `instructflow dashboard`
@@ -63,7 +70,8 @@ def _prepare(home: Optional[str], config: Optional[str], profile: Optional[str],
     from instructflow.flows.status import publish_status
 
     quiet_console(home_path, verbose)
-    publish_status(cfg, home_path, None)  # `status` answers from it while this process holds the lock
+    if hold_warehouse:
+        publish_status(cfg, home_path, None)  # `status` answers from it while this process holds the lock
     return cfg, home_path
 
 
@@ -489,18 +497,24 @@ def deploy(cron: Optional[str] = typer.Option(None, "--cron", help='Cron schedul
            interval: Optional[int] = typer.Option(None, "--interval", help="Or: seconds between runs."),
            name: str = typer.Option("instructflow", "--name", help="Deployment name."),
            stages: Optional[str] = typer.Option(None, "--stages", help="Comma-separated subset of stages."),
+           work_pool: Optional[str] = typer.Option(None, "--work-pool", help="Register on this Prefect work pool "
+                                                   "(created as a process pool if missing) and exit: a worker runs "
+                                                   "the pipeline and one deployment per stage; the schedule is optional."),
            profile: Optional[str] = ProfileOpt, home: Optional[str] = HomeOpt, config: Optional[str] = ConfigOpt,
            port: int = typer.Option(4200, "--port", help="Port of the local Prefect server, if one is started.")):
     """Register the pipeline as a scheduled Prefect deployment and serve it (runs happen here) until Ctrl-C.
-    Uses $PREFECT_API_URL, a running `instructflow dashboard`, or starts a local server."""
-    if (cron is None) == (interval is None):
-        fail("give exactly one of --cron or --interval")
-    cfg, home_path = _prepare(home, config, profile)
+    Uses $PREFECT_API_URL, a running `instructflow dashboard`, or starts a local server.
+    With --work-pool: register on that pool for Prefect workers, then exit."""
+    if cron is not None and interval is not None:
+        fail("give at most one of --cron or --interval")
+    if work_pool is None and cron is None and interval is None:
+        fail("give --cron or --interval (or --work-pool NAME, where the schedule is optional)")
+    only = [s.strip() for s in stages.split(",")] if stages else None
+    cfg, home_path = _prepare(home, config, profile, hold_warehouse=False)  # the runs take the warehouse
+    if work_pool is not None:
+        _deploy_on_work_pool(cfg, home_path, work_pool, name, only, cron, interval)
+        return
     from contextlib import nullcontext
-
-    from instructflow.flows.common import close_warehouses
-
-    close_warehouses()  # the served runs are subprocesses: they need the DuckDB lock, not this process
 
     from instructflow.flows.server import local_prefect_server, stop_on_term_and_hangup
 
@@ -509,11 +523,10 @@ def deploy(cron: Optional[str] = typer.Option(None, "--cron", help='Cron schedul
     try:
         with (nullcontext(api) if api else local_prefect_server(home_path, port)) as api_url:
             os.environ["PREFECT_API_URL"] = api_url
+            from instructflow.flows.deployments import deployment_parameters
             from instructflow.flows.pipeline import pipeline
 
-            parameters = {"profile": cfg.profile, "home": str(home_path),
-                          "config": str(Path(config).resolve()) if config else None,
-                          "stages_to_run": [s.strip() for s in stages.split(",")] if stages else None}
+            parameters = deployment_parameters(cfg, home_path, only)
             console.print(f"serving deployment pipeline/{name} ({'cron ' + cron if cron else f'every {interval} s'}) "
                           f"against {api_url}; Ctrl-C stops it")
             from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -527,6 +540,35 @@ def deploy(cron: Optional[str] = typer.Option(None, "--cron", help='Cron schedul
         fail(str(exc), code=1)
     except KeyboardInterrupt:
         console.print("deployment stopped")
+
+
+def _deploy_on_work_pool(cfg, home_path: Path, pool: str, name: str, stages: Optional[list], cron: Optional[str],
+                         interval: Optional[int]) -> None:
+    api = os.environ.get("PREFECT_API_URL")  # _prepare set it to a running dashboard's if the user did not
+    if not api:
+        fail("--work-pool needs a Prefect server that outlives this command and that the workers reach: set "
+             "PREFECT_API_URL, or start `instructflow dashboard` for this home")
+    import httpx
+    from prefect.exceptions import PrefectHTTPStatusError
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from instructflow.flows.deployments import ensure_work_pool, register_on_work_pool
+
+    try:
+        with temporary_settings({PREFECT_API_URL: api}):  # prefect may have been imported before it was set
+            pool_type, created = ensure_work_pool(pool)
+            console.print(f"work pool {pool}: {'created (type process)' if created else f'exists (type {pool_type})'}",
+                          highlight=False)
+            names = register_on_work_pool(cfg, home_path, pool, name, stages, cron, interval)
+    except (httpx.HTTPError, PrefectHTTPStatusError, ValueError, RuntimeError) as exc:
+        fail(f"registering on work pool {pool} at {api}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+             code=1)
+    when = f"cron {cron}" if cron else f"every {interval} s" if interval else "no schedule"
+    console.print(f"registered on work pool {pool} at {api}: {names[0]} ({when}); per stage, on demand: "
+                  f"{', '.join(names[1:]) or 'none'} (a stage runs when its inputs changed; parameter force=true "
+                  "redoes it)", highlight=False)
+    console.print(f"runs start when a worker polls the pool: PREFECT_API_URL={api} prefect worker start --pool {pool}; "
+                  f"trigger one: prefect deployment run {names[-1]}", highlight=False)
 
 
 def _print_summary(cfg, home_path: Path, results: dict) -> None:

@@ -8,6 +8,7 @@ import atexit
 import json
 import os
 import shutil
+import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,7 +18,8 @@ from typing import Any, Callable, Iterator
 from instructflow.tasks.config import Config, stable_hash
 from instructflow.tasks.library_output import quiet_progress_bars
 from instructflow.warehouse import queries
-from instructflow.warehouse.store import Warehouse, WarehouseError, open_warehouse
+from instructflow.warehouse.store import (WAREHOUSE_FILE, Warehouse, WarehouseError, WarehouseLocked,
+                                         open_warehouse)
 
 
 def data_home(explicit: str | Path | None = None) -> Path:
@@ -65,24 +67,105 @@ def quiet_console(home: Path, verbose: bool = False) -> Path:
 
 _warehouses: dict[Path, Warehouse] = {}
 
+# How long a run waits for the run holding its home (DuckDB's lock) before it fails; 0: fail at once.
+LOCK_WAIT_ENV = "INSTRUCTFLOW_LOCK_WAIT_S"
+DEFAULT_LOCK_WAIT_S = 24 * 3600.0
+LOCK_POLL_S = 0.5
+LOCK_REMIND_S = 60.0
 
-def warehouse_for(home: Path) -> Warehouse:
-    """One writing connection per process and home: it holds DuckDB's lock for the whole run."""
+
+def lock_wait_s() -> float:
+    raw = os.environ.get(LOCK_WAIT_ENV)
+    try:
+        value = float(raw) if raw else DEFAULT_LOCK_WAIT_S
+    except ValueError:
+        raise WarehouseError(f"{LOCK_WAIT_ENV}={raw!r}: expected seconds (0: do not wait)") from None
+    if value < 0:
+        raise WarehouseError(f"{LOCK_WAIT_ENV}={raw!r}: expected seconds >= 0 (0: do not wait)")
+    return value
+
+
+def _say_waiting(line: str) -> None:
+    """In a flow run: the run's log (the UI and the worker's output); elsewhere: the `instructflow` logger."""
+    import logging
+
+    try:
+        from prefect import get_run_logger
+        from prefect.context import FlowRunContext
+
+        if FlowRunContext.get() is not None:
+            get_run_logger().warning(line)
+            return
+    except Exception:
+        pass
+    logging.getLogger("instructflow").warning(line)
+
+
+def wait_for_warehouse(home: Path, wait_s: float, say: Callable[[str], None] = _say_waiting) -> Warehouse:
+    """Open the home's warehouse for writing; while another process holds DuckDB's lock on it, wait
+    (up to wait_s) instead of failing, saying which process it waits for (again when that changes,
+    and once a minute). One writer per home, whatever started it: a worker, `serve`, or the CLI."""
+    start = time.monotonic()
+    said_pid, said_at = object(), 0.0
+    while True:
+        try:
+            return open_warehouse(home)
+        except WarehouseLocked as exc:
+            waited = time.monotonic() - start
+            if waited >= wait_s:
+                if wait_s <= 0:
+                    raise
+                holder = f"process {exc.pid}" if exc.pid is not None else "another process"
+                raise WarehouseError(f"warehouse {home / WAREHOUSE_FILE} is still in use by {holder} after {waited:.0f} s "
+                                     f"of waiting ({LOCK_WAIT_ENV}={wait_s:g}); wait for that run or stop it, then "
+                                     "retry") from None
+            holder = f"pid {exc.pid}" if exc.pid is not None else "pid unknown"
+            if exc.pid != said_pid:
+                say(f"waiting for the run holding {home} ({holder})")
+                said_pid, said_at = exc.pid, time.monotonic()
+            elif time.monotonic() - said_at >= LOCK_REMIND_S:
+                say(f"still waiting for the run holding {home} ({holder}), {waited:.0f} s so far")
+                said_at = time.monotonic()
+            time.sleep(min(LOCK_POLL_S, max(0.0, wait_s - waited)))
+
+
+def warehouse_for(home: Path, say: Callable[[str], None] | None = None) -> Warehouse:
+    """One writing connection per process and home: it holds DuckDB's lock for the whole run. A
+    second process opening the same home waits for the first (`wait_for_warehouse`)."""
     home = Path(home)
     if home not in _warehouses:
         if not _warehouses:
             atexit.register(close_warehouses)  # a clean close at exit: no WAL replay, no binding noise
-        wh = open_warehouse(home)
+        wh = wait_for_warehouse(home, lock_wait_s(), say or _say_waiting)
         wh.mark_interrupted_stage_runs()
         _warehouses[home] = wh
     return _warehouses[home]
 
 
-def close_warehouses() -> None:
-    for home, wh in _warehouses.items():
+def check_warehouse(home: Path) -> None:
+    """What opening the home would refuse (a newer schema, an unwritable file), without holding it;
+    a warehouse in use is no error here (runs wait for it)."""
+    try:
+        open_warehouse(home).close()
+    except WarehouseLocked:
+        pass
+
+
+def holds_warehouse(home: Path) -> bool:
+    return Path(home) in _warehouses
+
+
+def release_warehouse(home: Path) -> None:
+    """Close this process's connection to the home (the lock is free for the next run at once)."""
+    wh = _warehouses.pop(Path(home), None)
+    if wh is not None:
         wh.close()
-        (home / STATUS_SNAPSHOT).unlink(missing_ok=True)  # the lock is free: `status` reads the warehouse again
-    _warehouses.clear()
+        (Path(home) / STATUS_SNAPSHOT).unlink(missing_ok=True)  # the lock is free: `status` reads the warehouse again
+
+
+def close_warehouses() -> None:
+    for home in list(_warehouses):
+        release_warehouse(home)
 
 
 STATUS_SNAPSHOT = "status-snapshot.json"

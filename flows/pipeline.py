@@ -5,7 +5,8 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from instructflow.flows.common import StageSpec, data_home, flow_run_id, freshness, input_hash, warehouse_for
+from instructflow.flows.common import (StageSpec, data_home, flow_run_id, freshness, holds_warehouse, input_hash,
+                                      release_warehouse, warehouse_for)
 from instructflow.flows.stages import stage_names, stage_spec, stages
 from instructflow.flows.status import publish_status
 from instructflow.tasks.config import Config, load_config
@@ -28,10 +29,22 @@ def pipeline(profile: str | None = None, config: str | None = None, home: str | 
     """Runs each registered stage whose input hash changed since its last success (all with force).
     A stage's input hash includes its upstream stages' output hashes, so a change flows downstream.
     The CLI passes the config it resolved as `cfg`; a deployment run passes profile and config file,
-    resolved here, once, at the start of the run."""
+    resolved here, once, at the start of the run.
+    One writer per home: while another process holds the home's warehouse, the run waits for it
+    (`warehouse_for`, logged); a run that took the warehouse itself (a deployment's) frees it when it
+    ends, so the next run of the home starts as soon as this one is over."""
     logger = get_run_logger()
     cfg = cfg or load_config(profile, config)
     home_path = data_home(home)
+    own_warehouse = not holds_warehouse(home_path)
+    try:
+        return _run_stages(logger, cfg, home_path, stages_to_run, force)
+    finally:
+        if own_warehouse:
+            release_warehouse(home_path)
+
+
+def _run_stages(logger, cfg: Config, home_path: Path, stages_to_run: list[str] | None, force: bool) -> dict:
     wh = warehouse_for(home_path)
     unknown = set(stages_to_run or []) - set(stage_names())
     if unknown:

@@ -58,7 +58,8 @@ def test_scheduled_deployment_runs_to_completion(tmp_path, prefect_api):
 
 def test_prefect_yaml_deploys_with_the_prefect_cli(prefect_api):
     """The team path: `prefect deploy --all` reads the repository's prefect.yaml and registers its
-    deployments (entrypoint, parameters, schedule, work pool) on a real API."""
+    deployments (entrypoint, parameters, schedule, work pool) on a real API: the pipeline, a refilter
+    chain, and one deployment per stage."""
     import os
     import subprocess
     import sys
@@ -80,9 +81,16 @@ def test_prefect_yaml_deploys_with_the_prefect_cli(prefect_api):
     prefect("work-pool", "create", "local", "--type", "process", "--overwrite")
     prefect("--no-prompt", "deploy", "--all")
     assert load_flow_from_entrypoint(str(repo / "flows/pipeline.py") + ":pipeline").name == "pipeline"
+    from instructflow.flows.stages import stage_names
+
     with get_client(sync_client=True) as client:
         nightly = client.read_deployment_by_name("pipeline/nightly")
         refilter = client.read_deployment_by_name("pipeline/refilter")
+        # the set `instructflow deploy --work-pool local --name nightly` registers: one per stage, on demand
+        for stage in stage_names():
+            single = client.read_deployment_by_name(f"pipeline/nightly-{stage}")
+            assert single.work_pool_name == "local" and single.schedules == [], stage
+            assert single.parameters == {"profile": "gpu", "stages_to_run": [stage], "force": False}, stage
     assert nightly.entrypoint == "flows/pipeline.py:pipeline" and nightly.work_pool_name == "local"
     assert nightly.parameters == {"profile": "gpu"}
     assert [s.schedule.cron for s in nightly.schedules] == ["0 3 * * *"]

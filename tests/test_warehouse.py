@@ -59,6 +59,60 @@ def test_second_writer_gets_one_line_error_naming_the_holder(tmp_path):
     wh.close()
 
 
+def hold_lock(path) -> subprocess.Popen:
+    """Another process holding the warehouse's DuckDB lock until its stdin closes; returns once it does."""
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, duckdb
+        con = duckdb.connect({str(path / WAREHOUSE_FILE)!r})
+        print("held", flush=True)
+        sys.stdin.read()
+        con.close()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_writer_waits_for_the_holder_and_says_so(tmp_path):
+    """`warehouse_for` (every run: CLI, served, worker) waits for the process holding the home instead
+    of failing, with one line naming it; then it has the warehouse."""
+    import threading
+
+    from instructflow.flows.common import wait_for_warehouse
+
+    open_warehouse(tmp_path).close()
+    holder = hold_lock(tmp_path)
+    said = []
+    release = threading.Timer(2.0, holder.stdin.close)
+    release.start()
+    try:
+        wh = wait_for_warehouse(tmp_path, 60, said.append)
+    finally:
+        release.cancel()
+        if not holder.stdin.closed:
+            holder.stdin.close()
+        holder.wait(timeout=30)
+    assert said == [f"waiting for the run holding {tmp_path} (pid {holder.pid})"]
+    wh.execute("INSERT INTO seed_tasks VALUES ('s', 'i', '', true, 'x', '[]', now())")
+    wh.close()
+
+
+def test_a_writer_that_waited_too_long_gets_one_line(tmp_path):
+    from instructflow.flows.common import wait_for_warehouse
+
+    holder = hold_lock(tmp_path)
+    try:
+        with pytest.raises(WarehouseError) as caught:
+            wait_for_warehouse(tmp_path, 1.0, lambda line: None)
+        message = str(caught.value)
+        assert f"is still in use by process {holder.pid} after 1 s of waiting (INSTRUCTFLOW_LOCK_WAIT_S=1)" in message
+        assert len(message.splitlines()) == 1
+        with pytest.raises(WarehouseError, match=f"in use by process {holder.pid}"):   # 0: fail at once
+            wait_for_warehouse(tmp_path, 0, lambda line: None)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+
 def test_values_are_parameters_not_sql(tmp_path):
     wh = open_warehouse(tmp_path)
     hostile = "x'); DROP TABLE seed_tasks; --"

@@ -26,6 +26,14 @@ class WarehouseError(RuntimeError):
     """One-line, actionable warehouse error."""
 
 
+class WarehouseLocked(WarehouseError):
+    """Another process holds the file's DuckDB lock; `pid` is the holder DuckDB names, if it does."""
+
+    def __init__(self, message: str, pid: int | None):
+        super().__init__(message)
+        self.pid = pid
+
+
 def now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
@@ -46,8 +54,8 @@ def _friendly_open_error(path: Path, exc: Exception) -> WarehouseError:
     if "lock" in text.lower():
         pid = re.search(r"PID (\d+)", text)
         holder = f"process {pid.group(1)}" if pid else "another process"
-        return WarehouseError(f"warehouse {path} is in use by {holder} (a run holds the DuckDB lock); "
-                              "wait for it to finish or stop it, then retry")
+        return WarehouseLocked(f"warehouse {path} is in use by {holder} (a run holds the DuckDB lock); "
+                               "wait for it to finish or stop it, then retry", int(pid.group(1)) if pid else None)
     if "permission" in text.lower() or "read-only" in text.lower():
         return WarehouseError(f"warehouse {path} is not writable ({text.splitlines()[0]}); "
                               "set INSTRUCTFLOW_HOME to a writable folder")
