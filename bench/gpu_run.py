@@ -1,4 +1,4 @@
-"""The GPU figures in one command: SFT throughput and MFU, the embedded teacher, PPO, QLoRA.
+"""The GPU figures in one command: SFT throughput and MFU, the embedded teacher, PPO, DPO, GRPO, QLoRA.
 
     python bench/gpu_run.py            # on one CUDA GPU (sized for <= 8 min on an H100/H200; not yet run on one)
     python bench/gpu_run.py --smoke    # the same code paths on tiny models, on a CPU, in about a minute
@@ -18,6 +18,12 @@ in --smoke), so the figures are what a run of that stage gets:
   ppo      models/ppo.train_ppo at batch 64 on SmolLM2 (reward model and critic start from SmolLM2
            too: a random score head costs the same FLOPs): one untimed update, then as many updates
            as fit in about 2 minutes, resumed from the first; episodes/s over the timed updates.
+  dpo      models/dpo.train_dpo on the bundled preference sample (SFT prompt format) with the profile's dpo
+           settings on SmolLM2: tokens/s over the training steps (the Trainer's non-padding input tokens,
+           chosen and rejected rows both), MFU = 6 * parameters * tokens/s / peak (the policy's forward and
+           backward; the reference pass, precomputed or not, is left out, so this undercounts the work).
+  grpo     models/grpo.train_grpo on the seed prompts with the profile's grpo settings, SmolLM2 as policy
+           and (random score head: the same FLOPs) as reward model: completions (episodes) per second.
   qlora    train_sft with qlora=True (4-bit NF4 base via bitsandbytes + LoRA) for 20 steps on the
            1.2B Llama; peak GPU memory allocated. Skipped, with the reason, without CUDA + bitsandbytes.
 
@@ -32,6 +38,8 @@ The LAST line printed (stdout) is one JSON object:
            mfu_target (0.40, the 1B model with packing), mfu_over_target (null without a peak)
   teacher: status, single.{tokens_per_s, ...}, concurrent.{concurrency, tokens_per_s, ...}, concurrent_over_single
   ppo:     status, episodes_per_s, episodes, updates, batch_size, response_length, seconds, peak_memory_gb
+  dpo:     status, steps, pairs, tokens_per_s, mfu, batch_size, max_length, peak_memory_gb
+  grpo:    status, steps, episodes_per_s, tokens_per_s, batch_size, num_generations, max_completion_length, peak_memory_gb
   qlora:   status, steps, tokens_per_s, peak_memory_gb  (or status "skipped" and reason)
 Beside every peak_memory_gb (GPU: torch.cuda.max_memory_allocated / 2**30; CPU: null) is planned_memory_gb,
 what `instructflow plan` computes for the same section and model (tasks/memory_plan.py), to check it.
@@ -84,13 +92,15 @@ class Plan:
     ppo_batch: int
     ppo_seconds: float      # time budget for the timed PPO updates
     ppo_max_updates: int
+    dpo_steps: int
+    grpo_steps: int
     qlora_steps: int
 
 
 GPU_PLAN = Plan("gpu", sft_steps=30, sft_warmup=3, big_llama=LLAMA_1B, teacher_concurrency=64, teacher_max_tokens=64,
-                ppo_batch=64, ppo_seconds=120, ppo_max_updates=100, qlora_steps=20)
+                ppo_batch=64, ppo_seconds=120, ppo_max_updates=100, dpo_steps=30, grpo_steps=10, qlora_steps=20)
 SMOKE_PLAN = Plan("tiny", sft_steps=2, sft_warmup=1, big_llama=SMOKE_LLAMA, teacher_concurrency=4, teacher_max_tokens=8,
-                  ppo_batch=2, ppo_seconds=0, ppo_max_updates=1, qlora_steps=2)
+                  ppo_batch=2, ppo_seconds=0, ppo_max_updates=1, dpo_steps=2, grpo_steps=2, qlora_steps=2)
 
 
 def log(message: str) -> None:
@@ -243,7 +253,60 @@ def ppo_section(model_dir: Path, rows: list[dict], cfg, plan: Plan, scratch: Pat
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. QLoRA
+# 4. DPO and GRPO
+
+def preference_rows(tokenizer, cfg) -> list[dict]:
+    """The bundled preference sample in the policy's prompt format, as the dpo stage trains on it."""
+    from instructflow.tasks.preferences import load_preference_file
+    from instructflow.tasks.prompts import format_prompt
+    from instructflow.tasks.seeds import bundled_seed_dir
+
+    pairs = load_preference_file(bundled_seed_dir() / "preferences_sample.jsonl")
+    return [{"prompt": format_prompt(cfg, tokenizer, p.prompt), "chosen": p.chosen, "rejected": p.rejected}
+            for p in pairs]
+
+
+def dpo_section(model_dir: Path, cfg, plan: Plan, scratch: Path, peak: float | None) -> dict:
+    from transformers import AutoTokenizer
+
+    from instructflow.models.dpo import train_dpo
+
+    pairs = preference_rows(AutoTokenizer.from_pretrained(model_dir), cfg)
+    section = dataclasses.replace(cfg.dpo, max_steps=plan.dpo_steps, eval_steps=plan.dpo_steps,
+                                  save_steps=plan.dpo_steps)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    result = train_dpo(pairs[:-16], pairs[-16:], section, model_dir, scratch / "dpo")
+    peak_gb = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    shutil.rmtree(scratch / "dpo", ignore_errors=True)
+    log(f"dpo: {result['tokens_per_s']:,.0f} tokens/s")
+    return {"steps": result["steps"], "pairs": result["train_pairs"], "tokens_per_s": result["tokens_per_s"],
+            "mfu": mfu(param_count(model_dir), result["tokens_per_s"], peak), "batch_size": section.batch_size,
+            "max_length": section.max_length, "precompute_ref_log_probs": section.precompute_ref_log_probs,
+            "eval_accuracy": result["eval_accuracy"], "peak_memory_gb": peak_gb,
+            "planned_memory_gb": planned_gb(section, model_dir)}
+
+
+def grpo_section(model_dir: Path, rows: list[dict], cfg, plan: Plan, scratch: Path) -> dict:
+    from instructflow.models.grpo import train_grpo
+
+    prompts = list(dict.fromkeys(r["prompt"] for r in rows))
+    section = dataclasses.replace(cfg.grpo, max_steps=plan.grpo_steps, eval_steps=plan.grpo_steps,
+                                  save_steps=plan.grpo_steps)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    result = train_grpo(prompts, section, model_dir, model_dir, scratch / "grpo")  # the RM: same FLOPs, random head
+    peak_gb = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    shutil.rmtree(scratch / "grpo", ignore_errors=True)
+    log(f"grpo: {result['episodes_per_s']:.2f} episodes/s")
+    return {"steps": result["steps"], "episodes_per_s": result["episodes_per_s"], "tokens_per_s": result["tokens_per_s"],
+            "batch_size": section.batch_size, "num_generations": section.num_generations,
+            "max_completion_length": section.max_completion_length, "reward_last": result["reward_last"],
+            "peak_memory_gb": peak_gb, "planned_memory_gb": planned_gb(section, model_dir)}
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. QLoRA
 
 def qlora_section(model_dir: Path, rows: list[dict], cfg, plan: Plan, scratch: Path) -> dict:
     if not (torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes")):
@@ -319,12 +382,14 @@ def main(argv: list[str] | None = None) -> int:
         summary["sft"] = run_section("sft", lambda: sft_section(dirs, rows, cfg, plan, scratch, peak))
         summary["teacher"] = run_section("teacher", lambda: teacher_section(dirs["smollm2"], plan, scratch))
         summary["ppo"] = run_section("ppo", lambda: ppo_section(dirs["smollm2"], rows, cfg, plan, scratch))
+        summary["dpo"] = run_section("dpo", lambda: dpo_section(dirs["smollm2"], cfg, plan, scratch, peak))
+        summary["grpo"] = run_section("grpo", lambda: grpo_section(dirs["smollm2"], rows, cfg, plan, scratch))
         summary["qlora"] = run_section("qlora", lambda: qlora_section(dirs["llama_1b"], rows, cfg, plan, scratch))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     summary["wall_s"] = time.perf_counter() - started
     print(json.dumps(finite(summary)), flush=True)
-    return 1 if any(summary[s]["status"] == "error" for s in ("sft", "teacher", "ppo", "qlora")) else 0
+    return 1 if any(summary[s]["status"] == "error" for s in ("sft", "teacher", "ppo", "dpo", "grpo", "qlora")) else 0
 
 
 if __name__ == "__main__":

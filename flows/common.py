@@ -5,6 +5,7 @@ holds no stage logic, and imports no stage (the registry, flows/stages.py, impor
 from __future__ import annotations
 
 import atexit
+import importlib
 import json
 import os
 import shutil
@@ -18,8 +19,7 @@ from typing import Any, Callable, Iterator
 from instructflow.tasks.config import Config, stable_hash
 from instructflow.tasks.library_output import quiet_progress_bars
 from instructflow.warehouse import queries
-from instructflow.warehouse.store import (WAREHOUSE_FILE, Warehouse, WarehouseError, WarehouseLocked,
-                                         open_warehouse)
+from instructflow.warehouse.store import WAREHOUSE_FILE, Warehouse, WarehouseError, WarehouseLocked, open_warehouse
 
 
 def data_home(explicit: str | Path | None = None) -> Path:
@@ -298,6 +298,21 @@ def stage_context(spec: StageSpec, cfg: Config, home: str | Path, run_id: str | 
     wh.finish_stage_run(stage_run_id, "success", ctx.metrics, ctx.output_hash or stable_hash(ctx.metrics))
     if own_run:
         wh.finish_run(run_id, "success")
+
+
+def recipe_task(name: str, recipe: str):
+    """A training stage's Prefect task: `recipe` ("module:function" of instructflow.models) imported when the
+    task runs, so torch loads only when a stage trains, and called with the flow's arguments."""
+    from prefect import task
+    from prefect.cache_policies import NONE
+
+    module, function = recipe.split(":")
+
+    @task(name=name, cache_policy=NONE)
+    def run(*args: Any, **kwargs: Any) -> dict:
+        return getattr(importlib.import_module(f"instructflow.models.{module}"), function)(*args, **kwargs)
+
+    return run
 
 
 def flow_run_id() -> str | None:

@@ -6,7 +6,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from instructflow.flows.common import (StageSpec, data_home, flow_run_id, freshness, holds_warehouse, input_hash,
-                                      release_warehouse, warehouse_for)
+                                       release_warehouse, warehouse_for)
 from instructflow.flows.stages import stage_names, stage_spec, stages
 from instructflow.flows.status import publish_status
 from instructflow.tasks.config import Config, load_config

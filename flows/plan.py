@@ -8,8 +8,8 @@ from typing import Any
 
 from instructflow.flows.common import cache_dir
 from instructflow.tasks.config import Config
-from instructflow.tasks.memory_plan import (GB, Gpu, Hardware, ModelShape, PlanError, StagePlan, plan_config,
-                                            refusal, training_stages)
+from instructflow.tasks.memory_plan import (GB, Gpu, Hardware, ModelShape, PlanError, StagePlan, plan_config, refusal,
+                                            training_stages)
 
 # GGUF metadata (llama.*) -> config.json key
 GGUF_KEYS = {"embedding_length": "hidden_size", "feed_forward_length": "intermediate_size",

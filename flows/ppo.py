@@ -4,40 +4,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow, task
-from prefect.cache_policies import NONE
+from prefect import flow
 
-from instructflow.flows.common import StageContext, StageSpec, checkpoint_exists, publish_artifacts, stage_context
+from instructflow.flows.common import StageSpec, checkpoint_exists, publish_artifacts, recipe_task, stage_context
 from instructflow.tasks.config import Config, stable_hash
-from instructflow.tasks.prompts import heldout_prompts
+from instructflow.tasks.prompts import rl_inputs
 
-
-@task(name="train-ppo", cache_policy=NONE)
-def train(ctx: StageContext, prompts: list[str], policy: Path, reward: Path, output_dir: Path) -> dict:
-    from instructflow.models.ppo import train_ppo
-
-    return train_ppo(prompts, ctx.cfg.ppo, policy, reward, output_dir, on_step=ctx.step)
+train = recipe_task("train-ppo", "ppo:train_ppo")
 
 
 @flow(name="ppo", log_prints=True, validate_parameters=False)
 def ppo_flow(cfg: Config, home: str, run_id: str | None = None, force: bool = False) -> dict:
     with stage_context(STAGE, cfg, home, run_id, force) as ctx:
-        sft, reward = ctx.wh.latest_checkpoint("sft"), ctx.wh.latest_checkpoint("reward")
-        if sft is None or reward is None:
-            raise ValueError("PPO needs an SFT and a reward checkpoint: run the sft and reward stages first")
-        ppo_cfg = cfg.ppo
-        prompts = [prompt for _, prompt in heldout_prompts(cfg, ctx.wh, ppo_cfg.prompt_source, ppo_cfg.prompts, ppo_cfg.seed)]
-        result = train(ctx, prompts, Path(sft["path"]), Path(reward["path"]), ctx.run_dir(sft["path"], reward["path"]))
+        sft, reward, prompts = rl_inputs(cfg, ctx.wh, "ppo")
+        result = train(prompts, cfg.ppo, Path(sft), Path(reward), ctx.run_dir(sft, reward), on_step=ctx.step)
         metrics = {k: result.get(k) for k in ("steps", "episodes", "reward_first", "reward_last", "reward_slope", "kl_last",
                                               "policy_checkpoint", "value_checkpoint", "episodes_per_s", "wall_s",
                                               "resumed_from", "skipped_prompts")}
         metrics.update(policy_checkpoint=str(result["policy_checkpoint"]), value_checkpoint=str(result["value_checkpoint"]),
                        prompts=len(prompts))
-        config = {"ppo": vars(ppo_cfg)}
-        ctx.wh.register_checkpoint(ctx.stage_run_id, "ppo_policy", metrics["policy_checkpoint"], sft["path"],
-                                   reward["path"], config, metrics)
-        ctx.wh.register_checkpoint(ctx.stage_run_id, "ppo_value", metrics["value_checkpoint"], reward["path"],
-                                   reward["path"], config, metrics)
+        config = {"ppo": vars(cfg.ppo)}
+        ctx.wh.register_checkpoint(ctx.stage_run_id, "ppo_policy", metrics["policy_checkpoint"], sft, reward, config,
+                                   metrics)
+        ctx.wh.register_checkpoint(ctx.stage_run_id, "ppo_value", metrics["value_checkpoint"], reward, reward, config,
+                                   metrics)
         ctx.finish(metrics, output_hash=stable_hash([metrics["policy_checkpoint"], ctx.inputs]))
         publish_artifacts(ctx, "ppo", metrics, plots={"reward and KL": result.get("plot")})
     return metrics

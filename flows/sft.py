@@ -2,12 +2,9 @@
 on the Llama actor. The checkpoint is registered with the dataset's content hash."""
 from __future__ import annotations
 
-from pathlib import Path
+from prefect import flow
 
-from prefect import flow, task
-from prefect.cache_policies import NONE
-
-from instructflow.flows.common import StageContext, StageSpec, checkpoint_exists, publish_artifacts, stage_context
+from instructflow.flows.common import StageSpec, checkpoint_exists, publish_artifacts, recipe_task, stage_context
 from instructflow.flows.teacher import local_model_dir
 from instructflow.tasks.config import Config, stable_hash
 from instructflow.tasks.sft_data import InstructionExample, dataset_hash, split_train_eval, to_prompt_completion
@@ -32,11 +29,7 @@ def current_dataset(cfg: Config, wh: Warehouse) -> tuple[str, list, list]:
     return dataset_hash(examples), train, held_out
 
 
-@task(name="train-sft", cache_policy=NONE)
-def train(ctx: StageContext, train_rows: list[dict], eval_rows: list[dict], base: Path, output_dir: Path) -> dict:
-    from instructflow.models.sft import run_sft
-
-    return run_sft(train_rows, eval_rows, ctx.cfg.sft, base, output_dir, on_step=ctx.step)
+train = recipe_task("train-sft", "sft:run_sft")  # in this process, or under `accelerate launch` (sft.launcher)
 
 
 @flow(name="sft", log_prints=True, validate_parameters=False)
@@ -55,7 +48,7 @@ def sft_flow(cfg: Config, home: str, run_id: str | None = None, force: bool = Fa
         train_rows = [to_prompt_completion(e, cfg.sft.style, tokenizer) for e in train_examples]
         eval_rows = [to_prompt_completion(e, cfg.sft.style, tokenizer) for e in eval_examples]
         # same data + same config -> same folder, so an interrupted run resumes from its checkpoint
-        result = train(ctx, train_rows, eval_rows, base, ctx.run_dir(data_hash, str(base)))
+        result = train(train_rows, eval_rows, cfg.sft, base, ctx.run_dir(data_hash, str(base)), on_step=ctx.step)
         metrics = {"train_examples": len(train_rows), "eval_examples": len(eval_rows),
                    "eval_loss_before": result["eval_loss_before"], "eval_loss_after": result["eval_loss_after"],
                    "train_loss_last": result["train_loss_last"], "checkpoint": str(result["checkpoint"]),

@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from instructflow.models.recipe_io import (ProgressCallback, ReportSteps, StepCallback, check_trainer_inputs,
-                                           drop_printer, ensure_pad, is_main_rank, load_causal_lm, lora_config,
-                                           pair_length_grouped, publish_final, save_trained_model, series,
-                                           start_or_resume, trained_tokens, trainer_args)
+from instructflow.models.recipe_io import (ProgressCallback, ReportSteps, StepCallback, drop_printer, ensure_pad,
+                                           is_main_rank, load_causal_lm, lora_config, pair_length_grouped,
+                                           publish_final, save_policy, series, session_rates, start_job, trained_tokens,
+                                           trainer_args)
 from instructflow.tasks.config import DPOConfig
 from instructflow.tasks.library_output import quiet_progress_bars
 
@@ -47,29 +47,26 @@ def train_dpo(train: Sequence[dict], eval: Sequence[dict], cfg: DPOConfig, sft_m
     """Train the policy from `sft_model` on prompt/chosen/rejected rows with the `dpo` section `cfg`; returns
     metrics (also in output_dir/final/metrics.json). Rerunning with the same output_dir resumes."""
     started = time.time()
-    # 1. inputs
-    train_rows, eval_rows, eval_on_train, sft_model, output_dir, precision, job = check_trainer_inputs(
-        train, eval, PAIR_FIELDS, cfg, sft_model, "sft_model", output_dir, DPOInputError,
-        empty="no preference pairs to learn from")
-
-    # 2. already done? else start, or resume from the newest complete checkpoint
-    done, run, resume_from = start_or_resume(output_dir, job, DPOInputError)
-    if done is not None:
-        return done
+    # 1-2. the pairs, the SFT model, the machine; then: done already, or start, or resume from a checkpoint
+    job = start_job(train, eval, PAIR_FIELDS, cfg, {"sft_model": sft_model}, output_dir, DPOInputError,
+                    empty="no preference pairs to learn from")
+    if job.done is not None:
+        return job.done
+    output_dir, resume_from = job.output_dir, job.resume_from
 
     # 3. tokenizer, policy, data
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from trl import DPOConfig as TRLDPOConfig, DPOTrainer
 
     quiet_progress_bars()
     torch.manual_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(sft_model)
-    model = load_causal_lm(sft_model, cfg, precision)
+    tokenizer = AutoTokenizer.from_pretrained(job.model_dir)
+    model = load_causal_lm(job.model_dir, cfg, job.precision)
     ensure_pad(tokenizer, model)
     config = TRLDPOConfig(
-        **trainer_args(cfg, output_dir / "checkpoints", precision),
+        **trainer_args(cfg, output_dir / "checkpoints", job.precision),
         max_length=cfg.max_length,
         beta=cfg.beta,
         loss_type=[cfg.loss_type],
@@ -81,8 +78,8 @@ def train_dpo(train: Sequence[dict], eval: Sequence[dict], cfg: DPOConfig, sft_m
     # ref_model=None: TRL loads the reference from the same SFT dir (or precomputes its log-probs, or
     # disables the LoRA adapter): always the model the policy started from
     trainer = pair_length_grouped(DPOTrainer)(
-        model=model, ref_model=None, args=config, train_dataset=Dataset.from_list(train_rows),
-        eval_dataset=Dataset.from_list(eval_rows), processing_class=tokenizer, peft_config=peft_config,
+        model=model, ref_model=None, args=config, train_dataset=Dataset.from_list(job.train),
+        eval_dataset=Dataset.from_list(job.eval), processing_class=tokenizer, peft_config=peft_config,
         callbacks=[ReportSteps(on_step, on_progress)])
     drop_printer(trainer)
 
@@ -94,18 +91,14 @@ def train_dpo(train: Sequence[dict], eval: Sequence[dict], cfg: DPOConfig, sft_m
     at_end = [e for e in trainer.state.log_history
               if "eval_rewards/accuracies" in e and e.get("step") == trainer.state.global_step]
     evaluated = at_end[-1] if at_end else trainer.evaluate()
-    def unquantized_base():  # LoRA is merged into a fresh fp32 copy of the SFT model
-        return AutoModelForCausalLM.from_pretrained(sft_model, dtype=torch.float32)
-
-    tmp = save_trained_model(trainer, output_dir, tokenizer, unquantized_base if peft_config else None)
+    tmp = save_policy(trainer, job, tokenizer, lora=peft_config is not None)  # LoRA merged into the SFT model
     metrics: dict[str, Any] = {}
     if is_main_rank():
-        tokens_seen = int(trainer.state.num_input_tokens_seen)
-        runtime = float(result.metrics.get("train_runtime", 0.0)) or 1e-9
+        rates = session_rates(trainer, result, tokens_before)
         plot = plot_dpo(output_dir / "dpo.png", trainer.state.log_history)
         metrics = {
-            "train_pairs": len(train_rows), "eval_pairs": 0 if eval_on_train else len(eval_rows),
-            "eval_on_train": eval_on_train, "beta": cfg.beta, "loss_type": cfg.loss_type,
+            "train_pairs": len(job.train), "eval_pairs": 0 if job.eval_on_train else len(job.eval),
+            "eval_on_train": job.eval_on_train, "beta": cfg.beta, "loss_type": cfg.loss_type,
             "eval_accuracy": float(evaluated["eval_rewards/accuracies"]),
             "eval_margin": float(evaluated["eval_rewards/margins"]),
             "eval_reward_chosen": float(evaluated["eval_rewards/chosen"]),
@@ -113,10 +106,10 @@ def train_dpo(train: Sequence[dict], eval: Sequence[dict], cfg: DPOConfig, sft_m
             "eval_loss": float(evaluated["eval_loss"]),
             "train_loss_last": (series(trainer.state.log_history, "loss")[1] or [None])[-1],
             "steps": int(trainer.state.global_step), "checkpoint": str(output_dir / "final"),
-            "tokens_seen": tokens_seen, "tokens_per_s": (tokens_seen - tokens_before) / runtime,
+            "tokens_seen": rates["tokens_seen"], "tokens_per_s": rates["tokens_per_s"],
             "wall_s": time.time() - started, "resumed_from": str(resume_from) if resume_from else None,
-            "precision": precision, "lora": "qlora" if cfg.qlora else "lora" if cfg.lora else None,
-            "plot": str(plot), "fingerprint": job,
+            "precision": job.precision, "lora": "qlora" if cfg.qlora else "lora" if cfg.lora else None,
+            "plot": str(plot), "fingerprint": job.fingerprint,
         }
     return publish_final(trainer, tmp, metrics)
 

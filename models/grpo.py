@@ -32,10 +32,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from instructflow.models.recipe_io import (ProgressCallback, ReportSteps, StepCallback, check_model_dir,
-                                           check_trainer_inputs, drop_printer, ensure_pad, is_main_rank,
-                                           load_causal_lm, lora_config, publish_final, save_trained_model, series,
-                                           start_or_resume, trained_tokens, trainer_args)
+from instructflow.models.recipe_io import (ProgressCallback, ReportSteps, StepCallback, drop_printer, ensure_pad,
+                                           is_main_rank, load_causal_lm, lora_config, publish_final, save_policy,
+                                           series, session_rates, start_job, trained_tokens, trainer_args)
 from instructflow.tasks.config import GRPOConfig
 from instructflow.tasks.library_output import quiet_progress_bars
 
@@ -78,12 +77,14 @@ def train_grpo(prompts: Sequence[str], cfg: GRPOConfig, policy_model: Path, rewa
     formatted as the policy saw them in SFT) with the `grpo` section `cfg`, rewarded by `reward_model`;
     returns metrics (also in output_dir/final/metrics.json). Rerunning with the same output_dir resumes."""
     started = time.time()
-    # 1. inputs: the prompts as rows, the models
+    # 1-2. inputs (the prompts as rows, both models, the machine); already done? else start or resume
     rows = [{"prompt": p} for p in prompts]
-    train_rows, _, _, policy_model, output_dir, precision, job = check_trainer_inputs(
-        rows, [], ("prompt",), cfg, policy_model, "policy_model", output_dir, GRPOInputError,
-        empty="no prompts to sample from")
-    reward_model = check_model_dir(reward_model, "reward_model", GRPOInputError)
+    job = start_job(rows, [], ("prompt",), cfg, {"policy_model": policy_model, "reward_model": reward_model},
+                    output_dir, GRPOInputError, empty="no prompts to sample from")
+    if job.done is not None:
+        return job.done
+    train_rows, _, _, policy_model, output_dir, precision = job[:6]
+    resume_from = job.resume_from
 
     from transformers import AutoTokenizer
 
@@ -93,21 +94,16 @@ def train_grpo(prompts: Sequence[str], cfg: GRPOConfig, policy_model: Path, rewa
     if AutoTokenizer.from_pretrained(reward_model).get_vocab() != tokenizer.get_vocab():
         raise GRPOInputError(f"reward_model {reward_model} has another tokenizer than the policy {policy_model}")
     budget = cfg.max_length - cfg.max_completion_length
-    usable = [r for r in train_rows if 0 < len(tokenizer(text=r["prompt"], add_special_tokens=False)["input_ids"]) <= budget]
+    usable = [r for r in train_rows
+              if 0 < len(tokenizer(text=r["prompt"], add_special_tokens=False)["input_ids"]) <= budget]
     if not usable:
         raise GRPOInputError(f"none of the {len(train_rows)} prompts fits in max_length - max_completion_length "
                              f"= {budget} tokens")
-    job = f"{job}:{reward_model}"  # the reward model is an input of the job too
-
-    # 2. already done? else start, or resume from the newest complete checkpoint
-    done, run, resume_from = start_or_resume(output_dir, job, GRPOInputError)
-    if done is not None:
-        return done
 
     # 3. policy, reward model, trainer
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
     from trl import GRPOConfig as TRLGRPOConfig, GRPOTrainer
 
     quiet_progress_bars()
@@ -145,18 +141,14 @@ def train_grpo(prompts: Sequence[str], cfg: GRPOConfig, policy_model: Path, rewa
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     # 5. final model (LoRA merged into a fresh fp32 copy of the SFT model), plot, metrics
-    def unquantized_base():
-        return AutoModelForCausalLM.from_pretrained(policy_model, dtype=torch.float32)
-
-    tmp = save_trained_model(trainer, output_dir, tokenizer, unquantized_base if peft_config else None)
+    tmp = save_policy(trainer, job, tokenizer, lora=peft_config is not None)
     metrics: dict[str, Any] = {}
     if is_main_rank():
         from instructflow.tasks.trend import least_squares_slope
 
         steps, rewards = series(trainer.state.log_history, "reward")
         kls = series(trainer.state.log_history, "kl")[1]
-        tokens_seen = int(trainer.state.num_input_tokens_seen)
-        runtime = float(result.metrics.get("train_runtime", 0.0)) or 1e-9
+        rates = session_rates(trainer, result, tokens_before)
         steps_this_run = trainer.state.global_step - _step_of(resume_from)
         completions = steps_this_run * cfg.batch_size * cfg.grad_accum  # a batch row is one completion
         plot = plot_grpo(output_dir / "grpo.png", trainer.state.log_history)
@@ -167,11 +159,10 @@ def train_grpo(prompts: Sequence[str], cfg: GRPOConfig, policy_model: Path, rewa
             "reward_slope": least_squares_slope(steps, rewards),
             "kl_last": kls[-1] if kls else None,
             "checkpoint": str(output_dir / "final"),
-            "episodes_per_s": completions / runtime,
-            "tokens_per_s": (tokens_seen - tokens_before) / runtime,
+            "episodes_per_s": completions / rates["train_runtime"], "tokens_per_s": rates["tokens_per_s"],
             "wall_s": time.time() - started, "resumed_from": str(resume_from) if resume_from else None,
             "precision": precision, "lora": "qlora" if cfg.qlora else "lora" if cfg.lora else None,
-            "plot": str(plot), "fingerprint": job,
+            "plot": str(plot), "fingerprint": job.fingerprint,
         }
     return publish_final(trainer, tmp, metrics)
 

@@ -86,34 +86,41 @@ def resolve_precision(precision: str, error: type[ValueError], fp16_ok: bool = T
     return precision
 
 
-class TrainerInputs(NamedTuple):
-    """Step 1 of the SFT and reward recipes, checked (see `check_trainer_inputs`)."""
+class Job(NamedTuple):
+    """Steps 1 and 2 of every Trainer-based recipe (sft, reward, dpo, grpo), checked: see `start_job`."""
     train: list[dict[str, str]]
     eval: list[dict[str, str]]       # the train rows when no eval rows were given
     eval_on_train: bool              # that documented fallback: in-sample numbers, flagged in the metrics
-    model_dir: Path                  # the input model, absolute
+    model_dir: Path                  # the model trained (the first input model), absolute
     output_dir: Path                 # absolute
     precision: str                   # resolved for this machine
-    job: str                         # the fingerprint of (section, input model, rows)
+    fingerprint: str                 # of (section, input models, rows)
+    done: dict[str, Any] | None      # the stored metrics when output_dir/final is complete for this job
+    run: dict[str, Any]              # the run record (values measured before training, for resumes)
+    resume_from: Path | None         # the newest complete checkpoint
 
 
-def check_trainer_inputs(train: Sequence[Mapping[str, Any]], eval: Sequence[Mapping[str, Any]], fields: Sequence[str],
-                         cfg: Any, model_dir: Path, model_name: str, output_dir: Path, error: type[ValueError],
-                         empty: str) -> TrainerInputs:
-    """Rows (each a dict of `fields`; `empty` says why no train rows is an error), the input model, the
-    precision (the section checked itself when it was built)."""
+def start_job(train: Sequence[Mapping[str, Any]], eval: Sequence[Mapping[str, Any]], fields: Sequence[str],
+              cfg: TrainingConfig, models: Mapping[str, Path], output_dir: Path, error: type[ValueError],
+              empty: str) -> Job:
+    """Rows (each a dict of `fields`; `empty` says why no train rows is an error), what the machine must
+    have (qlora: CUDA + bitsandbytes), the input models (name -> dir; the first is the one trained), the
+    precision; then whether this job is already done, or where it resumes. The section checked itself
+    when it was built."""
     train_rows = check_rows(train, "train", fields, error)
     eval_rows = check_rows(eval, "eval", fields, error)
     if not train_rows:
         raise error(f"train set is empty: {empty}")
     if cfg.qlora and not (importlib.util.find_spec("bitsandbytes") and _cuda_available()):
         raise error("qlora=True needs a CUDA GPU and `pip install bitsandbytes`; use lora=True on this machine")
-    model_dir = check_model_dir(model_dir, model_name, error)
+    models = {name: check_model_dir(path, name, error) for name, path in models.items()}
     precision = resolve_precision(cfg.precision, error)
     eval_rows, eval_on_train = eval_rows or train_rows, not eval_rows
-    job = fingerprint(cfg, {model_name: model_dir}, train_rows, eval_rows)
-    return TrainerInputs(train_rows, eval_rows, eval_on_train, model_dir, Path(output_dir).expanduser().resolve(),
-                         precision, job)
+    job = fingerprint(cfg, models, train_rows, eval_rows)
+    output_dir = Path(output_dir).expanduser().resolve()
+    done, run, resume_from = start_or_resume(output_dir, job, error)
+    return Job(train_rows, eval_rows, eval_on_train, next(iter(models.values())), output_dir, precision, job, done,
+               run, resume_from)
 
 
 def _cuda_available() -> bool:
@@ -209,6 +216,28 @@ def save_trained_model(trainer, output_dir: Path, tokenizer, load_base: Callable
     return tmp
 
 
+def save_policy(trainer, job: "Job", tokenizer, lora: bool) -> Path:
+    """`save_trained_model` for a causal LM (sft, dpo, grpo): with LoRA the adapter is merged into a fresh,
+    unquantized fp32 copy of the model the job started from."""
+    def unquantized_base():
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(job.model_dir, dtype=torch.float32)
+
+    return save_trained_model(trainer, job.output_dir, tokenizer, unquantized_base if lora else None)
+
+
+def session_rates(trainer, train_result, tokens_before: int) -> dict[str, float]:
+    """{"tokens_seen": real input tokens over every session and rank, "tokens_per_s": this session's tokens
+    over this session's training time, "train_runtime": that time}; `tokens_before` from `trained_tokens`
+    of the checkpoint it resumed from, read before training (the Trainer may prune that checkpoint)."""
+    runtime = float(train_result.metrics.get("train_runtime", 0.0)) or 1e-9
+    tokens_seen = int(trainer.state.num_input_tokens_seen)
+    return {"tokens_seen": tokens_seen, "tokens_per_s": (tokens_seen - tokens_before) / runtime,
+            "train_runtime": runtime}
+
+
 def publish_final(trainer, tmp: Path, metrics: Mapping[str, Any]) -> dict[str, Any]:
     """metrics.json goes into `tmp` last, then it becomes `final/` (main rank); every rank returns the metrics."""
     final = Path(tmp).parent / "final"
@@ -242,7 +271,7 @@ def lora_config(section: TrainingConfig, task_type: str):
 
 def load_causal_lm(model_dir: Path, section: TrainingConfig, precision: str):
     """A causal LM to train: fp32 weights (bf16/fp16 run as autocast), or with `qlora` a 4-bit NF4 base
-    (CUDA + bitsandbytes, checked by `check_trainer_inputs`)."""
+    (CUDA + bitsandbytes, checked by `start_job`)."""
     import torch
     from transformers import AutoModelForCausalLM
 

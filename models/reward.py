@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from instructflow.models.recipe_io import (ProgressCallback, ReportSteps, StepCallback, check_model_dir,
-                                           check_trainer_inputs, drop_printer, ensure_pad, is_main_rank, lora_config, pair_length_grouped,
-                                           publish_final, save_trained_model, start_or_resume, trainer_args, update_run)
+from instructflow.models.recipe_io import (ProgressCallback, ReportSteps, StepCallback, check_model_dir, drop_printer,
+                                           ensure_pad, is_main_rank, lora_config, pair_length_grouped, publish_final,
+                                           save_trained_model, start_job, trainer_args, update_run)
 from instructflow.tasks.config import RewardConfig
 from instructflow.tasks.library_output import quiet_progress_bars
 
@@ -136,15 +136,13 @@ def train_reward(train: Sequence[dict], eval: Sequence[dict], cfg: RewardConfig,
     """Train a reward model from `sft_model` on prompt/chosen/rejected rows with the `reward` section `cfg`;
     returns metrics (also in output_dir/final/metrics.json)."""
     started = time.time()
-    # 1. inputs (the section's values were checked when the config loaded; again here for hand-built ones)
-    train_rows, eval_rows, eval_on_train, sft_model, output_dir, precision, job = check_trainer_inputs(
-        train, eval, PAIR_FIELDS, cfg, sft_model, "sft_model", output_dir, RewardInputError,
-        empty="no preference pairs to learn from")
-
-    # 2. already done? else start, or resume from the newest complete checkpoint
-    done, run, resume_from = start_or_resume(output_dir, job, RewardInputError)
-    if done is not None:
-        return done
+    # 1-2. inputs (rows, models, machine); already done? else start, or resume from the newest complete checkpoint
+    job = start_job(train, eval, PAIR_FIELDS, cfg, {"sft_model": sft_model}, output_dir, RewardInputError,
+                    empty="no preference pairs to learn from")
+    if job.done is not None:
+        return job.done
+    train_rows, eval_rows, eval_on_train, sft_model, output_dir, precision = job[:6]
+    run, resume_from = job.run, job.resume_from
 
     # 3. tokenizer, model, data
     import torch
@@ -206,7 +204,7 @@ def train_reward(train: Sequence[dict], eval: Sequence[dict], cfg: RewardConfig,
             "steps": int(trainer.state.global_step), "checkpoint": str(output_dir / "final"),
             "wall_s": time.time() - started, "resumed_from": str(resume_from) if resume_from else None,
             "precision": precision, "lora": "lora" if cfg.lora else None,
-            "plot": str(plot), "fingerprint": job,
+            "plot": str(plot), "fingerprint": job.fingerprint,
         }
     return publish_final(trainer, tmp, metrics)
 

@@ -53,10 +53,10 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from instructflow.models.recipe_io import (ProgressCallback, ReportSteps, StepCallback, check_trainer_inputs,
-                                           drop_printer, ensure_pad, is_main_rank, load_causal_lm, lora_config,
-                                           publish_final, read_json, save_trained_model, series, start_or_resume,
-                                           trained_tokens, trainer_args, update_run)
+from instructflow.models.recipe_io import (ProgressCallback, ReportSteps, StepCallback, drop_printer, ensure_pad,
+                                           is_main_rank, load_causal_lm, lora_config, publish_final, read_json,
+                                           save_policy, series, session_rates, start_job, trained_tokens, trainer_args,
+                                           update_run)
 from instructflow.tasks.config import ConfigError, SFTConfig, section_from_dict
 from instructflow.tasks.library_output import quiet_progress_bars
 
@@ -98,20 +98,18 @@ def train_sft(train: Sequence[dict], eval: Sequence[dict], cfg: SFTConfig, base_
     output_dir resumes from the last checkpoint, or returns the stored metrics once final/ exists.
     """
     started = time.time()
-    # 1. inputs (the section's values were checked when the config loaded; again here for hand-built ones)
-    train_rows, eval_rows, eval_on_train, base_model, output_dir, precision, job = check_trainer_inputs(
-        train, eval, ("prompt", "completion"), cfg, base_model, "base_model", output_dir, SFTInputError,
-        empty="nothing to fine-tune on")
-
-    # 2. already done? else start, or resume from the newest complete checkpoint
-    done, run, resume_from = start_or_resume(output_dir, job, SFTInputError)
-    if done is not None:
-        return done
+    # 1-2. inputs (rows, models, machine); already done? else start, or resume from the newest complete checkpoint
+    job = start_job(train, eval, ("prompt", "completion"), cfg, {"base_model": base_model}, output_dir,
+                    SFTInputError, empty="nothing to fine-tune on")
+    if job.done is not None:
+        return job.done
+    train_rows, eval_rows, eval_on_train, base_model, output_dir, precision = job[:6]
+    run, resume_from = job.run, job.resume_from
 
     # 3. tokenizer, model, data
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from trl import SFTConfig as TRLSFTConfig, SFTTrainer
 
     quiet_progress_bars()
@@ -161,14 +159,10 @@ def train_sft(train: Sequence[dict], eval: Sequence[dict], cfg: SFTConfig, base_
     train_losses = series(trainer.state.log_history, "loss")[1]
 
     # 6. final model (LoRA merged into a fresh unquantized base), metrics, plot
-    def unquantized_base():
-        return AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
-
-    tmp = save_trained_model(trainer, output_dir, tokenizer, unquantized_base if peft_config else None)
+    tmp = save_policy(trainer, job, tokenizer, lora=peft_config is not None)
     metrics: dict[str, Any] = {}
     if is_main_rank():
-        tokens_seen = int(trainer.state.num_input_tokens_seen)
-        runtime = float(result.metrics.get("train_runtime", 0.0)) or 1e-9
+        rates = session_rates(trainer, result, tokens_before)
         plot = plot_loss(output_dir / "loss.png", trainer.state.log_history, run["eval_loss_before"])
         metrics = {
             "train_examples": len(train_rows), "eval_examples": 0 if eval_on_train else len(eval_rows),
@@ -176,14 +170,14 @@ def train_sft(train: Sequence[dict], eval: Sequence[dict], cfg: SFTConfig, base_
             "eval_loss_before": float(run["eval_loss_before"]), "eval_loss_after": eval_loss_after,
             "train_loss_last": train_losses[-1] if train_losses else None,
             "steps": int(trainer.state.global_step),
-            "checkpoint": str(output_dir / "final"), "tokens_seen": tokens_seen,
-            "tokens_per_s": (tokens_seen - tokens_before) / runtime,
+            "checkpoint": str(output_dir / "final"), "tokens_seen": rates["tokens_seen"],
+            "tokens_per_s": rates["tokens_per_s"],
             "wall_s": time.time() - started,
             "resumed_from": str(resume_from) if resume_from else None,
             "truncated_examples": truncated, "dropped_examples": dropped,
             "precision": precision, "packing": "bfd" if cfg.packing else None,
             "lora": "qlora" if cfg.qlora else "lora" if cfg.lora else None,
-            "plot": str(plot), "fingerprint": job,
+            "plot": str(plot), "fingerprint": job.fingerprint,
         }
     return publish_final(trainer, tmp, metrics)
 

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +14,7 @@ from instructflow.models.dpo import DPOInputError, train_dpo
 from instructflow.models.tiny import build_tiny_llama
 from instructflow.tasks.config import DPOConfig
 from instructflow.tasks.sft_data import alpaca_prompt
+from recipe_helpers import KILLED_RECIPE, kill_mid_training
 
 pytestmark = pytest.mark.slow  # trains
 
@@ -64,50 +61,25 @@ def test_dpo_learns_the_preference_and_saves_a_plain_llama(tiny, tmp_path):
     assert again["reused"] is True
 
 
-RUN_UNTIL_KILLED = """
-import json, sys
-from pathlib import Path
+RUN_UNTIL_KILLED = KILLED_RECIPE + """
 from instructflow.models.dpo import train_dpo
 from instructflow.tasks.config import DPOConfig
-job = json.loads(Path(sys.argv[1]).read_text())
-log = Path(sys.argv[2])
-def record(step, values):
-    with log.open("a") as handle:
-        handle.write(f"{step}\\n")
 train_dpo(job["train"], job["eval"], DPOConfig(**job["cfg"]), Path(job["sft_model"]), Path(job["out"]), on_step=record)
 """
 
 
 def test_a_sigkilled_run_resumes_from_its_last_checkpoint(tiny, tmp_path):
-    out, log = tmp_path / "run", tmp_path / "steps.log"
-    base = settings(tiny, out, max_steps=10, save_steps=2)
-    job = tmp_path / "job.json"
+    out, log, job = tmp_path / "run", tmp_path / "steps.log", tmp_path / "job.json"
+    cfg = dict(max_length=64, max_steps=10, learning_rate=5e-3, batch_size=4, warmup_ratio=0.0, lr_scheduler="constant",
+               eval_steps=10, save_steps=2, seed=0)
     job.write_text(json.dumps({"train": pairs(40), "eval": pairs(44)[40:], "sft_model": str(tiny), "out": str(out),
-                               "cfg": {k: getattr(base["cfg"], k) for k in ("max_length", "max_steps", "learning_rate",
-                                                                            "batch_size", "warmup_ratio", "lr_scheduler",
-                                                                            "eval_steps", "save_steps", "seed", "beta")}}))
-    child = subprocess.Popen([sys.executable, "-c", RUN_UNTIL_KILLED, str(job), str(log)], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    try:
-        while not ((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").is_file()
-                   and log.exists() and max(map(int, log.read_text().split())) >= 5):
-            assert child.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "no checkpoint-4 in time"
-            time.sleep(0.2)
-        child.send_signal(signal.SIGKILL)   # no cleanup, no final/: like an OOM kill or a lost machine
-        child.wait(timeout=30)
-    finally:
-        if child.poll() is None:
-            child.kill()
-    assert not (out / "final").exists()
-    killed_at = max(map(int, log.read_text().split()))
-    newest = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*")
-                 if (p / "trainer_state.json").is_file())
+                               "cfg": cfg}))
+    newest = kill_mid_training(RUN_UNTIL_KILLED, [str(job), str(log)], out / "checkpoints", log)
+    assert not (out / "final").exists() and newest >= 4
     resumed: list[int] = []
-    metrics = train_dpo(pairs(40), pairs(44)[40:], **base, on_step=lambda s, v: resumed.append(s))
+    metrics = train_dpo(pairs(40), pairs(44)[40:], DPOConfig(**cfg), tiny, out, on_step=lambda s, v: resumed.append(s))
     assert metrics["resumed_from"] == str(out / "checkpoints" / f"checkpoint-{newest}")
-    assert min(resumed) == newest + 1 and newest >= 4 and killed_at >= 5   # it went on, it did not start over
+    assert min(resumed) == newest + 1   # it went on, it did not start over
     assert metrics["steps"] == 10 and (out / "final" / "config.json").is_file()
 
 

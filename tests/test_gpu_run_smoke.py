@@ -74,5 +74,15 @@ def test_ppo_trains_timed_updates(report):
     assert ppo["peak_memory_gb"] is None and positive(ppo["planned_memory_gb"])
 
 
+def test_dpo_and_grpo_train_and_report_their_rates(report):
+    dpo, grpo = report["dpo"], report["grpo"]
+    assert dpo["status"] == "ok" and dpo["steps"] == 2 and dpo["pairs"] > 0 and positive(dpo["tokens_per_s"])
+    assert dpo["mfu"] is None and dpo["peak_memory_gb"] is None and positive(dpo["planned_memory_gb"])
+    assert 0.0 <= dpo["eval_accuracy"] <= 1.0
+    assert grpo["status"] == "ok" and grpo["steps"] == 2 and positive(grpo["episodes_per_s"])
+    assert positive(grpo["tokens_per_s"]) and grpo["num_generations"] >= 2 and math.isfinite(grpo["reward_last"])
+    assert grpo["peak_memory_gb"] is None and positive(grpo["planned_memory_gb"])
+
+
 def test_qlora_is_skipped_with_its_reason_on_cpu(report):
     assert report["qlora"]["status"] == "skipped" and report["qlora"]["reason"] == "needs CUDA + bitsandbytes"

@@ -12,24 +12,17 @@ The models are built by hand so that a few CPU steps show learning (as in tests/
 from __future__ import annotations
 
 import json
-import os
-import signal
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoTokenizer, LlamaForCausalLM, LlamaForSequenceClassification
 
-from instructflow.models.bundled import ensure_bundled_hf_dir
 from instructflow.models.grpo import GRPOInputError, rule_and_model_rewards, train_grpo
 from instructflow.models.reward import score_with
 from instructflow.models.sampling import generate_responses
-from instructflow.models.tiny import build_tiny_llama
 from instructflow.tasks.config import GRPOConfig
+from recipe_helpers import KILLED_RECIPE, favouring_policy, kill_mid_training, last_token_reward, tiny_llama
 
 pytestmark = pytest.mark.slow  # trains
 
@@ -39,31 +32,11 @@ PROMPTS = [f"<|im_start|>user\nQuestion {i}: pick a word.<|im_end|>\n<|im_start|
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> tuple[Path, Path]:
-    cache = Path(os.environ.get("INSTRUCTFLOW_CACHE") or Path.home() / ".cache" / "instructflow")
     root = tmp_path_factory.mktemp("grpo-models")
-    tiny = build_tiny_llama(root / "tiny", tokenizer_dir=ensure_bundled_hf_dir(cache), seed=0)
+    tiny = tiny_llama(root)
     tokenizer = AutoTokenizer.from_pretrained(tiny)
     favoured = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in WORDS] + [tokenizer.eos_token_id]
-
-    reward = LlamaForSequenceClassification.from_pretrained(tiny, num_labels=1)
-    reward.config.pad_token_id = tokenizer.pad_token_id
-    with torch.no_grad():
-        for layer in reward.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-    reward.save_pretrained(root / "reward")
-    tokenizer.save_pretrained(root / "reward")
-
-    policy = LlamaForCausalLM.from_pretrained(tiny)
-    policy.config.tie_word_embeddings = False
-    with torch.no_grad():
-        policy.lm_head.weight = torch.nn.Parameter(policy.model.embed_tokens.weight.detach().clone())
-        policy.model.embed_tokens.weight[:, 0] = 1.0
-        policy.lm_head.weight[:, 0] = 0.0
-        policy.lm_head.weight[favoured, 0] = 1.5
-    policy.save_pretrained(root / "policy")
-    tokenizer.save_pretrained(root / "policy")
-    return root / "policy", root / "reward"
+    return favouring_policy(tiny, favoured, root / "policy"), last_token_reward(tiny, root / "reward")
 
 
 def settings(models: tuple[Path, Path], out: Path, **overrides) -> dict:
@@ -106,51 +79,27 @@ def test_the_reward_terms_are_the_reward_models_score_and_the_eos_rule(models):
     assert eos_term(prompts=prompts, completions=completions, completion_ids=ended) == [0.0, -1.0]
 
 
-RUN_UNTIL_KILLED = """
-import json, sys
-from pathlib import Path
+RUN_UNTIL_KILLED = KILLED_RECIPE + """
 from instructflow.models.grpo import train_grpo
 from instructflow.tasks.config import GRPOConfig
-job = json.loads(Path(sys.argv[1]).read_text())
-log = Path(sys.argv[2])
-def record(step, values):
-    with log.open("a") as handle:
-        handle.write(f"{step}\\n")
+from recipe_helpers import tiny_llama, KILLED_RECIPE, favouring_policy, kill_mid_training, last_token_reward
 train_grpo(job["prompts"], GRPOConfig(**job["cfg"]), Path(job["policy"]), Path(job["reward"]), Path(job["out"]),
            on_step=record)
 """
 
 
 def test_a_sigkilled_run_resumes_from_its_last_checkpoint(models, tmp_path):
-    out, log = tmp_path / "run", tmp_path / "steps.log"
-    overrides = dict(max_steps=10, save_steps=2)
-    base = settings(models, out, **overrides)
-    cfg = {k: getattr(base["cfg"], k) for k in ("max_steps", "batch_size", "num_generations", "max_completion_length",
-                                                 "max_length", "learning_rate", "warmup_ratio", "lr_scheduler",
-                                                 "save_steps", "eval_steps", "beta", "temperature", "seed")}
-    job = tmp_path / "job.json"
+    out, log, job = tmp_path / "run", tmp_path / "steps.log", tmp_path / "job.json"
+    cfg = dict(max_steps=10, batch_size=8, num_generations=4, max_completion_length=2, max_length=64,
+               learning_rate=5e-3, warmup_ratio=0.0, lr_scheduler="constant", save_steps=2, eval_steps=2, beta=0.0,
+               temperature=1.0, seed=3)
     job.write_text(json.dumps({"prompts": PROMPTS, "cfg": cfg, "policy": str(models[0]), "reward": str(models[1]),
                                "out": str(out)}))
-    child = subprocess.Popen([sys.executable, "-c", RUN_UNTIL_KILLED, str(job), str(log)], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    try:
-        while not ((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").is_file()
-                   and log.exists() and max(map(int, log.read_text().split())) >= 5):
-            assert child.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "no checkpoint-4 in time"
-            time.sleep(0.2)
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
-    finally:
-        if child.poll() is None:
-            child.kill()
-    assert not (out / "final").exists()
-    newest = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*")
-                 if (p / "trainer_state.json").is_file())
+    newest = kill_mid_training(RUN_UNTIL_KILLED, [str(job), str(log)], out / "checkpoints", log)
+    assert not (out / "final").exists() and newest >= 4
     resumed: list[int] = []
-    metrics = train_grpo(PROMPTS, **base, on_step=lambda s, v: resumed.append(s))
-    assert metrics["resumed_from"] == str(out / "checkpoints" / f"checkpoint-{newest}") and newest >= 4
+    metrics = train_grpo(PROMPTS, GRPOConfig(**cfg), *models, out, on_step=lambda s, v: resumed.append(s))
+    assert metrics["resumed_from"] == str(out / "checkpoints" / f"checkpoint-{newest}")
     assert min(resumed) == newest + 1 and metrics["steps"] == 10 and (out / "final" / "config.json").is_file()
 
 

@@ -14,7 +14,6 @@ The models are built by hand so that a few CPU updates show learning:
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import statistics
 from pathlib import Path
@@ -23,11 +22,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, LlamaForSequenceClassification
 
-from instructflow.models.bundled import ensure_bundled_hf_dir
 from instructflow.models.ppo import PPOInputError, last_complete_round, train_ppo
 from instructflow.models.sampling import generate_responses
-from instructflow.models.tiny import build_tiny_llama
 from instructflow.tasks.config import PPOConfig
+from recipe_helpers import favouring_policy, last_token_reward, tiny_llama
 
 WORDS = [" yes", " no", " red", " blue", " cat", " dog", " one", " two"]
 PROMPTS = [f"<|im_start|>user\nQuestion {i}: pick a word.<|im_end|>\n<|im_start|>assistant\n" for i in range(16)]
@@ -38,35 +36,14 @@ STEP_KEYS = {"reward", "rlhf_reward", "kl", "entropy", "policy_loss", "value_los
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> tuple[Path, Path]:
     """(policy dir, reward dir) as described in the module docstring."""
-    cache = Path(os.environ.get("INSTRUCTFLOW_CACHE") or Path.home() / ".cache" / "instructflow")
     root = tmp_path_factory.mktemp("ppo-models")
-    tiny = build_tiny_llama(root / "tiny", tokenizer_dir=ensure_bundled_hf_dir(cache), seed=0)
+    tiny = tiny_llama(root)
     tokenizer = AutoTokenizer.from_pretrained(tiny)
     words = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in WORDS]
     assert all(len(ids) == 1 for ids in words)
     words = [ids[0] for ids in words]
 
-    reward = LlamaForSequenceClassification.from_pretrained(tiny, num_labels=1)
-    reward.config.pad_token_id = tokenizer.pad_token_id
-    with torch.no_grad():
-        for layer in reward.model.layers:  # residual stream = the token embedding, untouched by context
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        yes = reward.model.embed_tokens.weight[words[0]]
-        reward.score.weight.copy_(0.5 * yes / yes.norm())  # |norm(e)| = sqrt(64): score(" yes") = 4
-    reward.save_pretrained(root / "reward")
-    tokenizer.save_pretrained(root / "reward")
-
-    policy = LlamaForCausalLM.from_pretrained(tiny)
-    policy.config.tie_word_embeddings = False
-    with torch.no_grad():
-        policy.lm_head.weight = torch.nn.Parameter(policy.model.embed_tokens.weight.detach().clone())
-        policy.model.embed_tokens.weight[:, 0] = 1.0  # a constant feature in every hidden state ...
-        policy.lm_head.weight[:, 0] = 0.0
-        policy.lm_head.weight[words, 0] = 1.5  # ... that only the candidate words' logits read (+12 nats)
-    policy.save_pretrained(root / "policy")
-    tokenizer.save_pretrained(root / "policy")
-    return root / "policy", root / "reward"
+    return favouring_policy(tiny, words, root / "policy"), last_token_reward(tiny, root / "reward", words[0])
 
 
 def settings(policy: Path, reward: Path, out: Path, **overrides) -> dict:
