@@ -9,6 +9,7 @@ from instructflow.flows.common import StageSpec, data_home, flow_run_id, freshne
 from instructflow.flows.stages import stage_names, stage_spec, stages
 from instructflow.flows.status import publish_status
 from instructflow.tasks.config import Config, load_config
+from instructflow.tasks.secrets import redact_log_handlers
 
 
 def run_stage(spec: StageSpec, cfg: Config, home: Path, run_id: str | None, force: bool) -> dict:
@@ -30,7 +31,8 @@ def pipeline(profile: str | None = None, config: str | None = None, home: str | 
     The CLI passes the config it resolved as `cfg`; a deployment run passes profile and config file,
     resolved here, once, at the start of the run."""
     logger = get_run_logger()
-    cfg = cfg or load_config(profile, config)
+    cfg = cfg or load_config(profile, config)  # loading remembers the config's secrets (tasks/secrets.py)
+    redact_log_handlers()  # a served deployment's run never went through the CLI's quiet_console
     home_path = data_home(home)
     wh = warehouse_for(home_path)
     unknown = set(stages_to_run or []) - set(stage_names())

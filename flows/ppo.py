@@ -25,6 +25,7 @@ def ppo_flow(cfg: Config, home: str, run_id: str | None = None, force: bool = Fa
         sft, reward = ctx.wh.latest_checkpoint("sft"), ctx.wh.latest_checkpoint("reward")
         if sft is None or reward is None:
             raise ValueError("PPO needs an SFT and a reward checkpoint: run the sft and reward stages first")
+        ctx.base_model = Path(sft["path"])
         ppo_cfg = cfg.ppo
         prompts = [prompt for _, prompt in heldout_prompts(cfg, ctx.wh, ppo_cfg.prompt_source, ppo_cfg.prompts, ppo_cfg.seed)]
         result = train(ctx, prompts, Path(sft["path"]), Path(reward["path"]), ctx.run_dir(sft["path"], reward["path"]))

@@ -29,6 +29,7 @@ def reward_flow(cfg: Config, home: str, run_id: str | None = None, force: bool =
         sft = ctx.wh.latest_checkpoint("sft")
         if sft is None:
             raise ValueError("no SFT checkpoint yet: run `instructflow stage sft` first")
+        ctx.base_model = Path(sft["path"])
         pairs = queries.training_pairs(ctx.wh)
         if len(pairs) < 4:
             raise ValueError(f"only {len(pairs)} usable preference pairs (need >= 4): judge more prompts "
