@@ -11,7 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# an unexpected error's traceback shows no local variables: they hold the teacher's URL and key
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Seed tasks -> Self-Instruct -> ROUGE-L filter -> SFT -> preferences -> reward -> PPO -> evaluate.")
 console = Console(stderr=True, soft_wrap=True)  # one-line errors stay one line at any width
 
@@ -28,7 +29,11 @@ VerboseOpt = typer.Option(False, "--verbose", "-v", help="Also show library warn
 
 
 def fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    from rich.markup import escape
+
+    from instructflow.tasks.secrets import redact
+
+    console.print(f"[bold red]error:[/] {escape(redact(message))}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -67,27 +72,39 @@ def _prepare(home: Optional[str], config: Optional[str], profile: Optional[str],
 
         guard_ephemeral_server()
     from instructflow.flows.common import quiet_console
+    from instructflow.flows.server import stop_on_term_and_hangup
     from instructflow.flows.status import publish_status
 
+    stop_on_term_and_hangup()  # SIGTERM/SIGHUP: one line and exit 143/129, with every child process stopped
     quiet_console(home_path, verbose)
     if hold_warehouse:
         publish_status(cfg, home_path, None)  # `status` answers from it while this process holds the lock
     return cfg, home_path
 
 
-def _run_guarded(fn):
+def _run_guarded(fn, home_path: Path):
+    from instructflow.flows.server import Terminated
     from instructflow.tasks.config import ConfigError
+    from instructflow.tasks.exhaustion import exhausted, exhaustion_line
     from instructflow.warehouse.store import WarehouseError
 
     try:
         return fn()
-    # RuntimeError: a stage's own failure (e.g. a launcher); Prefect has already logged the traceback
+    # RuntimeError: a stage's own failure (e.g. a launcher, a full disk); Prefect has already logged the traceback
     except (ConfigError, WarehouseError, KeyError, ValueError, FileNotFoundError, RuntimeError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         fail(str(message).splitlines()[0] if message else type(exc).__name__, code=1)
+    except Terminated as exc:  # SIGTERM / SIGHUP: unwound like Ctrl-C, so every child process was stopped
+        console.print(f"[yellow]terminated ({exc.name}): rerun the same command to resume[/]")
+        raise typer.Exit(128 + exc.signum)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: rerun the same command to resume[/]")
         raise typer.Exit(130)
+    except Exception as exc:  # out of disk or memory outside a stage (a stage says it itself): one line too
+        kind = exhausted(exc, home_path)
+        if kind is None:
+            raise
+        fail(exhaustion_line(kind, "run", home_path, log=home_path / "logs" / "console.log"), code=1)
 
 
 @app.command()
@@ -101,7 +118,7 @@ def run(profile: Optional[str] = ProfileOpt, home: Optional[str] = HomeOpt, conf
     _check_memory(cfg, only)
     from instructflow.flows.pipeline import pipeline
 
-    results = _run_guarded(lambda: pipeline(home=str(home_path), stages_to_run=only, force=force, cfg=cfg))
+    results = _run_guarded(lambda: pipeline(home=str(home_path), stages_to_run=only, force=force, cfg=cfg), home_path)
     _print_summary(cfg, home_path, results)
     _print_outcome(home_path, results)
 
@@ -125,7 +142,7 @@ def stage(name: str = typer.Argument(..., help="Stage name (see `instructflow st
         fail(f"{name} is not among profile {cfg.profile}'s methods ({', '.join(cfg.methods) or 'none'}): add it to "
              f"`methods` in [profiles.{cfg.profile}]")
     _check_memory(cfg, stage_names()[stage_names().index(name):] if downstream else [name])
-    results = _run_guarded(lambda: run_single(name, cfg, home_path, force, downstream))
+    results = _run_guarded(lambda: run_single(name, cfg, home_path, force, downstream), home_path)
     _print_summary(cfg, home_path, results)
 
 
@@ -222,48 +239,33 @@ def _print_plans(cfg, plans, shape, source, where) -> None:
 def status(profile: Optional[str] = ProfileOpt, home: Optional[str] = HomeOpt, config: Optional[str] = ConfigOpt,
            as_json: bool = typer.Option(False, "--json", help="Print one JSON object (the scripting contract).")):
     """What each stage last produced, and which stages are stale (and why)."""
-    from instructflow.flows.common import data_home
-    from instructflow.flows.status import running_snapshot, stage_status, warehouse_exists
-    from instructflow.tasks.config import ConfigError
-    from instructflow.warehouse.store import WarehouseError, open_warehouse
+    from instructflow.flows.status import read_status, warehouse_exists
 
-    try:
-        home_path = data_home(home)
-        live = running_snapshot(home_path)  # a run holds the warehouse's lock: what it published
-        wh = open_warehouse(home_path, read_only=True) if warehouse_exists(home_path) and not live else None
-        cfg, profile_source = _config_for_reading(profile, config, wh)
-    except (ConfigError, WarehouseError) as exc:
-        if as_json and "DuckDB lock" in str(exc):  # held, nothing published yet: still one JSON object
-            print(json.dumps({"running": True, "stage": None, "home": str(home_path), "error": str(exc)}))
-        fail(str(exc), code=1)
-    try:
-        report = live or {"running": False, **stage_status(cfg, home_path, wh)}
-        if wh is not None and not live:
-            from instructflow.warehouse.queries import open_batches
-
-            report["open_batches"] = [b["batch_id"] or b["input_file_id"] for b in open_batches(wh)]
-    finally:
-        if wh is not None:
-            wh.close()
-    report["profile_source"] = "running" if live else profile_source
+    report = read_status(home, profile, config)  # always an answer: the states, or an "error"
+    if "error" in report:
+        if as_json:
+            print(json.dumps(report, default=str))
+        fail(report["error"], code=1)
     if as_json:
         print(json.dumps(report, default=str))
         return
+    live = report if report["running"] else None
     if live:
         console.print(f"a run (pid {live['pid']}) holds the warehouse: "
                       f"{'stage ' + live['stage'] + ' is running' if live['stage'] else 'between stages'}; "
                       f"states as of {live['as_of']}")
-    elif wh is None:
-        console.print(f"No runs yet in [bold]{home_path}[/]: every stage is [dim]never[/]. "
+    elif not warehouse_exists(Path(report["home"])):
+        console.print(f"No runs yet in [bold]{report['home']}[/]: every stage is [dim]never[/]. "
                       "Start with `instructflow run` (or `make run`).")
-    table = Table(title=f"instructflow status · {home_path} · profile {report['profile']} "
+    table = Table(title=f"instructflow status · {report['home']} · profile {report['profile']} "
                         f"({PROFILE_SOURCES[report['profile_source']]})")
     for column in ("stage", "state", "last run", "key metrics", "why"):
         table.add_column(column, overflow="fold")
-    colours = {"fresh": "green", "stale": "yellow", "failed": "red", "never": "dim"}
+    colours = {"fresh": "green", "stale": "yellow", "failed": "red", "interrupted": "magenta", "never": "dim",
+               "off": "dim"}
     for name, entry in report["stages"].items():
         metrics = ", ".join(f"{k}={_short(v)}" for k, v in list(entry["metrics"].items())[:5])
-        table.add_row(name, f"[{colours[entry['state']]}]{entry['state']}[/]", entry["last_run"] or "-",
+        table.add_row(name, f"[{colours.get(entry['state'], 'white')}]{entry['state']}[/]", entry["last_run"] or "-",
                       metrics or "-", "; ".join(entry["why"]) or "-")
     Console().print(table)
     if report.get("open_batches"):
@@ -276,19 +278,9 @@ PROFILE_SOURCES = {"option": "--profile", "env": "$INSTRUCTFLOW_PROFILE", "last_
 
 
 def _config_for_reading(profile: Optional[str], config: Optional[str], wh):
-    """(config, where its profile came from) for commands that read a home: --profile, then
-    $INSTRUCTFLOW_PROFILE, then the profile of the home's last run (what its stages were built
-    with), then the config file's default (also when the last run's profile is no longer defined)."""
-    from instructflow.tasks.config import list_profiles, load_config
+    from instructflow.flows.status import config_for_reading
 
-    if profile:
-        return load_config(profile, config), "option"
-    if os.environ.get("INSTRUCTFLOW_PROFILE"):
-        return load_config(None, config), "env"
-    last = wh.last_run() if wh is not None else None
-    if last is not None and last["profile"] in list_profiles(config):
-        return load_config(last["profile"], config), "last_run"
-    return load_config(None, config), "default"
+    return config_for_reading(profile, config, wh)
 
 
 def _short(value) -> str:

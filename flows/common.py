@@ -7,8 +7,10 @@ from __future__ import annotations
 import atexit
 import importlib
 import json
+import logging
 import os
 import shutil
+import signal
 import time
 import traceback
 from contextlib import contextmanager
@@ -16,8 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from instructflow.tasks.config import Config, stable_hash
+from instructflow.tasks.config import SAVE_TOTAL_LIMIT, Config, stable_hash
+from instructflow.tasks.exhaustion import (DISK, ResourceExhausted, disk_need, exhausted, exhaustion_line,
+                                           free_partial_saves)
 from instructflow.tasks.library_output import quiet_progress_bars
+from instructflow.tasks.secrets import redact, redact_exception, redact_log_handlers
 from instructflow.warehouse import queries
 from instructflow.warehouse.store import WAREHOUSE_FILE, Warehouse, WarehouseError, WarehouseLocked, open_warehouse
 
@@ -36,13 +41,19 @@ def data_home(explicit: str | Path | None = None) -> Path:
     return home
 
 
+class BestEffortFileHandler(logging.FileHandler):
+    """HOME/logs/console.log: a record it cannot write (a full disk) is dropped, not reported on stderr,
+    where it would bury the command's one-line error."""
+
+    def handleError(self, record) -> None:
+        pass
+
+
 def quiet_console(home: Path, verbose: bool = False) -> Path:
     """Library output (Python warnings, Prefect's and transformers' log records, Prefect's tracebacks
     of a failed task) goes to HOME/logs/console.log, and the libraries draw no progress bars of their
     own; the console keeps our progress lines, result tables and the one-line error. With verbose,
     the console shows it all as well."""
-    import logging
-
     import transformers.utils.logging as transformers_logging
     from prefect.logging.configuration import ensure_logging_setup
 
@@ -50,7 +61,7 @@ def quiet_console(home: Path, verbose: bool = False) -> Path:
 
     path = home / "logs" / "console.log"
     path.parent.mkdir(parents=True, exist_ok=True)
-    to_file = logging.FileHandler(path, encoding="utf-8")
+    to_file = BestEffortFileHandler(path, encoding="utf-8")
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     if not verbose:
@@ -62,6 +73,7 @@ def quiet_console(home: Path, verbose: bool = False) -> Path:
         quiet_progress_bars()
     root.addHandler(to_file)
     logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger -> the handlers above
+    redact_log_handlers()  # every handler, Prefect's API log handler included: no secret is written or shipped
     return path
 
 
@@ -159,7 +171,10 @@ def release_warehouse(home: Path) -> None:
     """Close this process's connection to the home (the lock is free for the next run at once)."""
     wh = _warehouses.pop(Path(home), None)
     if wh is not None:
-        wh.close()
+        try:
+            wh.close()
+        except Exception:  # a connection a full disk invalidated: the lock goes with the process
+            pass
         (Path(home) / STATUS_SNAPSHOT).unlink(missing_ok=True)  # the lock is free: `status` reads the warehouse again
 
 
@@ -169,6 +184,7 @@ def close_warehouses() -> None:
 
 
 STATUS_SNAPSHOT = "status-snapshot.json"
+INTERRUPTED = "interrupted"  # a stage run that did not end on its own: its recorded error starts so, status shows it so
 
 
 def seed_paths(cfg: Config) -> list[Path]:
@@ -221,6 +237,7 @@ class StageContext:
     inputs: dict
     metrics: dict = field(default_factory=dict)
     output_hash: str | None = None
+    base_model: Path | None = None  # a training stage's starting model: sizes the disk a run needs, if it runs out
 
     @property
     def out_dir(self) -> Path:
@@ -283,13 +300,27 @@ def stage_context(spec: StageSpec, cfg: Config, home: str | Path, run_id: str | 
     try:
         yield ctx
     except BaseException as exc:
-        message = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-        wh.finish_stage_run(stage_run_id, "failed", ctx.metrics, None, message)
+        redact_exception(exc)  # Prefect's state message and log of this exception come after us
+        kind = exhausted(exc, home_path / "stages" / spec.name) if isinstance(exc, Exception) else None
+        # a full disk: what the failed save left is useless (a rerun deletes it too); it is the room we need
+        freed = free_partial_saves(home_path / "stages" / spec.name) if kind == DISK else 0
+        log = home_path / "logs" / f"{spec.name}-{stage_run_id}.txt"
+        if isinstance(exc, Exception):  # not Ctrl-C, a signal or an exit: those have no traceback to keep
+            trace = redact(traceback.format_exc())
+            if not _best_effort(lambda: (log.parent.mkdir(exist_ok=True), log.write_text(trace))):
+                _best_effort(lambda: log.unlink(missing_ok=True))
+                log = None  # still no room: Prefect's copy may reach console.log
+        if kind:
+            message = _exhaustion_message(kind, ctx, log, freed)
+        elif interruption(exc):
+            message = f"{INTERRUPTED} ({interruption(exc)})"
+        else:
+            message = redact(f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
+        _best_effort(lambda: wh.finish_stage_run(stage_run_id, "failed", ctx.metrics, None, message[:1000]))
         if own_run:
-            wh.finish_run(run_id, "failed")
-        if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            (home_path / "logs").mkdir(exist_ok=True)
-            (home_path / "logs" / f"{spec.name}-{stage_run_id}.txt").write_text(traceback.format_exc())
+            _best_effort(lambda: wh.finish_run(run_id, "failed"))
+        if kind:
+            raise ResourceExhausted(message) from exc
         raise
     # Inputs are re-read at the end: a stage that changes its own inputs (generate adds candidates
     # the filter hashes) must be recorded against what it finally consumed.
@@ -315,6 +346,40 @@ def recipe_task(name: str, recipe: str):
     return run
 
 
+def interruption(exc: BaseException) -> str | None:
+    """What stopped a stage from outside: "Ctrl-C", "SIGTERM", "SIGHUP"; None for a failure of its own.
+    SIGTERM arrives as Prefect's TerminationSignal inside a flow run (Prefect's handler, which hands the
+    signal back to ours, flows/server.py `Terminated`, once the flow has unwound) and as Terminated outside."""
+    number = getattr(exc, "signum", None) or getattr(exc, "signal", None)
+    if isinstance(exc, (Exception, SystemExit)):
+        return None
+    if isinstance(number, int):
+        try:
+            return signal.Signals(number).name
+        except ValueError:
+            return f"signal {number}"
+    return "Ctrl-C" if isinstance(exc, KeyboardInterrupt) else type(exc).__name__
+
+
+def _best_effort(write: Callable[[], Any]) -> bool:
+    """A record of a failure that must not replace the failure (a full disk fails the record too)."""
+    try:
+        write()
+        return True
+    except Exception:
+        return False
+
+
+def _exhaustion_message(kind: str, ctx: StageContext, log: Path | None, freed: int) -> str:
+    """The one line for a stage that ran out of disk or memory: where, how much is free, what it needs."""
+    section = getattr(ctx.cfg, ctx.stage, None)
+    knobs = tuple(f"{ctx.stage}.{key}" for key in ("batch_size", "max_length") if hasattr(section, key))
+    stage_dir = ctx.home / "stages" / ctx.stage
+    need = disk_need(stage_dir, ctx.base_model, SAVE_TOTAL_LIMIT) if ctx.base_model is not None else None
+    return exhaustion_line(kind, ctx.stage, stage_dir if stage_dir.exists() else ctx.home, need=need, knobs=knobs,
+                           log=log, freed=freed)
+
+
 def flow_run_id() -> str | None:
     try:
         from prefect.runtime import flow_run
@@ -337,6 +402,7 @@ def publish_artifacts(ctx: StageContext, title: str, summary: dict[str, Any], sa
         lines.append(f"| {key} | {shown} |")
     if notes:
         lines += ["", notes]
+    lines = [redact(line) for line in lines]  # the text: plots are images
     for name, path in (plots or {}).items():
         if path and Path(path).exists():
             lines += ["", f"## {name}", "", f"![{name}]({png_data_uri(Path(path))})"]
@@ -347,8 +413,8 @@ def publish_artifacts(ctx: StageContext, title: str, summary: dict[str, Any], sa
         return
     create_markdown_artifact(markdown=markdown, key=f"{key}-summary", description=f"{ctx.stage}: latest summary")
     if samples:
-        clean = [{k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in row.items()}
-                 for row in samples[:200]]
+        clean = [{k: (redact(v) if isinstance(v, str) else v if isinstance(v, (int, float, bool)) or v is None
+                      else redact(str(v))) for k, v in row.items()} for row in samples[:200]]
         create_table_artifact(table=clean, key=f"{key}-samples", description=f"{ctx.stage}: samples")
 
 

@@ -75,11 +75,15 @@ def _teacher_check(cfg) -> tuple[str, str, bool]:
         return ("teacher", f"embedded: transformers serve on {teacher.embedded_model} (started per stage)", bool(found))
     import httpx
 
-    from instructflow.tasks.config import teacher_api_key
+    from instructflow.tasks.config import teacher_api_key, teacher_endpoint
+    from instructflow.tasks.teacher import TeacherSettings
 
-    url = teacher.endpoint.rstrip("/") + "/models"
+    # teacher.endpoint is the URL with its credentials masked: what this row shows
+    args = TeacherSettings(base_url=teacher_endpoint(teacher), model="-", api_key=teacher_api_key(teacher)
+                           ).openai_client_args()
     try:
-        response = httpx.get(url, headers={"Authorization": f"Bearer {teacher_api_key(teacher)}"}, timeout=10)
+        response = httpx.get(args["base_url"].rstrip("/") + "/models", params=args.get("default_query"),
+                             headers={"Authorization": f"Bearer {args['api_key']}"}, timeout=10)
         return ("teacher", f"{teacher.endpoint} answered {response.status_code}", response.status_code < 400)
     except httpx.HTTPError as exc:
         return ("teacher", f"{teacher.endpoint} unreachable: {type(exc).__name__}", False)

@@ -18,6 +18,7 @@ train = recipe_task("train-dpo", "dpo:train_dpo")
 def dpo_flow(cfg: Config, home: str, run_id: str | None = None, force: bool = False) -> dict:
     with stage_context(STAGE, cfg, home, run_id, force) as ctx:
         split = preference_split(cfg, ctx.wh)
+        ctx.base_model = Path(split.sft_path)  # what a disk-full message estimates the stage's checkpoints from
         # train_dpo keeps prompt, chosen and rejected of each row
         result = train(split.train, split.eval, cfg.dpo, Path(split.sft_path), ctx.run_dir(split.set_hash, split.sft_path),
                        on_step=ctx.step)

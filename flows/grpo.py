@@ -17,6 +17,7 @@ train = recipe_task("train-grpo", "grpo:train_grpo")
 def grpo_flow(cfg: Config, home: str, run_id: str | None = None, force: bool = False) -> dict:
     with stage_context(STAGE, cfg, home, run_id, force) as ctx:
         sft, reward, prompts = rl_inputs(cfg, ctx.wh, "grpo")
+        ctx.base_model = Path(sft)  # what a disk-full message estimates the stage's checkpoints from
         result = train(prompts, cfg.grpo, Path(sft), Path(reward), ctx.run_dir(sft, reward), on_step=ctx.step)
         metrics = {k: result.get(k) for k in ("prompts_used", "skipped_prompts", "steps", "num_generations", "beta",
                                               "reward_first", "reward_last", "reward_slope", "kl_last",

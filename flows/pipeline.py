@@ -10,6 +10,7 @@ from instructflow.flows.common import (StageSpec, data_home, flow_run_id, freshn
 from instructflow.flows.stages import stage_names, stage_spec, stages
 from instructflow.flows.status import publish_status
 from instructflow.tasks.config import Config, load_config
+from instructflow.tasks.secrets import redact_log_handlers
 
 
 def run_stage(spec: StageSpec, cfg: Config, home: Path, run_id: str | None, force: bool) -> dict:
@@ -34,7 +35,8 @@ def pipeline(profile: str | None = None, config: str | None = None, home: str | 
     (`warehouse_for`, logged); a run that took the warehouse itself (a deployment's) frees it when it
     ends, so the next run of the home starts as soon as this one is over."""
     logger = get_run_logger()
-    cfg = cfg or load_config(profile, config)
+    cfg = cfg or load_config(profile, config)  # loading remembers the config's secrets (tasks/secrets.py)
+    redact_log_handlers()  # a served deployment's run never went through the CLI's quiet_console
     home_path = data_home(home)
     own_warehouse = not holds_warehouse(home_path)
     try:

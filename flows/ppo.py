@@ -17,6 +17,7 @@ train = recipe_task("train-ppo", "ppo:train_ppo")
 def ppo_flow(cfg: Config, home: str, run_id: str | None = None, force: bool = False) -> dict:
     with stage_context(STAGE, cfg, home, run_id, force) as ctx:
         sft, reward, prompts = rl_inputs(cfg, ctx.wh, "ppo")
+        ctx.base_model = Path(sft)  # what a disk-full message estimates the stage's checkpoints from
         result = train(prompts, cfg.ppo, Path(sft), Path(reward), ctx.run_dir(sft, reward), on_step=ctx.step)
         metrics = {k: result.get(k) for k in ("steps", "episodes", "reward_first", "reward_last", "reward_slope", "kl_last",
                                               "policy_checkpoint", "value_checkpoint", "episodes_per_s", "wall_s",

@@ -17,6 +17,7 @@ train = recipe_task("train-reward", "reward:train_reward")
 def reward_flow(cfg: Config, home: str, run_id: str | None = None, force: bool = False) -> dict:
     with stage_context(STAGE, cfg, home, run_id, force) as ctx:
         split = preference_split(cfg, ctx.wh)
+        ctx.base_model = Path(split.sft_path)  # what a disk-full message estimates the stage's checkpoints from
         set_hash = split.set_hash
         # train_reward keeps prompt, chosen and rejected of each row (pair_key stays here)
         result = train(split.train, split.eval, cfg.reward, Path(split.sft_path), ctx.run_dir(set_hash, split.sft_path),

@@ -71,11 +71,21 @@ def port_free(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread: it unwinds the command as Ctrl-C does (every
+    `finally` and context manager stops what it started), then the command exits 128 + signum."""
+
+    def __init__(self, signum: int):
+        self.signum, self.name = signum, signal.Signals(signum).name
+        super().__init__(self.name)
+
+
 def stop_on_term_and_hangup() -> None:
-    """SIGTERM and SIGHUP unwind a long-lived command as Ctrl-C does, so the `finally` blocks stop
-    what it started (its server lives in its own session and would outlive it otherwise)."""
+    """SIGTERM and SIGHUP unwind a command as Ctrl-C does, so the `finally` blocks stop what it
+    started: the embedded teacher, an accelerate launch and its ranks, a Prefect server (in its own
+    session, it would outlive the command otherwise), the ephemeral API (at exit)."""
     def interrupt(signum, frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
+        raise Terminated(signum)
 
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, interrupt)

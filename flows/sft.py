@@ -43,7 +43,7 @@ def sft_flow(cfg: Config, home: str, run_id: str | None = None, force: bool = Fa
                              "`instructflow stage generate` (or `instructflow run`) first")
         queries.store_sft_examples(ctx.wh, data_hash, [("train", e) for e in train_examples] +
                                    [("eval", e) for e in eval_examples])
-        base = local_model_dir(cfg.sft.base_model)
+        base = ctx.base_model = local_model_dir(cfg.sft.base_model)
         tokenizer = AutoTokenizer.from_pretrained(base)
         train_rows = [to_prompt_completion(e, cfg.sft.style, tokenizer) for e in train_examples]
         eval_rows = [to_prompt_completion(e, cfg.sft.style, tokenizer) for e in eval_examples]

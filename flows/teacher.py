@@ -12,7 +12,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from instructflow.flows.common import StageContext, cache_dir
 from instructflow.tasks.batch import BatchAPIError, BatchJobs
-from instructflow.tasks.config import Config, teacher_api_key
+from instructflow.tasks.config import Config, teacher_api_key, teacher_endpoint
 from instructflow.tasks.judge import judge_pairs
 from instructflow.tasks.teacher import TeacherSettings
 
@@ -43,7 +43,8 @@ def teacher_session(cfg: Config, home: Path) -> Iterator[TeacherSettings]:
     if teacher.endpoint != "embedded":
         if not teacher.model:
             raise ValueError("teacher.model (or INSTRUCTFLOW_TEACHER_MODEL) must name the model for a remote endpoint")
-        yield TeacherSettings(base_url=teacher.endpoint, model=teacher.model, api_key=teacher_api_key(teacher), **common)
+        yield TeacherSettings(base_url=teacher_endpoint(teacher), model=teacher.model, api_key=teacher_api_key(teacher),
+                              **common)
         return
     from instructflow.models.teacher_server import TeacherServer
 
@@ -72,7 +73,7 @@ def judge_with_teacher(ctx: StageContext, pairs: list[tuple[str, str, str]]) -> 
             return asyncio.run(judge_pairs(ctx.wh, settings, ctx.stage, pairs, force=ctx.force, jobs=jobs,
                                            on_progress=show))
         except BatchAPIError as exc:
-            raise RuntimeError(f"{ctx.stage}: teacher endpoint {settings.base_url} refused a Batch API call: {exc} "
+            raise RuntimeError(f"{ctx.stage}: teacher endpoint {settings.endpoint} refused a Batch API call: {exc} "
                                f"(check teacher.endpoint and the API key env var {teacher.api_key_env}; the "
                                f"verdicts stored so far are kept)") from None
         finally:

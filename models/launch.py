@@ -21,10 +21,27 @@ def accelerate_launch(module: str, job: Path, section: TrainingConfig, log_path:
     if section.num_processes:
         command += ["--num_processes", str(section.num_processes)]
     command += ["-m", module, "--job", str(job)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        log_path.write_text(done.stdout + done.stderr)
-        raised = [line.strip() for line in done.stderr.splitlines()
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = launcher.communicate()
+    except BaseException:  # Ctrl-C, SIGTERM (flows/server.py `Terminated`): stop the launcher and its ranks
+        stop_launcher(launcher)
+        raise
+    if launcher.returncode != 0:
+        log_path.write_text(stdout + stderr)
+        raised = [line.strip() for line in stderr.splitlines()
                   if re.match(r"^\w+(\.\w+)*(Error|Exception): ", line.strip()) and "ChildFailedError" not in line]
-        why = raised[0] if raised else " | ".join(done.stderr.strip().splitlines()[-3:])
-        raise RuntimeError(f"accelerate launch failed ({done.returncode}): {why} (full log: {log_path})")
+        why = raised[0] if raised else " | ".join(stderr.strip().splitlines()[-3:])
+        raise RuntimeError(f"accelerate launch failed ({launcher.returncode}): {why} (full log: {log_path})")
+
+
+def stop_launcher(launcher: subprocess.Popen, grace_s: float = 30) -> None:
+    """SIGTERM, not SIGKILL: torch's elastic agent stops its ranks on SIGTERM (they run in sessions of
+    their own, so nothing else would reach them), then exits; SIGKILL only if it does not in `grace_s`."""
+    if launcher.poll() is None:
+        launcher.terminate()
+    try:
+        launcher.communicate(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        launcher.kill()
+        launcher.communicate()

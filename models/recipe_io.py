@@ -26,14 +26,13 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 from transformers import TrainerCallback
 
 from instructflow.models.files import read_json, replace_dir, write_json
-from instructflow.tasks.config import TrainerConfig, TrainingConfig
+from instructflow.tasks.config import SAVE_TOTAL_LIMIT, TrainerConfig, TrainingConfig
 
 StepCallback = Callable[[int, dict[str, float]], None]
 ProgressCallback = Callable[[int, int], None]
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # never lm_head
 LOGGING_STEPS = 1              # every optimizer step reaches on_step
-SAVE_TOTAL_LIMIT = 2           # Trainer checkpoints kept (resume needs only the newest)
 RUN_FILE = "run.json"          # job fingerprint + values measured before training, for resumes
 METRICS_FILE = "metrics.json"  # written last into final/: its presence marks a complete result
 

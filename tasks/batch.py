@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import openai
 
+from instructflow.tasks.secrets import public_url, real_endpoint
 from instructflow.tasks.teacher import (RESPONSE_TYPES, TeacherClient, TeacherRequest, TeacherResult, TeacherSettings,
                                        redact, request_body, status_detail)
 from instructflow.warehouse import queries
@@ -108,8 +109,7 @@ class BatchAPI:
     def __init__(self, settings: TeacherSettings):
         self.settings = settings
         # the client's own retries are on here: these are few, idempotent-enough control calls
-        self.client = openai.OpenAI(base_url=settings.base_url, api_key=settings.api_key, max_retries=3,
-                                    timeout=settings.timeout_s)
+        self.client = openai.OpenAI(**settings.openai_client_args(), max_retries=3, timeout=settings.timeout_s)
 
     def close(self) -> None:
         self.client.close()
@@ -200,16 +200,16 @@ class BatchJobs:
         """(request, purpose, what handling its answer needs) lines as one new batch."""
         s = self.settings
         input_file_id = self.api.upload(encode_jsonl(batch_line(request, s) for request, _, _ in requests))
-        queries.record_batch_input(self.wh, input_file_id, self.stage, s.base_url,
+        queries.record_batch_input(self.wh, input_file_id, self.stage, s.endpoint,
                                    [(r.key, purpose, r.prompt, dict(r.params), meta) for r, purpose, meta in requests])
         self._create(input_file_id)
 
     def finish_open(self) -> None:
         for row in queries.open_batches(self.wh, self.stage):
             batch_id = row["batch_id"]
-            if row["endpoint"] != self.settings.base_url:
-                raise BatchFailed(f"batch {batch_id or row['input_file_id']} is open at {row['endpoint']}, not at "
-                                  f"teacher.endpoint {self.settings.base_url}: point teacher.endpoint back "
+            if public_url(row["endpoint"]) != self.settings.endpoint:  # stored masked (older homes: as given)
+                raise BatchFailed(f"batch {batch_id or row['input_file_id']} is open at {public_url(row['endpoint'])}, "
+                                  f"not at teacher.endpoint {self.settings.endpoint}: point teacher.endpoint back "
                                   f"at it so it is collected, or `instructflow batches --cancel {batch_id}`")
             if batch_id is None:  # killed between upload and create: adopt the batch if it was created
                 found = self.api.find_by_input(row["input_file_id"])
@@ -251,7 +251,7 @@ class BatchJobs:
         missing = sum(1 for *_, m in lines if m)
         logger.info("batch %s %s: %d lines, %d not run", batch.id, batch.status, len(lines), missing)
         if batch.status == "failed":
-            raise BatchFailed(f"batch {batch.id} at {self.settings.base_url} failed: "
+            raise BatchFailed(f"batch {batch.id} at {self.settings.endpoint} failed: "
                               f"{batch_error or 'no reason given'} (a rerun resubmits its keys)")
 
     def check_sendable(self, keys: list[str], states: Mapping[str, Mapping], attempts: int, what: str) -> None:
@@ -274,7 +274,8 @@ def cancel_batch(wh: Warehouse, batch_id: str, model: str, api_key: str) -> str:
     row = queries.batch_by_id(wh, batch_id)
     if row is None:
         raise BatchAPIError(f"no batch {batch_id!r} in this warehouse (`instructflow batches` lists them)")
-    api = BatchAPI(TeacherSettings(base_url=row["endpoint"], model=model or "batch", api_key=api_key))
+    # stored masked: the configured endpoint's own URL when it is the same one (`batches` loads the config)
+    api = BatchAPI(TeacherSettings(base_url=real_endpoint(row["endpoint"]), model=model or "batch", api_key=api_key))
     try:
         batch = api.cancel(batch_id)
     finally:

@@ -71,7 +71,7 @@ class BatchGenerator(Generator):
                     break
                 self.jobs.submit(requests)
         except BatchAPIError as exc:
-            raise GenerateFailed(f"teacher endpoint {self.client.settings.base_url} refused a Batch API call: {exc} "
+            raise GenerateFailed(f"teacher endpoint {self.client.settings.endpoint} refused a Batch API call: {exc} "
                                  f"(check teacher.endpoint and the API key env var {self.cfg.teacher.api_key_env}; "
                                  f"no batch was created for the keys not yet sent)") from None
         except BatchFailed as exc:

@@ -6,6 +6,8 @@ another; keys are deep-merged. Env overrides for the teacher endpoint: INSTRUCTF
 INSTRUCTFLOW_TEACHER_MODEL, INSTRUCTFLOW_TEACHER_API (chat|completions). The API key is never part
 of the config: it is read from the env var named by `teacher.api_key_env` (or
 INSTRUCTFLOW_TEACHER_API_KEY) only when a client is built, so it cannot reach hashes, DuckDB or logs.
+Nor are credentials inside the endpoint URL (`https://user:KEY@host/v1`, `?api-key=KEY`): the loaded
+`teacher.endpoint` has them masked, and `teacher_endpoint` gives the URL requests go to (tasks/secrets.py).
 
 A command resolves its config once (`load_config`) and hands the frozen `Config` to the pipeline and
 the stages. Every section checks itself when it is constructed (`Section.__post_init__`): by the
@@ -27,6 +29,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, get_origin, get_type_hints
+
+from instructflow.tasks.secrets import real_endpoint, remember, remember_endpoint
 
 from instructflow.tasks.heuristics import DEFAULT_BLACKLIST
 
@@ -98,6 +102,9 @@ def _type_ok(origin: type, value: Any) -> bool:
     }[origin](value)
 
 
+SAVE_TOTAL_LIMIT = 2  # Trainer checkpoints a training stage keeps (resume needs only the newest)
+
+
 @dataclass(frozen=True)
 class TeacherConfig(Section):
     SECTION: ClassVar[str] = "teacher"
@@ -123,6 +130,12 @@ class TeacherConfig(Section):
     # USD per 1M tokens: model -> [prompt, completion]. Unknown models cost 0 and are flagged.
     prices: dict = field(default_factory=lambda: {"gpt-4o-mini": [0.15, 0.6], "gpt-4o": [2.5, 10.0],
                                                   "gpt-4.1-mini": [0.4, 1.6]})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # credentials in the URL (user:key@, ?api-key=) stay out of the config, so out of hashes, Prefect's
+        # flow-run parameters, DuckDB and messages: it holds the masked URL; `teacher_endpoint` gives the real one
+        object.__setattr__(self, "endpoint", remember_endpoint(self.endpoint))
 
     def cross_key_rules(self):
         # refused at load, not after preferences sampled for minutes
@@ -433,10 +446,34 @@ def config_path(explicit: str | Path | None = None) -> tuple[str, str]:
             continue
         path = Path(candidate)
         if path.is_file():
-            return str(path), path.read_text(encoding="utf-8")
+            try:
+                return str(path), path.read_text(encoding="utf-8")
+            except PermissionError:
+                raise ConfigError(f"{path}: config file is not readable (permission denied)") from None
+            except UnicodeDecodeError as exc:
+                raise ConfigError(f"{path}: config file is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+            except OSError as exc:
+                raise ConfigError(f"{path}: cannot read config file ({exc.strerror or exc})") from None
         if i < 2:  # an explicitly named file that does not exist is an error, the cwd default is not
-            raise ConfigError(f"{path}: config file not found")
+            raise ConfigError(_not_a_config_file(path))
     return f"<packaged {PACKAGED_CONFIG}>", packaged_text()
+
+
+def _not_a_config_file(path: Path) -> str:
+    """Why an explicitly named config path cannot be read as a file."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return f"{path}: config file not found"
+    except OSError as exc:
+        return f"{path}: cannot reach config file ({exc.strerror or exc})"
+    if stat.S_ISDIR(mode):
+        return f"{path} is a directory, not a config file"
+    kind = ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+            else "a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+    return f"{path} is {kind}, not a config file (a TOML file)"
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -621,9 +658,11 @@ def load_config(profile: str | None = None, path: str | Path | None = None) -> C
         else:
             sections[key] = _build_section(label, f"{prefix}.{key}", SECTION_CLASSES[key], value)
     try:
-        return Config(profile=name, source=label, **sections)
+        config = Config(profile=name, source=label, **sections)
     except SettingError as exc:
         raise ConfigError(f"{label}: {prefix}.{exc.key} must be {exc.requirement}") from None
+    teacher_api_key(config.teacher)  # the key is a secret from now on: whatever this process writes masks it
+    return config
 
 
 def _with_env_overrides(raw: dict) -> dict:
@@ -639,8 +678,16 @@ def _with_env_overrides(raw: dict) -> dict:
 
 
 def teacher_api_key(teacher: TeacherConfig) -> str:
-    """The key, from the environment only; 'none' for keyless local endpoints."""
-    return os.environ.get("INSTRUCTFLOW_TEACHER_API_KEY") or os.environ.get(teacher.api_key_env) or "none"
+    """The key, from the environment only; 'none' for keyless local endpoints. Remembered as a secret:
+    `tasks.secrets.redact` masks it in everything written from now on."""
+    key = os.environ.get("INSTRUCTFLOW_TEACHER_API_KEY") or os.environ.get(teacher.api_key_env) or "none"
+    remember(key)
+    return key
+
+
+def teacher_endpoint(teacher: TeacherConfig) -> str:
+    """The URL requests go to: `teacher.endpoint` holds it with its credentials masked (`tasks/secrets.py`)."""
+    return real_endpoint(teacher.endpoint)
 
 
 def list_profiles(path: str | Path | None = None) -> list[str]:

@@ -252,7 +252,7 @@ class Generator:
     # --- handling a result, in arrival order (the recorded order) ---------------------------------
     def _stop_if_fatal(self, result: TeacherResult) -> None:
         if result.fatal:
-            raise GenerateFailed(f"teacher endpoint {self.client.settings.base_url} refused the request: "
+            raise GenerateFailed(f"teacher endpoint {self.client.settings.endpoint} refused the request: "
                                  f"{result.error} (not retryable: check teacher.endpoint, teacher.model and the "
                                  f"API key env var; nothing more was sent)")
 
@@ -445,7 +445,7 @@ class Generator:
                 task.cancel()
             self._update(force=True)
         await self.flush()
-        self.raise_if_mostly_failed(f"teacher requests to {self.client.settings.base_url}", "retries them",
+        self.raise_if_mostly_failed(f"teacher requests to {self.client.settings.endpoint}", "retries them",
                                     " per key")
         return {"seconds": time.monotonic() - started, "target_reached": self.tally.kept >= generate_cfg.target_kept}
 

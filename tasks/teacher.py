@@ -20,7 +20,8 @@ AsyncOpenAI with its own retries off, because we retry ourselves, per request, w
   - after `max_retries` retries the request is returned with its error string: never raised, never
     dropped, never retried forever.
 Every result carries its accounting (prompt hash, params, tokens, latency, attempts, cost), and the
-API key is kept out of every repr, error string, log line and record.
+API key, like any credential in the base URL, is kept out of every repr, error string, log line and
+record (`TeacherSettings.endpoint` is the URL as messages name it; tasks/secrets.py).
 """
 from __future__ import annotations
 
@@ -35,10 +36,13 @@ import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import openai
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
+
+from instructflow.tasks import secrets
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +98,21 @@ class TeacherSettings:
             if len(price) != 2 or any(not isinstance(p, (int, float)) or p < 0 for p in price):
                 raise ValueError(f"TeacherSettings.prices[{model!r}] must be (usd per 1M prompt tokens, "
                                  f"usd per 1M completion tokens), both >= 0, got {price!r}")
+        secrets.remember(self.api_key)
+        secrets.remember_endpoint(self.base_url)
+
+    @property
+    def endpoint(self) -> str:
+        """The base URL as messages and records name it: credentials (userinfo, ?api-key=) masked."""
+        return secrets.public_url(self.base_url)
+
+    def openai_client_args(self) -> dict:
+        """base_url and default_query for an openai client: the client appends paths to the base URL's
+        raw text, so a query in it (`/v1?api-key=K`) must travel as default_query instead."""
+        parts = urlsplit(self.base_url)
+        query = dict(parse_qsl(parts.query, keep_blank_values=True))
+        base = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+        return {"base_url": base, "api_key": self.api_key, **({"default_query": query} if query else {})}
 
 
 @dataclass(frozen=True)
@@ -154,10 +173,10 @@ def request_body(settings: TeacherSettings, prompt: str, params: Mapping) -> dic
 
 
 def redact(message: str, api_key: str) -> str:
-    """One line, bounded, and without the API key (a server may echo the Authorization header)."""
-    if api_key and api_key != "none":
-        message = message.replace(api_key, "***")
-    message = " ".join(message.split())
+    """One line, bounded, and without the API key or any other secret (a server may echo the
+    Authorization header; an error may quote the URL): `tasks.secrets.redact`."""
+    secrets.remember(api_key)
+    message = " ".join(secrets.redact(message).split())
     return message if len(message) <= MAX_ERROR_CHARS else message[:MAX_ERROR_CHARS] + "..."
 
 
@@ -300,7 +319,7 @@ class TeacherClient:
         loop = asyncio.get_running_loop()
         if self._openai is None or self._loop is not loop:
             settings = self.settings
-            self._openai = openai.AsyncOpenAI(base_url=settings.base_url, api_key=settings.api_key, max_retries=0,
+            self._openai = openai.AsyncOpenAI(**settings.openai_client_args(), max_retries=0,
                                               timeout=settings.timeout_s)
             self._loop = loop
             self.in_flight = 0

@@ -72,7 +72,8 @@ def parse_action(action: str) -> Fault:
 class Event:
     at: float  # time.monotonic() when the request had been read
     action: str  # the label: "pass", "timeout", "reset", "429", ...
-    path: str
+    path: str  # with its query string
+    authorization: str | None = None  # the request's Authorization header, as sent
 
 
 class _Server(ThreadingHTTPServer):
@@ -97,7 +98,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         proxy = self.server.proxy
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        fault = proxy._next_fault(self.path)
+        fault = proxy._next_fault(self.path, self.headers.get("Authorization"))
         try:
             if fault.kind == "pass":
                 self._forward(body)
@@ -180,11 +181,11 @@ class FaultProxy:
         self._watchdog: threading.Timer | None = None
 
     # --- what the handler calls ----------------------------------------------------------------
-    def _next_fault(self, path: str) -> Fault:
+    def _next_fault(self, path: str, authorization: str | None = None) -> Fault:
         with self._lock:
             fault = self.schedule.pop(0) if self.schedule else Fault("pass")
             self.counts[fault.label] += 1
-            self.events.append(Event(time.monotonic(), fault.label, path))
+            self.events.append(Event(time.monotonic(), fault.label, path, authorization))
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         return fault

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
 from instructflow.warehouse.store import open_warehouse
 
-from cliutil import cli
+from cliutil import cli, cli_env, exe
 
 STAGES = ["generate", "filter", "sft", "preferences", "reward", "ppo", "evaluate"]
 
@@ -97,3 +98,81 @@ def test_doctor_reports_every_check_and_exits_1_on_a_problem(tmp_path):
     assert [name for name, line in rows.items() if "problem" in line] == ["teacher"]   # the one problem, said once
     assert str(home.resolve()) in rows["data home"] and ".gguf" in rows["bundled model"]
     assert "sk-doctor-secret" not in out.stdout + out.stderr
+
+
+def _home_with_a_filter_run(home):
+    """A warehouse whose filter stage succeeded once: `status` then reads the seed files to judge it."""
+    home.mkdir(parents=True, exist_ok=True)
+    wh = open_warehouse(home)
+    run = wh.start_run("t", "stage filter")
+    stage_run = wh.start_stage_run(run, "filter", "h", {"config": "c"})
+    wh.finish_stage_run(stage_run, "success", {"kept": 0}, "o")
+    wh.close()
+
+
+def _home_before_the_last_migration(home):
+    """A warehouse as the previous instructflow left it: every migration but the last applied."""
+    import duckdb
+
+    from instructflow.warehouse.store import migrations
+
+    home.mkdir(parents=True)
+    con = duckdb.connect(str(home / "warehouse.duckdb"))
+    con.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, name VARCHAR, applied_at TIMESTAMP)")
+    for version, name, sql in migrations()[:-1]:
+        con.execute(sql)
+        con.execute("INSERT INTO schema_version VALUES (?, ?, now())", [version, name])
+    con.close()
+    version, name, _ = migrations()[-1]
+    return f"{version:03d}_{name}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["bad seed file", "corrupt warehouse", "migration pending", "config is a directory",
+                                  "config is /dev/null", "config unreadable"])
+def test_status_answers_whatever_is_wrong_one_line_and_with_json_one_object(tmp_path, case):
+    """`status` never ends in a traceback or an empty stdout: one line on stderr, exit 1, and with --json
+    one JSON object whose "error" is that line."""
+    import os
+
+    home, config, prefix = tmp_path / "h", None, []
+    if case == "bad seed file":
+        bad = tmp_path / "seeds.jsonl"
+        bad.write_text("{bad json\n")
+        config = tmp_path / "c.toml"
+        config.write_text(f"[profiles.t]\ninherits = 'tiny'\nseeds = ['{bad}']\n")
+        _home_with_a_filter_run(home)
+        expected = f"{bad}:1: invalid JSON"
+    elif case == "corrupt warehouse":
+        home.mkdir()
+        (home / "warehouse.duckdb").write_bytes(b"not a database\n" * 1000)
+        expected = "not a valid DuckDB database file"
+    elif case == "migration pending":
+        pending = _home_before_the_last_migration(home)
+        expected = f"migration {pending} pending: a writing command"
+    elif case == "config is a directory":
+        config, expected = tmp_path, f"{tmp_path} is a directory, not a config file"
+    elif case == "config is /dev/null":
+        config, expected = "/dev/null", "/dev/null is a character device, not a config file"
+    else:
+        config = tmp_path / "c.toml"
+        config.write_text("[profiles.t]\ninherits = 'tiny'\n")
+        config.chmod(0)
+        # root reads any file: without the capabilities that let it (CI runs the suite as root)
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+        expected = f"{config}: config file is not readable (permission denied)"
+    args = ["status"] + (["--config", str(config)] if config else [])
+    for as_json in (False, True):
+        out = subprocess.run([*prefix, exe(), *args, *(["--json"] if as_json else [])], capture_output=True, text=True,
+                             timeout=300, env=cli_env(home, COLUMNS="400"))
+        assert out.returncode == 1, (out.stdout[-2000:], out.stderr[-3000:])
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], out.stderr[-3000:]
+        if as_json:
+            report = json.loads(out.stdout)
+            assert report["error"] == lines[0][len("error: "):] and report["running"] is False
+            assert report["home"] == str(home.resolve())
+            if case == "migration pending":
+                assert report["pending_migrations"] == [pending] and report["schema_version"] == int(pending[:3]) - 1
+        else:
+            assert out.stdout == ""

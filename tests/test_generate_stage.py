@@ -129,6 +129,13 @@ def test_sigkill_mid_run_resumes_without_duplicates_or_loss(tmp_path, prefect_ap
     while prefect_servers_of(home) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not prefect_servers_of(home), "the killed run left its Prefect server running"
+    # before any rerun records it failed: status and the report call it interrupted, naming the dead process
+    status = json.loads(cli("status", "--json", "--profile", "t", "--config", str(config), home=home).stdout)
+    why = status["stages"]["generate"]["why"]
+    assert status["stages"]["generate"]["state"] == "interrupted" and f"process {run.pid}" in why[0], status
+    assert "interrupted" in cli("status", "--profile", "t", "--config", str(config), home=home, COLUMNS="300").stdout
+    assert cli("report", home=home).returncode == 0
+    assert "<b>interrupted</b>" in (home / "report.html").read_text()
     stored = query(home, "SELECT request_key, created_at FROM teacher_requests")
     assert 0 < len(stored) < 16
     candidates_before = query(home, "SELECT candidate_id, request_key, position, instruction FROM candidates")

@@ -289,3 +289,76 @@ def test_python_warnings_and_library_loggers_go_to_the_log_unless_verbose(tmp_pa
     for said in ("FutureWarning: old thing", "transformers says", "trl says", "prefect says", "Loading weights",
                  "Tokenizing"):
         assert said in loud.stderr
+
+
+# --- SIGTERM is Ctrl-C with a line of its own; a killed stage is `interrupted` ---------------------------
+def test_a_sigtermed_stage_says_so_in_one_line_exits_143_and_stops_every_child(tmp_path):
+    """`stage generate` on the embedded teacher with the home's own ephemeral Prefect API: SIGTERM in
+    the middle prints one line, exits 143, and leaves none of the processes it started (the teacher
+    server, Prefect's API, their reapers); `status` then calls the stage interrupted."""
+    home = tmp_path / "home"
+    config = project(tmp_path, "[profiles.t.generate]\nmax_requests = 16\ntarget_kept = 1000\n"
+                               "[profiles.t.teacher]\nmax_concurrency = 1\n")
+    run = cli_popen("stage", "generate", "--profile", "t", "--config", str(config), home=home)
+    try:
+        log = home / "logs" / "teacher-server.log"
+        wait_for(lambda: log.exists() and log.read_text(errors="replace").count("POST /v1/") >= 2, 240,
+                 "the teacher's first answers", run)
+        children = started_by(run.pid)
+        assert len(children) >= 3, children  # teacher server, Prefect's API, a reaper at least
+        run.send_signal(signal.SIGTERM)
+        stderr = run.stderr.read()
+        assert run.wait(timeout=120) == 143, stderr[-3000:]
+    finally:
+        if run.poll() is None:
+            run.kill()
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert lines[-1] == "terminated (SIGTERM): rerun the same command to resume", stderr[-3000:]
+    assert "Traceback" not in stderr and len(lines) == 1, stderr[-3000:]
+    wait_for(lambda: not (children & set(process_table())), 30, "every process the command started to stop")
+    status = json.loads(cli("status", "--json", "--profile", "t", "--config", str(config), home=home).stdout)
+    assert status["stages"]["generate"]["state"] == "interrupted", status["stages"]["generate"]
+    assert status["stages"]["generate"]["why"] == ["interrupted (SIGTERM): rerun the same command to resume"]
+
+
+SLEEPER = """import os, sys, time
+from pathlib import Path
+job = Path(sys.argv[sys.argv.index("--job") + 1])
+job.with_name(f"rank-{os.environ['RANK']}.pid").write_text(str(os.getpid()))
+time.sleep(600)
+"""
+
+LAUNCHING = """import sys
+from pathlib import Path
+from instructflow.flows.server import stop_on_term_and_hangup
+from instructflow.models.launch import accelerate_launch
+from instructflow.tasks.config import SFTConfig
+stop_on_term_and_hangup()  # as `run` and `stage` do: SIGTERM unwinds like Ctrl-C
+out = Path(sys.argv[1])
+try:
+    accelerate_launch("sleeper", out / "job.json", SFTConfig(launcher="accelerate", num_processes=2), out / "launch.log")
+except KeyboardInterrupt as exc:
+    print(f"terminated ({exc})", flush=True)
+    sys.exit(143)
+"""
+
+
+def test_a_sigtermed_accelerate_launch_stops_its_ranks(tmp_path):
+    """torch's elastic agent starts each rank in a session of its own: nothing but the agent reaches
+    them, so a SIGTERM must reach the agent as a SIGTERM (it stops its ranks), not as a SIGKILL.
+    Two ranks of a module that only sleeps stand for a training job (the launch is the real one)."""
+    (tmp_path / "sleeper.py").write_text(SLEEPER)
+    driver = subprocess.Popen([sys.executable, "-c", LAUNCHING, str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=cli_env(None, PYTHONPATH=str(tmp_path)))
+    try:
+        wait_for(lambda: len(list(tmp_path.glob("rank-*.pid"))) == 2, 180, "both ranks", driver)
+        ranks = {int(p.read_text()) for p in tmp_path.glob("rank-*.pid")}
+        children = started_by(driver.pid)
+        assert ranks <= children and len(children) >= 3, (ranks, children)  # the launcher and its ranks
+        driver.send_signal(signal.SIGTERM)
+        out, err = driver.communicate(timeout=90)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 143 and "terminated (SIGTERM)" in out, err[-3000:]
+    wait_for(lambda: not (children & set(process_table())), 30, "the launcher and its ranks to stop")

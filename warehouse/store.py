@@ -34,6 +34,16 @@ class WarehouseLocked(WarehouseError):
         self.pid = pid
 
 
+class MigrationsPending(WarehouseError):
+    """A reader (opened read-only, so it never migrates) met a warehouse from an older instructflow."""
+
+    def __init__(self, path: Path, version: int, pending: list[str]):
+        self.version, self.pending = version, pending
+        super().__init__(f"warehouse {path} is at schema version {version}; migration"
+                         f"{'s' if len(pending) > 1 else ''} {', '.join(pending)} pending: a writing command "
+                         "(`instructflow run` or `instructflow stage NAME`) applies them; readers do not")
+
+
 def now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
@@ -112,8 +122,7 @@ class Warehouse:
         if not pending:
             return
         if self.read_only:
-            raise WarehouseError(f"warehouse {self.path} needs migrations {[m[0] for m in pending]}; "
-                                 "run any writing command (e.g. `instructflow run`) first")
+            raise MigrationsPending(self.path, current, [f"{version:03d}_{name}" for version, name, _ in pending])
         for version, name, sql in pending:
             self.con.execute("BEGIN TRANSACTION")
             try:
