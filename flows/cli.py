@@ -13,11 +13,11 @@ from rich.table import Table
 
 # an unexpected error's traceback shows no local variables: they hold the teacher's URL and key
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
-                  help="Seed tasks -> Self-Instruct -> ROUGE-L filter -> SFT -> preferences -> reward -> PPO -> evaluate.")
+                  help="Seed tasks -> Self-Instruct -> ROUGE-L filter -> SFT -> preferences -> reward -> PPO / DPO / GRPO -> evaluate.")
 console = Console(stderr=True, soft_wrap=True)  # one-line errors stay one line at any width
 
-# Prefect reads its settings once, when first imported: `main` fixes these before any command can
-# import it. The ephemeral API's first start migrates a new SQLite file: slow on a busy 2-core machine.
+# Prefect reads its settings once, when first imported: `use_prefect_defaults` sets these before a
+# command imports it. The ephemeral API's first start migrates a new SQLite file: slow on a busy 2-core machine.
 PREFECT_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING",
                     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
 
@@ -42,6 +42,7 @@ def _prepare(home: Optional[str], config: Optional[str], profile: Optional[str],
     """Resolve config and home, point Prefect at the home (unless the user pointed it elsewhere).
     hold_warehouse: take the home's warehouse for this process (waiting for a run that holds it);
     otherwise only check it (deploy: the runs take it)."""
+    use_prefect_defaults()
     from instructflow.flows.common import check_warehouse, data_home, warehouse_for
     from instructflow.tasks.config import ConfigError, load_config
     from instructflow.warehouse.store import WarehouseError
@@ -612,9 +613,15 @@ def _print_outcome(home_path: Path, results: dict) -> None:
                   "(this run's flow runs and artifacts are stored there)")
 
 
-def main() -> None:
-    for name, value in PREFECT_DEFAULTS.items():  # before any command imports prefect
+@app.callback()
+def use_prefect_defaults() -> None:
+    """PREFECT_DEFAULTS where the user set nothing, before a command runs (`_prepare` again, for callers
+    that skip the command line)."""
+    for name, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(name, value)
+
+
+def main() -> None:
     app()
 
 

@@ -226,7 +226,7 @@ def test_bad_key_is_one_line_and_creates_nothing(tmp_path):
     from instructflow.warehouse import queries
 
     cfg = load_config("tiny")
-    cfg.teacher.mode = "batch"
+    cfg = cfg.replace(teacher={"mode": "batch", "endpoint": "http://127.0.0.1:9/v1"})
     (tmp_path / "home").mkdir()
     wh = open_warehouse(tmp_path / "home")
     queries.replace_seed_tasks(wh, load_seeds(seed_paths(cfg), max_chars=cfg.generate.max_seed_chars))
@@ -290,7 +290,7 @@ def test_a_run_killed_between_upload_and_create_finds_or_creates_its_batch(tmp_p
     from instructflow.warehouse.store import open_warehouse
 
     cfg = load_config("tiny")
-    cfg.teacher.mode, cfg.teacher.batch_poll_s = "batch", 0.05
+    cfg = cfg.replace(teacher={"mode": "batch", "endpoint": "http://127.0.0.1:9/v1", "batch_poll_s": 0.05})
     (tmp_path / "home").mkdir()
     wh = open_warehouse(tmp_path / "home")
     with BatchServer("http://127.0.0.1:9", api_key=KEY) as api:
@@ -330,9 +330,8 @@ def test_alpaca_recipe_sends_one_batch_for_all_its_prompts(tmp_path, teacher, ap
     from instructflow.warehouse.store import open_warehouse
 
     cfg = load_config("tiny")
-    cfg.teacher.mode, cfg.teacher.batch_poll_s = "batch", 0.1
-    cfg.generate.recipe, cfg.generate.max_requests, cfg.generate.target_kept = "alpaca", 3, 1000
-    cfg.generate.max_tokens = 16
+    cfg = cfg.replace(teacher={"mode": "batch", "endpoint": "http://127.0.0.1:9/v1", "batch_poll_s": 0.1},
+                      generate={"recipe": "alpaca", "max_requests": 3, "target_kept": 1000, "max_tokens": 16})
     (tmp_path / "home").mkdir()
     wh = open_warehouse(tmp_path / "home")
     queries.replace_seed_tasks(wh, load_seeds(seed_paths(cfg), max_chars=cfg.generate.max_seed_chars))

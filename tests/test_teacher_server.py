@@ -174,7 +174,7 @@ def test_embedded_teacher_batches_concurrent_requests_when_configured(tmp_path):
 
     assert load_config("gpu").teacher.continuous_batching is True  # the gpu profile batches its teacher
     cfg = load_config("tiny")  # tiny keeps it off for the other tests; switch it on here
-    cfg.teacher.continuous_batching = True
+    cfg = cfg.replace(teacher={"continuous_batching": True})
     with teacher_session(cfg, tmp_path) as settings:
         replies = run(_concurrent_chats(settings.base_url, settings.model, 4, 6))
     assert [r.usage.completion_tokens for r in replies] == [6] * 4
