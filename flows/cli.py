@@ -145,6 +145,7 @@ def stage(name: str = typer.Argument(..., help="Stage name (see `instructflow st
     _check_memory(cfg, stage_names()[stage_names().index(name):] if downstream else [name])
     results = _run_guarded(lambda: run_single(name, cfg, home_path, force, downstream), home_path)
     _print_summary(cfg, home_path, results)
+    _print_outcome(home_path, results)
 
 
 def _check_memory(cfg, stages: Optional[list[str]]) -> None:

@@ -8,7 +8,7 @@ The server is started with the model dir as its FORCE_MODEL argument: it loads t
 it starts listening (so /health answering means "ready to generate"), and it rejects any request
 whose `model` differs from that exact string, which is why `model_name` is the dir path itself.
 
-Continuous batching (`continuous_batching=True`, the embedded default: `teacher.continuous_batching`):
+Continuous batching (`continuous_batching=True`, `teacher.continuous_batching`; off by default, on in the gpu profile):
 every request in flight decodes in the same forward pass (paged attention), several times the
 completion tokens/s of the one-at-a-time server at 8 concurrent requests (bench/teacher_throughput.py).
 What the pinned transformers 5.24 serve does NOT do on that path: per-request sampling (the FIRST

@@ -26,7 +26,7 @@ Bytes per device, per component (GB below = 2**30 bytes, as the project's peak_m
     activations  an ESTIMATE (Korthikanti et al. 2022, "Reducing activation recomputation"), for a micro-batch
                  of b rows of s tokens, in bytes with 16-bit activations (x2 in fp32):
                    per layer            b*s*h*(34 + 5*a*s/h)
-                   with checkpointing   2*b*s*h per layer (each layer's input) + one layer recomputed in full
+                   with checkpointing   4*b*s*h per layer (each layer's fp32 input) + one layer recomputed in full
                    causal-LM logits     b*s*V*(2 + 4 + 4): 16-bit logits, fp32 log-probs kept for the backward,
                                         their fp32 gradient (4 + 4 + 4 in fp32); none for a classifier
                  rows and length: sft b = batch_size, s = max_length; reward and dpo 2*batch_size rows (chosen

@@ -65,7 +65,7 @@ def seeded_home(tmp_path: Path, monkeypatch, prefect_api):
     close_warehouses()
 
 
-# The files that take longest go first (measured, README "Tests"): `make test` hands whole files to two
+# The files that take longest go first (measured, README "Development"): `make test` hands whole files to two
 # workers in collection order (--no-loadscope-reorder), so a long file started last would run alone.
 LONGEST_FILES_FIRST = ("test_generate_stage.py", "test_pipeline.py", "test_reliability.py", "test_batch_mode.py",
                        "test_schedules.py")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -111,11 +112,12 @@ def test_every_training_section_shares_one_shape_with_one_range_per_shared_key()
 
 
 def test_the_readme_ppo_sweep_file_loads_and_its_default_row_is_the_cpu_profile():
-    """bench/ppo_sweep.toml reproduces the README's PPO sweep table; its bold row must stay the shipped default."""
+    """bench/ppo_sweep.toml reproduces the sweep tables in bench/ppo_sweep.md (the README points there); its
+    bold row must stay the shipped default."""
     path = Path(__file__).resolve().parents[1] / "bench" / "ppo_sweep.toml"
     rows = [name for name in list_profiles(path) if name.startswith("sweep-")]
-    readme = (path.parents[1] / "README.md").read_text()
-    assert len(rows) >= 6 and all(f"`{name}`" in readme for name in rows), rows
+    sweep = (path.parent / "ppo_sweep.md").read_text()
+    assert len(rows) >= 6 and all(f"`{name}`" in sweep for name in rows), rows
     for name in rows:
         assert load_config(name, path).evaluate.judge is False
     cpu, row = vars(load_config("cpu").ppo), vars(load_config("sweep-cpu", path).ppo)
@@ -187,3 +189,69 @@ def test_negative_max_steps_refused_by_the_cli_in_one_line(tmp_path):
     assert out.returncode != 0
     assert out.stderr.strip().splitlines() == [f"error: {path}: profiles.a.sft.max_steps must be -1 or >= 1, got -5"]
     assert not (home / "warehouse.duckdb").exists()   # refused before anything was touched
+
+
+# --- the configuration reference in the README ------------------------------------------------------
+REFERENCE_PROFILES = ("cpu", "tiny", "gpu")
+
+
+def shown(value) -> str:
+    """A value as the README's reference table writes it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"' if value else '""'
+    if isinstance(value, (list, dict)):
+        return json.dumps(value) if len(json.dumps(value)) <= 40 else f"({len(value)} entries)"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def reference_rows() -> dict[tuple[str, str], list[str]]:
+    """(section, key) -> [value in cpu, tiny, gpu, range] for every key of every profile: one row per key;
+    a key every training section shares is one row of section `training` (or `trainer`), its value per section."""
+    profiles = {name: load_config(name) for name in REFERENCE_PROFILES}
+    rows: dict[tuple[str, str], list[str]] = {}
+    for key in ("seeds", "methods"):
+        rows[("profile", key)] = [shown(getattr(profiles[p], key)) for p in REFERENCE_PROFILES] + [""]
+    for section, cls in SECTION_CLASSES.items():
+        for f in dataclasses.fields(cls):
+            where = range_key(cls, f.name)
+            group = where.split(".")[0]
+            allowed = RANGES.get(where)
+            choices = f.metadata.get("choices")
+            limit = str(allowed) if allowed else ("one of " + ", ".join(choices) if choices else "")
+            if group in ("training", "trainer"):
+                base = TrainingConfig if group == "training" else TrainerConfig
+                owners = [s for s, c in SECTION_CLASSES.items() if issubclass(c, base)]
+                cells = []
+                for p in REFERENCE_PROFILES:
+                    values = {s: shown(getattr(getattr(profiles[p], s), f.name)) for s in owners}
+                    cells.append(next(iter(values.values())) if len(set(values.values())) == 1 else
+                                 " · ".join(f"{s} {v}" for s, v in values.items()))
+                rows[(group, f.name)] = cells + [limit]
+            else:
+                rows[(section, f.name)] = [shown(getattr(getattr(profiles[p], section), f.name))
+                                           for p in REFERENCE_PROFILES] + [limit]
+    return rows
+
+
+def readme_reference() -> dict[tuple[str, str], list[str]]:
+    """The rows of the README's table `| section | key | cpu | tiny | gpu | range | meaning |`."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    found = {}
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 7 and cells[1].startswith("`") and cells[0].strip("`") in SECTION_CLASSES.keys() | {
+                "profile", "training", "trainer"}:
+            found[(cells[0].strip("`"), cells[1].strip("`"))] = cells[2:6]
+    return found
+
+
+def test_the_readme_configuration_reference_is_the_shipped_profiles():
+    """Every key with its value in each shipped profile and its range, as the config loads them: the table
+    cannot drift from flows/instructflow.toml and tasks/config.py (the failure shows the rows to paste)."""
+    expected, found = reference_rows(), readme_reference()
+    wrong = {k: v for k, v in expected.items() if found.get(k) != v}
+    extra = set(found) - set(expected)
+    table = "\n".join(f"| `{s}` | `{k}` | " + " | ".join(v[:3]) + f" | {v[3]} | |" for (s, k), v in wrong.items())
+    assert not wrong and not extra, f"README reference rows to fix:\n{table}\nrows for keys that do not exist: {extra}"

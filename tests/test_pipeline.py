@@ -135,3 +135,25 @@ def test_pipeline_end_to_end_rerun_and_seed_edit(seeded_home):
     assert evaluate.status == "success" and "judged_ppo" not in evaluate.metrics   # the edited config, judge off
     cfg = load_config("t", config)
     assert {e["state"] for e in stage_status(cfg, home, wh)["stages"].values()} == {"fresh"}
+
+    # one method only, on a prompts file of the user's: evaluate compares just that method with SFT, and
+    # names the prompt it finds in the training data (a seed task's instruction)
+    seed = json.loads(seeds.read_text().splitlines()[1])
+    prompts_file = home.parent / "my-prompts.jsonl"
+    prompts_file.write_text(json.dumps({"instruction": seed["instruction"], "input": seed["instances"][0]["input"]})
+                            + "\n" + json.dumps({"instruction": "Name a planet with rings."}) + "\n")
+    config.write_text(config.read_text() + f"[profiles.one]\ninherits = 't'\nmethods = ['dpo']\n"
+                                           f"[profiles.one.evaluate]\nprompts_file = '{prompts_file}'\n")
+    close_warehouses()
+    done = cli("stage", "evaluate", "--profile", "one", "--config", str(config), home=home,
+               PREFECT_API_URL=PREFECT_API_URL.value())
+    assert done.returncode == 0, done.stderr[-3000:]
+    wh = warehouse_for(home)
+    evaluate = wh.last_stage_run("evaluate")
+    assert evaluate.metrics["methods"] == ["dpo"] and evaluate.metrics["prompts"] == 2
+    assert evaluate.metrics["prompts_in_training"] == 1 and "ppo" not in json.dumps(evaluate.metrics["comparison"])
+    assert wh.rows("SELECT DISTINCT policy FROM eval_replies WHERE stage_run_id = ? ORDER BY policy",
+                   [evaluate.stage_run_id]) == [{"policy": "dpo"}, {"policy": "sft"}]
+    assert "dpo - sft on 2 prompts" in done.stdout
+    states = {s: e["state"] for s, e in stage_status(load_config("one", config), home, wh)["stages"].items()}
+    assert states["ppo"] == states["grpo"] == "off" and states["evaluate"] == "fresh"

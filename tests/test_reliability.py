@@ -1,5 +1,4 @@
-"""The README's guarantees (issue 14 points 3, 4, 6, 7; issue 16's quiet console), checked the way a
-user meets them: Prefect's startup timeout really applies, SIGTERM/SIGHUP/SIGKILL leave no process a
+"""The README's guarantees, checked the way a user meets them: Prefect's startup timeout really applies, SIGTERM/SIGHUP/SIGKILL leave no process a
 long-lived command started, an expected error is one line, a failed stage imports nothing, `status`
 and `report` answer while a run holds the warehouse, and library warnings stay out of the console."""
 from __future__ import annotations

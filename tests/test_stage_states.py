@@ -2,6 +2,8 @@
 around a stage body (no Prefect API, no training): fresh, stale because its outputs vanished, failed."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from instructflow.flows.common import stage_context, warehouse_for
@@ -59,3 +61,21 @@ def test_the_report_written_at_each_stage_end_says_what_every_stage_does(home):
     for spec in stages():
         assert f"<h2>{spec.name}</h2><p>{html.escape(spec.summary)}</p>" in report, spec.name
     assert report.count("never run") == len(stages()) - 1
+
+
+def test_evaluate_is_stale_when_a_setting_it_reads_changes(home):
+    """evaluate reads the reward settings (its held-out reward model) and the prompts the RL stages used:
+    they are part of its input hash, and a change elsewhere (sft's learning rate) is not."""
+    from instructflow.flows.common import freshness
+
+    cfg, spec = load_config("tiny"), stage_spec("evaluate")
+    with stage_context(spec, cfg, str(home), None, False) as ctx:
+        ctx.finish({"prompts": 0})
+    wh = warehouse_for(home)
+    assert freshness(spec, cfg, wh)[0]
+    for changed in ({"reward": {"learning_rate": 0.5}}, {"ppo": {"prompts": 3}}, {"grpo": {"seed": 5}},
+                    {"evaluate": {"prompts": 9}}):
+        fresh, last, inputs = freshness(spec, cfg.replace(**changed), wh)
+        assert not fresh and inputs["config"] != last.inputs["config"], changed
+    assert freshness(spec, cfg.replace(sft={"learning_rate": 0.5}), wh)[0]
+    assert not freshness(spec, dataclasses.replace(cfg, methods=["dpo"]), wh)[0]   # which methods it compares
