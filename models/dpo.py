@@ -69,7 +69,8 @@ def train_dpo(train: Sequence[dict], eval: Sequence[dict], cfg: DPOConfig, sft_m
         **trainer_args(cfg, output_dir / "checkpoints", job.precision),
         max_length=cfg.max_length,
         beta=cfg.beta,
-        loss_type=[cfg.loss_type],
+        loss_type=[cfg.loss_type] + (["sft"] if cfg.sft_weight else []),
+        loss_weights=[1.0, cfg.sft_weight] if cfg.sft_weight else None,
         precompute_ref_log_probs=cfg.precompute_ref_log_probs,
         include_num_input_tokens_seen="non_padding",
         dataset_num_proc=None,
@@ -99,6 +100,7 @@ def train_dpo(train: Sequence[dict], eval: Sequence[dict], cfg: DPOConfig, sft_m
         metrics = {
             "train_pairs": len(job.train), "eval_pairs": 0 if job.eval_on_train else len(job.eval),
             "eval_on_train": job.eval_on_train, "beta": cfg.beta, "loss_type": cfg.loss_type,
+            "sft_weight": cfg.sft_weight,
             "eval_accuracy": float(evaluated["eval_rewards/accuracies"]),
             "eval_margin": float(evaluated["eval_rewards/margins"]),
             "eval_reward_chosen": float(evaluated["eval_rewards/chosen"]),

@@ -334,6 +334,9 @@ class DPOConfig(TrainerConfig):
     learning_rate: float = 5e-6
     beta: float = 0.1                   # strength of the implicit KL to the reference (TRL's default)
     loss_type: str = choice("sigmoid", "sigmoid", "ipo", "hinge", "robust", "apo_zero")
+    # weight of a negative log-likelihood term on the chosen replies beside the preference loss (RPO,
+    # TRL's "sft" loss): keeps the chosen replies likely instead of only the rejected ones unlikely; 0 = plain DPO
+    sft_weight: float = 0.0
     # one reference pass over the pairs before training, then no reference model in memory
     precompute_ref_log_probs: bool = True
 
@@ -591,7 +594,7 @@ RANGES: dict[str, Range] = {
     "ppo.kl_coef": AT_LEAST_0, "ppo.cliprange": POSITIVE, "ppo.vf_coef": AT_LEAST_0, "ppo.lam": Range(0, 1),
     "ppo.missing_eos_penalty": AT_LEAST_0, "ppo.value_warmup_updates": AT_LEAST_0, "ppo.max_prompt_length": AT_LEAST_1,
     "ppo.save_every_steps": AT_LEAST_1, "ppo.keep_rounds": AT_LEAST_0,
-    "dpo.beta": POSITIVE,
+    "dpo.beta": POSITIVE, "dpo.sft_weight": AT_LEAST_0,
     "grpo.prompts": AT_LEAST_1, "grpo.num_generations": Range(2), "grpo.max_completion_length": AT_LEAST_1,
     "grpo.temperature": POSITIVE, "grpo.beta": AT_LEAST_0, "grpo.epsilon": POSITIVE,
     "grpo.num_iterations": AT_LEAST_1, "grpo.missing_eos_penalty": AT_LEAST_0,
