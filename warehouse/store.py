@@ -75,12 +75,20 @@ class Warehouse:
         self.path = Path(path)
         self.read_only = read_only
         self._lock = threading.RLock()  # Prefect runs tasks in threads; DuckDB connections are not thread-safe
+        # a WAL left behind means the last writer died (SIGKILL) before its closing checkpoint
+        replays_wal = not read_only and Path(f"{self.path}.wal").exists()
         try:
             self.con = duckdb.connect(str(self.path), read_only=read_only)
         except (duckdb.IOException, duckdb.Error) as exc:
             raise _friendly_open_error(self.path, exc) from None
         try:
             self._migrate()
+            if replays_wal:
+                # DuckDB 1.5.6 replays the WAL's rows into the unique indexes lazily, and a checkpoint
+                # without a client context (the one at close) drops those buffered index entries: the
+                # next DELETE of such a row is a FATAL "Failed to delete all rows from index" (duckdb
+                # PRs #23848, #25771). A checkpoint from this connection binds the indexes first.
+                self.con.execute("CHECKPOINT")
         except Exception:
             self.con.close()
             raise
