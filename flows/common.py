@@ -74,6 +74,7 @@ def warehouse_for(home: Path) -> Warehouse:
             atexit.register(close_warehouses)  # a clean close at exit: no WAL replay, no binding noise
         wh = open_warehouse(home)
         wh.mark_interrupted_stage_runs()
+        queries.discard_unfinished_imports(wh)  # a killed preference import's pairs go before anything reads them
         _warehouses[home] = wh
     return _warehouses[home]
 

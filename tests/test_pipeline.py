@@ -50,6 +50,9 @@ def test_pipeline_end_to_end_rerun_and_seed_edit(seeded_home):
     for kind in ("sft", "reward", "ppo_policy", "ppo_value"):
         assert wh.latest_checkpoint(kind) is not None, kind
     assert results["evaluate"]["prompts"] > 0 and results["ppo"]["steps"] > 0
+    preferences = results["preferences"]   # tiny imports the bundled sample: read, hashed and recorded once
+    assert preferences["files_imported"] == 1 and preferences["imported_now"] == preferences["imported"] > 0
+    assert preferences["refused_too_long"] == 0 and preferences["import_s"] >= 0
     # evaluate.holdout_reward: a second RM trained on exactly the pairs the first one held out, scored
     # side by side with the first
     evaluate, reward = results["evaluate"], results["reward"]
