@@ -52,9 +52,10 @@ from pathlib import Path
 
 TARGET_SECONDS = 120
 TARGET_PEAK_RSS_MB = 1024
-REFERENCE = ("before the streaming import (commit 58a2ddb, executemany + ON CONFLICT, every pair in one list): "
-             "tiny repro pairs, 2,000: 12.2 s and 891 MB peak RSS; 5,000: 58 s and 2.1 GB; 50,000: 316 s, "
-             "10.9 GB, DuckDB out of memory, nothing imported (user report)")
+REFERENCE = ("before the streaming import (commit 58a2ddb: executemany + ON CONFLICT, every pair in one list), "
+             "tiny repro pairs, measured on this 2-core machine at load ~7: 2,000 pairs 12.2 s, peak RSS 891 MB; "
+             "5,000 pairs 40.3 s, 2.0 GB. User report: 5,000 pairs 58 s, 2.1 GB; 50,000 pairs 316 s, 10.9 GB, "
+             "DuckDB out of memory, nothing imported")
 
 WORDS = ("the a of to and in is it you that he was for on are with as his they be at one have this from or had by "
          "word but what some we can out other were all there when up use your how said an each she which do their "

@@ -238,7 +238,7 @@ MEMORY_CHILD = textwrap.dedent("""
 def test_importing_50000_pairs_keeps_memory_flat(tmp_path):
     """50,000 pairs of ~4 KB (200 MB). Measured growth of the importing process: 370-400 MB, of which
     DuckDB's capped buffer pool 256 MB plus the index's share, the rest one chunk's commit and the closing
-    checkpoint; ~470 MB at the bench's 160,000 pairs (400 MB). The code before streaming took 2 GB for
+    checkpoint; ~450 MB at the bench's 160,000 pairs (400 MB). The code before streaming took 2 GB for
     5,000 tiny pairs and ran out of memory at 50,000; this file's pairs alone, as a list, take 210 MB."""
     words = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega".split()
     with (tmp_path / "pairs.jsonl").open("w") as out:
