@@ -150,6 +150,7 @@ def warehouse_for(home: Path, say: Callable[[str], None] | None = None) -> Wareh
             atexit.register(close_warehouses)  # a clean close at exit: no WAL replay, no binding noise
         wh = wait_for_warehouse(home, lock_wait_s(), say or _say_waiting)
         wh.mark_interrupted_stage_runs()
+        queries.discard_unfinished_imports(wh)  # a killed preference import's pairs go before anything reads them
         _warehouses[home] = wh
     return _warehouses[home]
 

@@ -3,7 +3,7 @@ judge each pair in both orders (a pair is kept only when both orders agree), and
 external preference files into the same table."""
 from __future__ import annotations
 
-import hashlib
+import time
 from pathlib import Path
 
 from prefect import flow, task
@@ -13,7 +13,8 @@ from rich.progress import Progress
 from instructflow.flows.common import StageContext, StageSpec, publish_artifacts, stage_context
 from instructflow.flows.teacher import judge_with_teacher
 from instructflow.tasks.config import Config, stable_hash
-from instructflow.tasks.preferences import load_preference_file, pair_key, sample_pairs
+from instructflow.tasks.preference_import import FilePlan, ImportReport, import_planned, plan_imports
+from instructflow.tasks.preferences import file_sha256, pair_key, sample_pairs
 from instructflow.tasks.prompts import heldout_prompts
 from instructflow.tasks.seeds import shipped_path
 from instructflow.warehouse import queries
@@ -56,22 +57,22 @@ def judge(ctx: StageContext, samples: dict[str, list[str]], instruction_of: dict
 
 
 @task(name="import-preferences", cache_policy=NONE)
-def import_files(wh: Warehouse, files: list[str]) -> int:
-    """All files are parsed before anything is written: one bad line imports nothing."""
-    pairs = [pair for path in files for pair in load_preference_file(path)]
-    return queries.insert_pairs(wh, [{"source": "imported", "prompt": pair.prompt, "response_a": pair.chosen,
-                                      "response_b": pair.rejected, "outcome": "a", "chosen": pair.chosen,
-                                      "rejected": pair.rejected, "origin": pair.origin, "pair_key": pair.key}
-                                     for pair in pairs])
+def import_files(wh: Warehouse, plans: list[FilePlan], max_field_chars: int, planning_s: float = 0.0) -> ImportReport:
+    """The files `plan_imports` checked, streamed in batches, all of a file or none of it; unchanged files
+    are not read."""
+    return import_planned(wh, plans, max_field_chars, planning_s)
 
 
 @flow(name="preferences", log_prints=True, validate_parameters=False)
 def preferences_flow(cfg: Config, home: str, run_id: str | None = None, force: bool = False) -> dict:
     with stage_context(STAGE, cfg, home, run_id, force) as ctx:
         preferences = ctx.cfg.preferences
-        files = [str(f) for f in resolve_import_files(preferences.import_files)]
-        for path in files:  # a bad line fails the stage now, in one line, before any sampling
-            load_preference_file(path)
+        start = time.perf_counter()
+        # every new or changed import file is read through now: a bad line fails the stage in one line
+        # before any sampling (files imported before, by content hash, are not read)
+        plans = plan_imports(ctx.wh, resolve_import_files(preferences.import_files), preferences.max_field_chars,
+                             reread=ctx.force)
+        planning_s = time.perf_counter() - start
         sft = ctx.wh.latest_checkpoint("sft")
         if sft is None:
             raise RuntimeError("preferences samples from the SFT model, and there is none yet: "
@@ -82,9 +83,9 @@ def preferences_flow(cfg: Config, home: str, run_id: str | None = None, force: b
         samples = sample_responses(ctx, sft["path"], [prompt for _, prompt in chosen_prompts])
         new_pairs = judge(ctx, samples, instruction_of)
         # imported once the stage's own work succeeded: a failed stage leaves no import behind it
-        imported_now = import_files(ctx.wh, files)
+        imports = import_files(ctx.wh, plans, preferences.max_field_chars, planning_s)
         counts = queries.preference_counts(ctx.wh)
-        metrics = {"prompts": len(chosen_prompts), **counts, "new_pairs": new_pairs, "imported_now": imported_now,
+        metrics = {"prompts": len(chosen_prompts), **counts, "new_pairs": new_pairs, **imports.metrics(),
                    "judge_model": ctx.cfg.teacher.model or ctx.cfg.teacher.embedded_model}
         ctx.finish(metrics, output_hash=queries.pairs_fingerprint(ctx.wh))
         publish_artifacts(ctx, "preferences", metrics, samples=queries.pair_samples(ctx.wh))
@@ -98,8 +99,7 @@ def resolve_import_files(files: list[str]) -> list[Path]:
 
 def preferences_data_inputs(cfg: Config, wh: Warehouse) -> dict:
     files = resolve_import_files(cfg.preferences.import_files)
-    return {"import_files": stable_hash([hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else str(f)
-                                         for f in files])}
+    return {"import_files": stable_hash([file_sha256(f) if f.is_file() else str(f) for f in files])}
 
 
 STAGE = StageSpec(

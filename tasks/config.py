@@ -265,6 +265,8 @@ class PreferencesConfig(Section):
     max_new_tokens: int = 96
     prompt_source: str = choice("eval", "eval", "all")  # "eval": held out from SFT training
     import_files: list = field(default_factory=list)   # JSONL preference files to import
+    # an imported pair whose prompt, chosen or rejected is longer (characters) is refused and counted
+    max_field_chars: int = 20000
     seed: int = 42
 
 
@@ -588,6 +590,7 @@ RANGES: dict[str, Range] = {
     "sft.eval_fraction": OPEN_FRACTION,
     "preferences.prompts": AT_LEAST_1, "preferences.k": Range(2), "preferences.temperature": POSITIVE,
     "preferences.top_p": Range(0, 1, open_lo=True), "preferences.max_new_tokens": AT_LEAST_1, "preferences.seed": SEED,
+    "preferences.max_field_chars": AT_LEAST_1,
     "reward.eval_fraction": OPEN_FRACTION, "reward.center_rewards_coefficient": AT_LEAST_0,
     "ppo.prompts": AT_LEAST_1, "ppo.total_episodes": AT_LEAST_1, "ppo.num_mini_batches": AT_LEAST_1,
     "ppo.num_ppo_epochs": AT_LEAST_1, "ppo.response_length": AT_LEAST_1, "ppo.temperature": POSITIVE,

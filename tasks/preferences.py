@@ -6,6 +6,9 @@ Accepted JSONL line forms (TRL's, the field's):
   prefix (cut back to a line or word boundary), the responses are what follows it;
 - conversational: "chosen"/"rejected" (and optional "prompt") as lists of {"role","content"}
   messages: the prompt is the user turns before the final assistant turn.
+
+Files are read one line at a time (`iter_preference_file`), as bytes decoded per line, so a file of
+any size takes constant memory and every problem is one `FILE:LINE: what is wrong` line.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 
 class PreferenceFormatError(ValueError):
@@ -49,12 +52,24 @@ def _messages_text(messages: Any, where: str) -> tuple[str, str]:
     return prompt, messages[-1]["content"]
 
 
+def _common_prefix_len(a: str, b: str) -> int:
+    """Length of the longest common prefix, by halving with C-speed slice compares (a per-character
+    Python loop cost ~50 us on a 1,000-character HH-RLHF transcript; this, ~2 us)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 def _split_common_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
-    n = 0
-    for a, b in zip(chosen, rejected):
-        if a != b:
-            break
-        n += 1
+    n = _common_prefix_len(chosen, rejected)
     # back off to a boundary so a shared first word of both replies stays in the replies
     cut = max(chosen.rfind("\n", 0, n), chosen.rfind(" ", 0, n)) + 1 if n < min(len(chosen), len(rejected)) else n
     return chosen[:cut].strip(), chosen[cut:].strip(), rejected[cut:].strip()
@@ -71,7 +86,8 @@ def parse_preference_line(obj: Any, where: str) -> PreferencePair:
         prompt_c, chosen_text = _messages_text(chosen, f"{where}: chosen")
         prompt_r, rejected_text = _messages_text(rejected, f"{where}: rejected")
         if isinstance(prompt, list):
-            prompt = "\n\n".join(m.get("content", "") for m in prompt if isinstance(m, dict))
+            prompt = "\n\n".join(m["content"] for m in prompt
+                                   if isinstance(m, dict) and isinstance(m.get("content"), str))
         prompt = prompt if isinstance(prompt, str) and prompt else prompt_c
         if not prompt_c == prompt_r and not obj.get("prompt"):
             raise PreferenceFormatError(f"{where}: chosen and rejected conversations have different prompts")
@@ -91,25 +107,112 @@ def parse_preference_line(obj: Any, where: str) -> PreferencePair:
     return PreferencePair(prompt.strip(), chosen.strip(), rejected.strip(), where)
 
 
-def load_preference_file(path: str | Path) -> list[PreferencePair]:
-    """All-or-nothing: the first bad line raises, naming file and line; nothing is half-imported."""
+@dataclass
+class FileScan:
+    """What one pass over a preference file found (filled in while its pairs are read)."""
+    path: Path
+    max_field_chars: int | None
+    sha256: str = ""            # SHA-256 of every byte read, set once the pass reached the end of the file
+    bytes: int = 0
+    pairs: int = 0              # valid pairs within the limit: what an import offers the warehouse
+    refused_too_long: int = 0   # valid pairs with a prompt, chosen or rejected over max_field_chars
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB chunks (constant memory)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _decode_line(raw: bytes, where: str) -> tuple[Any, bool]:
+    """(the line's JSON value, whether its text holds a \\u escape)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PreferenceFormatError(f"{where}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} "
+                                    "of the line)") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PreferenceFormatError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except (ValueError, RecursionError) as exc:  # a 5,000-digit number, nesting deeper than the parser goes
+        raise PreferenceFormatError(f"{where}: invalid JSON: {str(exc).splitlines()[0]}") from None
+    return obj, "\\u" in text
+
+
+def _check_text(pair: PreferencePair, where: str) -> None:
+    """A JSON escape can spell half a surrogate pair (\\ud800), a str no database or tokenizer can encode."""
+    for name in ("prompt", "chosen", "rejected"):
+        try:
+            getattr(pair, name).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise PreferenceFormatError(f"{where}: '{name}' holds an unpaired surrogate escape "
+                                        f"(\\u{ord(exc.object[exc.start]):04x}), which is not text") from None
+
+
+def iter_preference_file(path: str | Path, max_field_chars: int | None = None,
+                         scan: FileScan | None = None) -> Iterator[PreferencePair]:
+    """The file's pairs, one line at a time: memory stays flat however many lines the file has.
+
+    Bytes are decoded line by line, so every problem (not UTF-8, not JSON, a wrong or missing field,
+    chosen == rejected, ...) raises PreferenceFormatError `FILE:LINE: what is wrong` on one line. A
+    valid pair whose prompt, chosen or rejected is longer than `max_field_chars` characters is not
+    yielded but counted in `scan.refused_too_long`. `scan` (optional) is filled in as the file is read;
+    its `sha256` is set when the last line was read."""
     path = Path(path)
-    if not path.is_file():
-        raise PreferenceFormatError(f"{path}: preference file not found")
-    pairs = []
-    with path.open(encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
+    scan = scan if scan is not None else FileScan(path, max_field_chars)
+    digest = hashlib.sha256()
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        raise PreferenceFormatError(f"{path}: preference file not found") from None
+    except OSError as exc:
+        raise PreferenceFormatError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    prefix = str(path)
+    with handle:
+        for number, raw in enumerate(handle, start=1):
+            digest.update(raw)
+            scan.bytes += len(raw)
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark
+                raw = raw[3:]
+            if not raw.strip():
                 continue
-            where = f"{path}:{number}"
+            where = f"{prefix}:{number}"
+            obj, escaped = _decode_line(raw, where)
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise PreferenceFormatError(f"{where}: invalid JSON ({exc.msg})") from None
-            pairs.append(parse_preference_line(obj, where))
-    if not pairs:
-        raise PreferenceFormatError(f"{path}: no preference pairs in file")
-    return pairs
+                pair = parse_preference_line(obj, where)
+            except PreferenceFormatError:
+                raise
+            except (TypeError, AttributeError, KeyError, ValueError) as exc:  # a shape the checks above missed
+                raise PreferenceFormatError(f"{where}: unexpected value ({type(exc).__name__}: "
+                                            f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+            if escaped:
+                _check_text(pair, where)
+            if max_field_chars is not None and max(len(pair.prompt), len(pair.chosen),
+                                                   len(pair.rejected)) > max_field_chars:
+                scan.refused_too_long += 1
+                continue
+            scan.pairs += 1
+            yield pair
+    if not scan.pairs and not scan.refused_too_long:
+        raise PreferenceFormatError(f"{path}:1: no preference pairs in the file")
+    scan.sha256 = digest.hexdigest()
+
+
+def check_preference_file(path: str | Path, max_field_chars: int | None = None) -> FileScan:
+    """Read the whole file and keep nothing but the counts and the hash: raises on the first bad line."""
+    scan = FileScan(Path(path), max_field_chars)
+    for _ in iter_preference_file(path, max_field_chars, scan):
+        pass
+    return scan
+
+
+def load_preference_file(path: str | Path, max_field_chars: int | None = None) -> list[PreferencePair]:
+    """Every pair of a (small) file as a list; raises on the first bad line, naming file and line."""
+    return list(iter_preference_file(path, max_field_chars))
 
 
 def sample_pairs(n_samples: int) -> list[tuple[int, int]]:

@@ -39,6 +39,7 @@ def test_packaged_profiles_load_and_tiny_inherits_cpu():
     ("[profiles.a.teacher]\ntimeout_s = 0\n", "profiles.a.teacher.timeout_s must be > 0, got 0.0"),
     ("[profiles.a.preferences]\ntop_p = 0\n", "profiles.a.preferences.top_p must be > 0 and <= 1, got 0.0"),
     ("[profiles.a.generate]\nmax_seed_chars = 0\n", "profiles.a.generate.max_seed_chars must be >= 1, got 0"),
+    ("[profiles.a.preferences]\nmax_field_chars = 0\n", "profiles.a.preferences.max_field_chars must be >= 1, got 0"),
     ("[profiles.a.generate]\nrequests_per_round = 4\n",
      "profiles.a.generate.requests_per_round: removed (the streaming scheduler has no rounds"),
     ("[profiles.a.sft]\nseed = -1\n", "profiles.a.sft.seed must be between 0 and 4294967295, got -1"),

@@ -61,6 +61,9 @@ def test_pipeline_end_to_end_rerun_and_seed_edit(seeded_home):
         assert f"kl_{method}" in evaluate and f"judged_{method}" in evaluate
     policies = wh.rows("SELECT policy, count(*) AS n FROM eval_replies GROUP BY policy ORDER BY policy")
     assert policies == [{"policy": p, "n": evaluate["prompts"]} for p in ("dpo", "grpo", "ppo", "sft")]
+    preferences = results["preferences"]   # tiny imports the bundled sample: read, hashed and recorded once
+    assert preferences["files_imported"] == 1 and preferences["imported_now"] == preferences["imported"] > 0
+    assert preferences["refused_too_long"] == 0 and preferences["import_s"] >= 0
     # evaluate.holdout_reward: a second RM trained on exactly the pairs the first one held out, scored
     # side by side with the first
     evaluate, reward = results["evaluate"], results["reward"]

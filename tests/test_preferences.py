@@ -1,5 +1,6 @@
 """Preference data: external files (good forms, bad lines named, nothing half-imported, reimport
-idempotent) and the pairwise judge against a real `transformers serve` hosting the bundled SmolLM2."""
+idempotent) and the pairwise judge against a real `transformers serve` hosting the bundled SmolLM2.
+The streaming import itself (hashes, changed files, rollback, size limit, memory): test_preference_import.py."""
 from __future__ import annotations
 
 import asyncio
@@ -8,11 +9,11 @@ import json
 import pytest
 
 from instructflow.flows.common import cache_dir
-from instructflow.flows.preferences import import_files
 from instructflow.models.bundled import ensure_bundled_hf_dir
 from instructflow.models.teacher_server import TeacherServer
 from instructflow.models.tiny import build_tiny_llama
 from instructflow.tasks.judge import judge_pairs, parse_pairwise_verdict
+from instructflow.tasks.preference_import import import_preference_files
 from instructflow.tasks.preferences import PreferenceFormatError, load_preference_file, pair_key
 from instructflow.tasks.teacher import TeacherSettings
 from instructflow.warehouse import queries
@@ -57,17 +58,21 @@ def test_a_bad_line_names_file_and_line(tmp_path, bad_line, message):
     assert len(str(raised.value).splitlines()) == 1
 
 
+def imported(wh, paths, max_field_chars=20000) -> int:
+    return import_preference_files(wh, [str(p) for p in paths], max_field_chars).imported_now
+
+
 def test_import_is_all_or_nothing_and_idempotent(tmp_path):
     (tmp_path / "home").mkdir()
     wh = open_warehouse(tmp_path / "home")
     try:
         good = write_jsonl(tmp_path / "good.jsonl", GOOD)
-        assert import_files.fn(wh, [str(good)]) == 3
-        assert import_files.fn(wh, [str(good)]) == 0        # same pairs again: nothing new
+        assert imported(wh, [good]) == 3
+        assert imported(wh, [good]) == 0        # same pairs again: nothing new
         extra = write_jsonl(tmp_path / "extra.jsonl", [{"prompt": "p", "chosen": "long answer", "rejected": "no"}])
         bad = write_jsonl(tmp_path / "bad.jsonl", [GOOD[0], "{oops"])
         with pytest.raises(PreferenceFormatError, match="bad.jsonl:2"):
-            import_files.fn(wh, [str(extra), str(bad)])     # the good file before it is not imported either
+            imported(wh, [extra, bad])          # the good file before it is not imported either
         assert wh.scalar("SELECT count(*) FROM preference_pairs") == 3
         rows = wh.rows("SELECT source, outcome, chosen, rejected, origin FROM preference_pairs ORDER BY origin")
         assert {r["source"] for r in rows} == {"imported"} and {r["outcome"] for r in rows} == {"a"}
@@ -86,7 +91,7 @@ def test_judged_pairs_take_the_latest_verdict_and_imports_stay(tmp_path):
     (tmp_path / "home").mkdir()
     wh = open_warehouse(tmp_path / "home")
     try:
-        assert import_files.fn(wh, [str(write_jsonl(tmp_path / "good.jsonl", GOOD[:1]))]) == 1
+        assert imported(wh, [write_jsonl(tmp_path / "good.jsonl", GOOD[:1])]) == 1
         first = [judged_row("Name a colour.", "Red.", "Banana.", "a", "old-judge"),
                  judged_row("What is 2 + 2?", "4", "22", "disagree", "old-judge")]
         assert queries.replace_judged_pairs(wh, first) == 2

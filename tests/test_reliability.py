@@ -190,14 +190,15 @@ def project(tmp_path: Path, body: str) -> Path:
 GOOD_SEED = json.dumps({"instruction": "Name a color.", "instances": [{"input": "", "output": "Blue."}]})
 
 
-@pytest.mark.parametrize("kind", ["seed", "preference"])
+@pytest.mark.parametrize("kind", ["seed", "preference", "preference-utf8"])
 def test_a_bad_input_file_prints_one_line_naming_file_and_line(tmp_path, kind, prefect_api):
     bad = tmp_path / f"{kind}s.jsonl"
     if kind == "seed":
         bad.write_text(GOOD_SEED + "\n{bad json\n")
         config, stage = project(tmp_path, f"seeds = ['{bad}']\n"), "generate"
     else:
-        bad.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n{bad json\n")
+        second = b'{"prompt": "p\xff", "chosen": "a", "rejected": "b"}' if kind == "preference-utf8" else b"{bad json"
+        bad.write_bytes(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}).encode() + b"\n" + second + b"\n")
         config, stage = project(tmp_path, f"[profiles.t.preferences]\nimport_files = ['{bad}']\n"), "preferences"
     home = tmp_path / "home"
     out = cli("stage", stage, "--profile", "t", "--config", str(config), home=home, **shared_api())

@@ -138,3 +138,32 @@ def test_stage_runs_record_and_interrupted_runs_become_failed(tmp_path):
     ok = wh.last_stage_run("generate", status="success")
     assert ok.metrics == {"kept": 5} and ok.output_hash == "out1" and ok.seconds is not None
     wh.close()
+
+
+def test_rows_a_killed_writer_left_in_the_wal_stay_in_their_unique_index(tmp_path):
+    """DuckDB 1.5.6: rows replayed from a killed writer's WAL reach a unique index only lazily, and the
+    checkpoint at the next close dropped them, so deleting such a row later was a FATAL error that
+    invalidated the database (a killed preference import is taken back out exactly that way)."""
+    script = textwrap.dedent(f"""
+        import os, signal
+        from instructflow.warehouse.store import open_warehouse
+        wh = open_warehouse({str(tmp_path)!r})
+        for i in range(3):
+            wh.execute("INSERT INTO preference_pairs (pair_id, source, prompt, response_a, response_b, outcome, "
+                       "pair_key, created_at) VALUES (?, 'imported', 'p', 'a', 'b', 'a', ?, now())", [i, f"key{{i}}"])
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    assert subprocess.run([sys.executable, "-c", script], timeout=60).returncode == -9
+    assert (tmp_path / f"{WAREHOUSE_FILE}.wal").exists()
+    wh = open_warehouse(tmp_path)   # replays the WAL; this process never touches the index ...
+    assert wh.scalar("SELECT count(*) FROM preference_pairs") == 3
+    wh.close()                      # ... and closes: the checkpoint that lost the index entries
+    wh = open_warehouse(tmp_path)
+    try:
+        wh.execute("DELETE FROM preference_pairs WHERE pair_key = ?", ["key1"])
+        assert wh.scalar("SELECT count(*) FROM preference_pairs") == 2
+        with pytest.raises(duckdb.ConstraintException):   # the index still guards the keys it holds
+            wh.execute("INSERT INTO preference_pairs (pair_id, source, prompt, response_a, response_b, outcome, "
+                       "pair_key, created_at) VALUES (9, 'imported', 'p', 'a', 'b', 'a', 'key2', now())")
+    finally:
+        wh.close()
