@@ -5,7 +5,6 @@ holds no stage logic, and imports no stage (the registry, flows/stages.py, impor
 from __future__ import annotations
 
 import atexit
-import importlib
 import json
 import logging
 import os
@@ -333,16 +332,18 @@ def stage_context(spec: StageSpec, cfg: Config, home: str | Path, run_id: str | 
 
 
 def recipe_task(name: str, recipe: str):
-    """A training stage's Prefect task: `recipe` ("module:function" of instructflow.models) imported when the
-    task runs, so torch loads only when a stage trains, and called with the flow's arguments."""
+    """A training stage's Prefect task: the `recipe` ("sft", "reward", "ppo", "dpo", "grpo": models/RECIPE.py
+    `train_RECIPE`) called with the flow's arguments through models/launch.py `run_recipe`, in this process or
+    under `accelerate launch`, as the section's `launcher` says; imported when the task runs, so torch loads
+    only when a stage trains."""
     from prefect import task
     from prefect.cache_policies import NONE
 
-    module, function = recipe.split(":")
-
     @task(name=name, cache_policy=NONE)
     def run(*args: Any, **kwargs: Any) -> dict:
-        return getattr(importlib.import_module(f"instructflow.models.{module}"), function)(*args, **kwargs)
+        from instructflow.models.launch import run_recipe
+
+        return run_recipe(recipe, *args, **kwargs)
 
     return run
 

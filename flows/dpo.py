@@ -11,7 +11,7 @@ from instructflow.flows.common import StageSpec, checkpoint_exists, publish_arti
 from instructflow.tasks.config import Config, stable_hash
 from instructflow.tasks.prompts import pairs_input, preference_split
 
-train = recipe_task("train-dpo", "dpo:train_dpo")
+train = recipe_task("train-dpo", "dpo")
 
 
 @flow(name="dpo", log_prints=True, validate_parameters=False)
@@ -24,7 +24,8 @@ def dpo_flow(cfg: Config, home: str, run_id: str | None = None, force: bool = Fa
                        on_step=ctx.step)
         metrics = {k: result.get(k) for k in ("train_pairs", "eval_pairs", "eval_accuracy", "eval_margin",
                                               "eval_reward_chosen", "eval_reward_rejected", "eval_loss", "beta",
-                                              "loss_type", "steps", "tokens_per_s", "wall_s", "resumed_from")}
+                                              "loss_type", "steps", "tokens_per_s", "wall_s", "resumed_from",
+                                              "world_size")}
         metrics.update(checkpoint=str(result["checkpoint"]), preference_set_hash=split.set_hash)
         ctx.wh.register_checkpoint(ctx.stage_run_id, "dpo_policy", metrics["checkpoint"], split.sft_path,
                                    split.set_hash, {"dpo": vars(cfg.dpo)}, metrics)

@@ -10,7 +10,7 @@ from instructflow.flows.common import StageSpec, checkpoint_exists, publish_arti
 from instructflow.tasks.config import Config, stable_hash
 from instructflow.tasks.prompts import rl_inputs
 
-train = recipe_task("train-grpo", "grpo:train_grpo")
+train = recipe_task("train-grpo", "grpo")
 
 
 @flow(name="grpo", log_prints=True, validate_parameters=False)
@@ -21,7 +21,8 @@ def grpo_flow(cfg: Config, home: str, run_id: str | None = None, force: bool = F
         result = train(prompts, cfg.grpo, Path(sft), Path(reward), ctx.run_dir(sft, reward), on_step=ctx.step)
         metrics = {k: result.get(k) for k in ("prompts_used", "skipped_prompts", "steps", "num_generations", "beta",
                                               "reward_first", "reward_last", "reward_slope", "kl_last",
-                                              "episodes_per_s", "tokens_per_s", "wall_s", "resumed_from")}
+                                              "episodes_per_s", "tokens_per_s", "wall_s", "resumed_from",
+                                              "world_size")}
         metrics.update(checkpoint=str(result["checkpoint"]))
         ctx.wh.register_checkpoint(ctx.stage_run_id, "grpo_policy", metrics["checkpoint"], sft, reward,
                                    {"grpo": vars(cfg.grpo)}, metrics)

@@ -10,7 +10,7 @@ from instructflow.flows.common import StageSpec, checkpoint_exists, publish_arti
 from instructflow.tasks.config import Config, stable_hash
 from instructflow.tasks.prompts import rl_inputs
 
-train = recipe_task("train-ppo", "ppo:train_ppo")
+train = recipe_task("train-ppo", "ppo")
 
 
 @flow(name="ppo", log_prints=True, validate_parameters=False)
@@ -21,7 +21,7 @@ def ppo_flow(cfg: Config, home: str, run_id: str | None = None, force: bool = Fa
         result = train(prompts, cfg.ppo, Path(sft), Path(reward), ctx.run_dir(sft, reward), on_step=ctx.step)
         metrics = {k: result.get(k) for k in ("steps", "episodes", "reward_first", "reward_last", "reward_slope", "kl_last",
                                               "policy_checkpoint", "value_checkpoint", "episodes_per_s", "wall_s",
-                                              "resumed_from", "skipped_prompts")}
+                                              "resumed_from", "skipped_prompts", "world_size")}
         metrics.update(policy_checkpoint=str(result["policy_checkpoint"]), value_checkpoint=str(result["value_checkpoint"]),
                        prompts=len(prompts))
         config = {"ppo": vars(cfg.ppo)}

@@ -10,7 +10,7 @@ from instructflow.flows.common import StageSpec, checkpoint_exists, publish_arti
 from instructflow.tasks.config import Config, stable_hash
 from instructflow.tasks.prompts import pairs_input, preference_split
 
-train = recipe_task("train-reward", "reward:train_reward")
+train = recipe_task("train-reward", "reward")
 
 
 @flow(name="reward", log_prints=True, validate_parameters=False)
@@ -26,7 +26,8 @@ def reward_flow(cfg: Config, home: str, run_id: str | None = None, force: bool =
                    "accuracy_before": result["accuracy_before"], "accuracy_after": result["accuracy_after"],
                    "margin_before": result.get("margin_before"), "margin_after": result["margin_after"],
                    "checkpoint": str(result["checkpoint"]), "preference_set_hash": set_hash,
-                   "wall_s": result.get("wall_s"), "resumed_from": result.get("resumed_from")}
+                   "wall_s": result.get("wall_s"), "resumed_from": result.get("resumed_from"),
+                   "world_size": result.get("world_size")}
         ctx.wh.register_checkpoint(ctx.stage_run_id, "reward", str(result["checkpoint"]), split.sft_path, set_hash,
                                    {"reward": vars(cfg.reward)}, metrics)
         ctx.finish(metrics, output_hash=stable_hash([str(result["checkpoint"]), set_hash, ctx.inputs["config"]]))

@@ -29,7 +29,7 @@ def current_dataset(cfg: Config, wh: Warehouse) -> tuple[str, list, list]:
     return dataset_hash(examples), train, held_out
 
 
-train = recipe_task("train-sft", "sft:run_sft")  # in this process, or under `accelerate launch` (sft.launcher)
+train = recipe_task("train-sft", "sft")  # in this process, or under `accelerate launch` (sft.launcher)
 
 
 @flow(name="sft", log_prints=True, validate_parameters=False)
@@ -54,7 +54,8 @@ def sft_flow(cfg: Config, home: str, run_id: str | None = None, force: bool = Fa
                    "train_loss_last": result["train_loss_last"], "checkpoint": str(result["checkpoint"]),
                    "dataset_hash": data_hash, "tokens_per_s": result["tokens_per_s"],
                    "tokens_seen": result.get("tokens_seen"), "wall_s": result.get("wall_s"),
-                   "resumed_from": result.get("resumed_from"), "base_model": str(base)}
+                   "resumed_from": result.get("resumed_from"), "base_model": str(base),
+                   "world_size": result.get("world_size")}
         ctx.wh.register_checkpoint(ctx.stage_run_id, "sft", str(result["checkpoint"]), str(base), data_hash,
                                    {"sft": vars(cfg.sft)}, metrics)
         ctx.finish(metrics, output_hash=stable_hash([str(result["checkpoint"]), data_hash, ctx.inputs["config"]]))

@@ -24,12 +24,14 @@ pairs are cut at the end (`keep_start`). Resume, final dir and metrics.json work
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from instructflow.models.recipe_io import (ProgressCallback, ReportSteps, StepCallback, drop_printer, ensure_pad,
-                                           is_main_rank, load_causal_lm, lora_config, pair_length_grouped,
+from instructflow.models.launch import job_main
+from instructflow.models.recipe_io import (ProgressCallback, ReportSteps, StepCallback, dataset_in, drop_printer,
+                                           ensure_pad, is_main_rank, load_causal_lm, lora_config, pair_length_grouped,
                                            publish_final, save_policy, series, session_rates, start_job, trained_tokens,
                                            trainer_args)
 from instructflow.tasks.config import DPOConfig
@@ -56,7 +58,6 @@ def train_dpo(train: Sequence[dict], eval: Sequence[dict], cfg: DPOConfig, sft_m
 
     # 3. tokenizer, policy, data
     import torch
-    from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import DPOConfig as TRLDPOConfig, DPOTrainer
 
@@ -77,11 +78,13 @@ def train_dpo(train: Sequence[dict], eval: Sequence[dict], cfg: DPOConfig, sft_m
     )
     peft_config = lora_config(cfg, "CAUSAL_LM") if (cfg.lora or cfg.qlora) else None
     # ref_model=None: TRL loads the reference from the same SFT dir (or precomputes its log-probs, or
-    # disables the LoRA adapter): always the model the policy started from
+    # disables the LoRA adapter): always the model the policy started from. The pairs are stored in the run
+    # folder, where TRL caches the precomputed log-probs for every rank (recipe_io.dataset_in)
     trainer = pair_length_grouped(DPOTrainer)(
-        model=model, ref_model=None, args=config, train_dataset=Dataset.from_list(job.train),
-        eval_dataset=Dataset.from_list(job.eval), processing_class=tokenizer, peft_config=peft_config,
-        callbacks=[ReportSteps(on_step, on_progress)])
+        model=model, ref_model=None, args=config, train_dataset=dataset_in(job.train, output_dir / "pairs" / "train",
+                                                                           config),
+        eval_dataset=dataset_in(job.eval, output_dir / "pairs" / "eval", config), processing_class=tokenizer,
+        peft_config=peft_config, callbacks=[ReportSteps(on_step, on_progress)])
     drop_printer(trainer)
 
     # 4. train (resume_from_checkpoint restores weights, optimizer, scheduler, RNG and step)
@@ -123,3 +126,15 @@ def plot_dpo(path: Path, log_history: Sequence[dict]) -> Path:
                       {"train margin": series(log_history, "rewards/margins"),
                        "held-out margin": series(log_history, "eval_rewards/margins"),
                        "train loss": series(log_history, "loss")}, xlabel="step")
+
+
+# ----------------------------------------------------------------------------------------------
+# `accelerate launch ... -m instructflow.models.dpo --job job.json` (models/launch.py)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m instructflow.models.dpo --job FILE`: what every rank of a launch runs."""
+    return job_main("dpo", argv, DPOInputError)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

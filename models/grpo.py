@@ -28,10 +28,12 @@ Prompts longer than `max_length - max_completion_length` tokens are skipped (cou
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from instructflow.models.launch import job_main
 from instructflow.models.recipe_io import (ProgressCallback, ReportSteps, StepCallback, drop_printer, ensure_pad,
                                            is_main_rank, load_causal_lm, lora_config, publish_final, save_policy,
                                            series, session_rates, start_job, trained_tokens, trainer_args)
@@ -177,3 +179,15 @@ def plot_grpo(path: Path, log_history: Sequence[dict]) -> Path:
     return plot_lines(path, "GRPO: reward of the sampled completions and KL to the SFT model",
                       {"reward": series(log_history, "reward"), "kl": series(log_history, "kl")},
                       xlabel="optimizer step")
+
+
+# ----------------------------------------------------------------------------------------------
+# `accelerate launch ... -m instructflow.models.grpo --job job.json` (models/launch.py)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m instructflow.models.grpo --job FILE`: what every rank of a launch runs."""
+    return job_main("grpo", argv, GRPOInputError)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -30,7 +30,18 @@ What we add on top of TRL, whose `train()` can neither resume nor save the value
   (prompt order, sampling, minibatch shuffles), so a resumed run replays what the uninterrupted run
   would have done (bit-identical on CPU). With LoRA a resume starts fresh adapters and a fresh Adam
   on the merged weights (no optimizer state is kept for LoRA runs).
-* Per-update metrics to `on_step(global_step, metrics)` with friendly names (see METRIC_NAMES).
+* Per-update metrics to `on_step(global_step, metrics)` with friendly names (see METRIC_NAMES), and
+  the summary (also `final/metrics.json`, written last into final/).
+
+Several processes (`accelerate launch` with a data-parallel config, models/launch.py): every rank loads the
+four models and runs the same chunks; each chunk's PPOTrainer wraps actor + critic in DDP (again per chunk,
+around the one optimizer), gives each rank its own share of the prompts and its own sampling seed, so an
+update is `batch_size * grad_accum` rollouts on EVERY rank and averages their gradients. The update count
+stays `total_episodes / (batch_size * grad_accum)`; `episodes` counts the rollouts of all ranks. The frozen
+reference and reward models are a whole copy on each rank. Rank 0 alone writes rounds, final/, the plot.
+FSDP and DeepSpeed are refused at config load (tasks/config.py PPOConfig.LAUNCH_TYPES): per chunk they would
+shard actor and critic anew (DeepSpeed: a new engine around an optimizer already wrapped by the last one), and
+a round is saved from rank 0's whole models.
 
 Memory options for models bigger than the CPU smoke tests:
 * `gradient_checkpointing=True`: recompute activations of actor and critic in the backward pass
@@ -50,13 +61,16 @@ import copy
 import gc
 import json
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from instructflow.models.files import write_dir_atomically
-from instructflow.models.recipe_io import ReportSteps, lora_config, resolve_precision
+from instructflow.models.files import write_dir_atomically, write_json
+from instructflow.models.launch import job_main
+from instructflow.models.recipe_io import (METRICS_FILE, ReportSteps, is_main_rank, lora_config, read_json,
+                                           resolve_precision, world_size)
 from instructflow.tasks.config import PPOConfig
 from instructflow.tasks.plots import plot_lines
 
@@ -99,7 +113,7 @@ def train_ppo(prompts: Sequence[str], cfg: PPOConfig, policy_model: Path, reward
 
     Returns steps, episodes, reward_first, reward_last, kl_last, policy_checkpoint, value_checkpoint,
     episodes_per_s (this call), wall_s, resumed_from (round dir or None), plot, skipped_prompts,
-    (paths as str), plus updates_this_run and prompts_used.
+    (paths as str), plus updates_this_run, prompts_used and world_size; the same dict is final/metrics.json.
     """
     import torch
     from datasets import Dataset
@@ -111,8 +125,9 @@ def train_ppo(prompts: Sequence[str], cfg: PPOConfig, policy_model: Path, reward
     _check_inputs(cfg, models)
     policy_model, reward_model, value_model = models["policy_model"], models["reward_model"], models["value_model"]
     output_dir = Path(output_dir)
-    rollout_batch = cfg.batch_size * cfg.grad_accum
+    rollout_batch = cfg.batch_size * cfg.grad_accum   # per rank: under a launch every rank samples its own
     total_updates = cfg.total_episodes // rollout_batch
+    world = world_size()
 
     # ---- tokenizer and prompts ----------------------------------------------------------------
     tokenizer = _checked_tokenizer(models)
@@ -131,10 +146,11 @@ def train_ppo(prompts: Sequence[str], cfg: PPOConfig, policy_model: Path, reward
     resume = last_complete_round(rounds_dir)
     step, episodes, history = 0, 0, []
     if resume is not None:
-        _check_resumable(resume, cfg, policy_model, rollout_batch)
+        _check_resumable(resume, cfg, policy_model, rollout_batch, total_updates)
         step, episodes, history = resume.step, resume.episodes, list(resume.state.get("history", []))
-    print(f"ppo: {'resuming from ' + str(resume.path) if resume else 'fresh start'}; "
-          f"{step}/{total_updates} updates done, {prompts_used} prompts ({skipped} skipped)")
+    if is_main_rank():
+        print(f"ppo: {'resuming from ' + str(resume.path) if resume else 'fresh start'}; "
+              f"{step}/{total_updates} updates done, {prompts_used} prompts ({skipped} skipped)")
 
     # ---- the four models ------------------------------------------------------------------------
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -197,34 +213,37 @@ def train_ppo(prompts: Sequence[str], cfg: PPOConfig, policy_model: Path, reward
         while step < total_updates:
             updates = min(cfg.save_every_steps, total_updates - step)
             set_seed(cfg.seed + step)  # python, numpy (minibatch shuffles), torch (prompt order, sampling)
-            trainer = _ppo_trainer(cfg, output_dir, updates * rollout_batch, cfg.seed + step, tokenizer, actor,
+            trainer = _ppo_trainer(cfg, output_dir, updates * rollout_batch * world, cfg.seed + step, tokenizer, actor,
                                    reference, reward, critic, dataset, optimizer, scheduler)
             trainer.add_callback(ReportSteps(report, names=METRIC_NAMES, first_step=step))
             chunk.update(episodes=episodes, started=time.time())
             with autocast:
                 trainer.train()
-            step, episodes = step + updates, episodes + updates * rollout_batch
+            step, episodes = step + updates, episodes + updates * rollout_batch * world
             del trainer
             gc.collect()
             state = {"global_step": step, "episodes": episodes, "seed": cfg.seed, "next_chunk_seed": cfg.seed + step,
-                     "rollout_batch": rollout_batch, "total_episodes": cfg.total_episodes,
+                     "rollout_batch": rollout_batch, "total_episodes": cfg.total_episodes, "world_size": world,
                      "policy_model": str(policy_model.resolve()), "reward_model": str(reward_model.resolve()),
                      "settings": {**asdict(cfg), **{k: str(v) if v is not None else None for k, v in models.items()}},
                      "history": history}
-            saved = save_round(rounds_dir, step, actor, critic, save_tokenizer, state,
-                               optimizer=optimizer if cfg.save_optimizer and not cfg.lora else None)
+            saved = rounds_dir / f"round-{step:06d}"
+            if is_main_rank():  # every rank holds the same actor and critic (DDP); one writes them
+                save_round(rounds_dir, step, actor, critic, save_tokenizer, state,
+                           optimizer=optimizer if cfg.save_optimizer and not cfg.lora else None)
+                _prune_rounds(rounds_dir, keep=cfg.keep_rounds or None, newest=saved)
             last_round = Round(saved, step, episodes, state)
-            _prune_rounds(rounds_dir, keep=cfg.keep_rounds or None, newest=saved)
     finally:
         gc.unfreeze()
     train_wall = time.time() - train_started
 
-    # ---- final pair, plot, summary -------------------------------------------------------------
+    # ---- final pair, plot, summary (rank 0 writes; metrics.json goes into final/ last) --------------
     final_dir = output_dir / "final"
     if last_round is None:  # total_updates == 0 cannot happen (checked), but keep the invariant explicit
         raise PPOInputError("train_ppo: nothing trained and no saved round")
-    write_dir_atomically(final_dir, lambda tmp: shutil.copytree(
-        last_round.path, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("optimizer.pt")))
+    if not is_main_rank():
+        _wait_for_every_rank(torch)  # for rank 0's final/
+        return read_json(final_dir / METRICS_FILE) or {}
     from instructflow.tasks.trend import least_squares_slope
 
     steps_seen = [h["step"] for h in history]
@@ -233,23 +252,38 @@ def train_ppo(prompts: Sequence[str], cfg: PPOConfig, policy_model: Path, reward
                        "rlhf_reward": (steps_seen, [h["rlhf_reward"] for h in history]),
                        "kl": (steps_seen, [h["kl"] for h in history])}, xlabel="PPO update")
     updates_this_run = step - first_step
-    return {
+    metrics = {
         "steps": step,
-        "episodes": episodes,
+        "episodes": episodes,  # rollouts of every rank
         "reward_first": history[0]["reward"] if history else None,
         "reward_last": history[-1]["reward"] if history else None,
         "reward_slope": least_squares_slope(steps_seen, [h["reward"] for h in history]),  # per update
         "kl_last": history[-1]["kl"] if history else None,
         "policy_checkpoint": str(final_dir / "policy"),
         "value_checkpoint": str(final_dir / "value"),
-        "episodes_per_s": updates_this_run * rollout_batch / train_wall if updates_this_run else None,
+        "episodes_per_s": updates_this_run * rollout_batch * world / train_wall if updates_this_run else None,
         "wall_s": time.time() - started,
         "resumed_from": str(resume.path) if resume else None,
         "plot": str(plot),
         "skipped_prompts": skipped,
         "prompts_used": prompts_used,
         "updates_this_run": updates_this_run,
+        "world_size": world,
     }
+
+    def write_final(tmp: Path) -> None:
+        shutil.copytree(last_round.path, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("optimizer.pt"))
+        write_json(tmp / METRICS_FILE, metrics)
+
+    write_dir_atomically(final_dir, write_final)
+    _wait_for_every_rank(torch)
+    return metrics
+
+
+def _wait_for_every_rank(torch) -> None:
+    """A barrier when this process is one rank of a launch (the trainers' process group outlives them)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -307,7 +341,7 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str], max_prompt_length: int) 
     return queries, skipped
 
 
-def _check_resumable(found: Round, cfg: PPOConfig, policy_model: Path, rollout_batch: int) -> None:
+def _check_resumable(found: Round, cfg: PPOConfig, policy_model: Path, rollout_batch: int, total_updates: int) -> None:
     state = found.state
     if state.get("rollout_batch") != rollout_batch:
         raise PPOInputError(f"{found.path}/state.json: saved with rollout batch {state.get('rollout_batch')}, "
@@ -315,9 +349,9 @@ def _check_resumable(found: Round, cfg: PPOConfig, policy_model: Path, rollout_b
     if state.get("policy_model") != str(policy_model.resolve()):
         raise PPOInputError(f"{found.path}/state.json: started from policy {state.get('policy_model')}, "
                             f"this run gives {policy_model}; use a fresh output_dir")
-    if found.episodes > cfg.total_episodes:
-        raise PPOInputError(f"{found.path}/state.json: {found.episodes} episodes already done, more than "
-                            f"ppo.total_episodes={cfg.total_episodes}")
+    if found.step > total_updates:
+        raise PPOInputError(f"{found.path}/state.json: {found.step} updates already done, more than the "
+                            f"{total_updates} of ppo.total_episodes={cfg.total_episodes}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -326,6 +360,8 @@ def _check_resumable(found: Round, cfg: PPOConfig, policy_model: Path, rollout_b
 def _ppo_trainer(cfg: PPOConfig, output_dir: Path, episodes: int, seed: int, tokenizer, actor, reference, reward,
                  critic, dataset, optimizer, scheduler):
     import warnings
+
+    import torch
 
     from transformers import PrinterCallback, ProgressCallback
 
@@ -342,6 +378,7 @@ def _ppo_trainer(cfg: PPOConfig, output_dir: Path, episodes: int, seed: int, tok
         vf_coef=cfg.vf_coef, lam=cfg.lam, stop_token="eos", missing_eos_penalty=cfg.missing_eos_penalty or None,
         num_sample_generations=0, seed=seed,
         bf16=False, fp16=False, gradient_checkpointing=False,  # handled by us, see the module docstring
+        use_cpu=not torch.cuda.is_available(),  # else a launch on CPU ranks trains each rank alone (no gloo DDP)
     )
     trainer = PPOTrainer(args=config, processing_class=tokenizer, model=actor, ref_model=reference,
                          reward_model=reward, train_dataset=dataset, value_model=critic,
@@ -401,3 +438,15 @@ def _prune_rounds(rounds_dir: Path, keep: int | None, newest: Path) -> None:
         for old in rounds[:-keep]:
             if old != newest:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# `accelerate launch ... -m instructflow.models.ppo --job job.json` (models/launch.py)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m instructflow.models.ppo --job FILE`: what every rank of a launch runs."""
+    return job_main("ppo", argv, PPOInputError)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,6 +13,7 @@ temp name next to its target, then renamed, so a kill mid-write never leaves a d
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -25,7 +26,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 from transformers import TrainerCallback
 
-from instructflow.models.files import read_json, replace_dir, write_json
+from instructflow.models.files import read_json, replace_dir, write_dir_atomically, write_json
 from instructflow.tasks.config import SAVE_TOTAL_LIMIT, TrainerConfig, TrainingConfig
 
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -138,10 +139,35 @@ def fingerprint(section: Any, paths: Mapping[str, Path], *datasets: Sequence[Map
 # ----------------------------------------------------------------------------------------------
 # Run record, resume, final/
 
+def rank() -> int:
+    """This process's rank in a torchrun / accelerate launch job (0 in a plain process). Read from the
+    launcher's environment because it is needed before the Trainer (and its Accelerator) exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    """The processes of this torchrun / accelerate launch job (1 in a plain process); every recipe reports it."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextlib.contextmanager
+def loaded_by_one_rank():
+    """Around a model that one rank loads alone while a DeepSpeed ZeRO-3 Trainer exists (reward's held-out
+    scores of final/, LoRA's merge): transformers would otherwise build it inside deepspeed.zero.Init, whose
+    collectives the other ranks never join. A no-op without DeepSpeed (not run here: no GPU, no DeepSpeed)."""
+    from transformers.integrations import deepspeed
+
+    held = deepspeed._hf_deepspeed_config_weak_ref  # set by TrainingArguments under a DeepSpeed launch
+    deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        deepspeed._hf_deepspeed_config_weak_ref = held
+
+
 def is_main_rank() -> bool:
-    """Rank 0 of a torchrun / accelerate launch job, or a plain process. Read from the launcher's
-    environment because it is needed before the Trainer (and its Accelerator) exists."""
-    return int(os.environ.get("RANK", "0")) == 0
+    """Rank 0 of a launch, or a plain process: the one that writes checkpoints, final/ and metrics."""
+    return rank() == 0
 
 
 def finished_metrics(output_dir: Path, job: str, error: type[ValueError]) -> dict[str, Any] | None:
@@ -210,7 +236,8 @@ def save_trained_model(trainer, output_dir: Path, tokenizer, load_base: Callable
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(adapter_dir if load_base else tmp))  # every rank: gathers sharded weights
     if is_main_rank() and load_base is not None:
-        save_merged_lora(load_base(), adapter_dir, tmp, tokenizer)
+        with loaded_by_one_rank():
+            save_merged_lora(load_base(), adapter_dir, tmp, tokenizer)
         shutil.rmtree(adapter_dir, ignore_errors=True)
     return tmp
 
@@ -238,8 +265,10 @@ def session_rates(trainer, train_result, tokens_before: int) -> dict[str, float]
 
 
 def publish_final(trainer, tmp: Path, metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """metrics.json goes into `tmp` last, then it becomes `final/` (main rank); every rank returns the metrics."""
+    """metrics.json (with `world_size`) goes into `tmp` last, then it becomes `final/` (main rank); every rank
+    returns the metrics."""
     final = Path(tmp).parent / "final"
+    metrics = {**metrics, "world_size": world_size()}
     if is_main_rank():
         write_json(tmp / METRICS_FILE, metrics)
         replace_dir(tmp, final)
@@ -329,6 +358,19 @@ def trainer_args(section: TrainerConfig, checkpoints_dir: Path, precision: str) 
     )
 
 
+def dataset_in(rows: Sequence[Mapping[str, Any]], path: Path, args):
+    """`rows` as a Dataset stored in `path` (written once, by the first rank of each machine, while the others
+    wait; `args` are the Trainer's arguments), so that every rank's copy lives in the same folder: where TRL's
+    DPOTrainer caches the reference log-probs it precomputes on rank 0 for all (an in-memory Dataset's cache is
+    a temp dir of each process, which the other ranks never see)."""
+    from datasets import Dataset, load_from_disk
+
+    with args.main_process_first(desc=f"storing {path}"):
+        if not (Path(path) / "state.json").is_file():
+            write_dir_atomically(Path(path), lambda tmp: Dataset.from_list(list(rows)).save_to_disk(str(tmp)))
+        return load_from_disk(str(path))
+
+
 def series(log_history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
     points = [(float(e["step"]), float(e[key])) for e in log_history if key in e and "step" in e]
     return [s for s, _ in points], [v for _, v in points]
@@ -336,7 +378,8 @@ def series(log_history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[flo
 
 class ReportSteps(TrainerCallback):
     """The one step-report callback of every recipe: each Trainer log entry to `on_step(step, values)`,
-    each optimizer step to `on_progress(step, total)`; rank 0 only.
+    each optimizer step to `on_progress(step, total)`; rank 0 only. Under a launch every rank also prints
+    `instructflow: rank R of W: step S (N of M parameters held here)` after each optimizer step.
 
     Values are the entry's finite numbers; with `names` (ours -> the trainer's key) only those, renamed,
     and an entry holding none of them is skipped (PPO logs one dict per update). `first_step` offsets
@@ -356,9 +399,29 @@ class ReportSteps(TrainerCallback):
         if values:
             self.on_step(self.first_step + state.global_step, values)
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if world_size() > 1:  # every rank of a launch says what it did, in the launch's log (models/launch.py),
+            # as its trainer sees it: "rank 0 of 1" on every process would be processes training alone
+            print(f"instructflow: rank {args.process_index} of {args.world_size}: step "
+                  f"{self.first_step + state.global_step}{held_here(model)}", flush=True)
         if self.on_progress is not None and state.is_world_process_zero:
             self.on_progress(self.first_step + state.global_step, state.max_steps)
+
+
+def held_here(model) -> str:
+    """What this rank holds of the trained model, as ' (N of M parameters held here)': all of it under DDP, a
+    shard under FSDP (DTensors) or DeepSpeed ZeRO-3 (partitions)."""
+    if model is None:
+        return ""
+    held = total = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_numel"):       # ZeRO-3: the local partition is ds_tensor
+            held, total = held + p.ds_tensor.numel(), total + p.ds_numel
+        elif hasattr(p, "to_local"):     # FSDP2: a DTensor, numel() is the global size
+            held, total = held + p.to_local().numel(), total + p.numel()
+        else:
+            held, total = held + p.numel(), total + p.numel()
+    return f" ({held} of {total} parameters held here)"
 
 
 def pair_length_grouped(trainer_class):

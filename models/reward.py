@@ -15,13 +15,16 @@ Resume, final dir, metrics.json and the empty-eval fallback work as in `models/s
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from instructflow.models.launch import job_main
 from instructflow.models.recipe_io import (ProgressCallback, ReportSteps, StepCallback, check_model_dir, drop_printer,
-                                           ensure_pad, is_main_rank, lora_config, pair_length_grouped, publish_final,
-                                           save_trained_model, start_job, trainer_args, update_run)
+                                           ensure_pad, is_main_rank, loaded_by_one_rank, lora_config,
+                                           pair_length_grouped, publish_final, save_trained_model, start_job,
+                                           trainer_args, update_run)
 from instructflow.tasks.config import RewardConfig
 from instructflow.tasks.library_output import quiet_progress_bars
 
@@ -189,8 +192,9 @@ def train_reward(train: Sequence[dict], eval: Sequence[dict], cfg: RewardConfig,
     metrics: dict[str, Any] = {}
     if is_main_rank():
         prompts = [r["prompt"] for r in eval_rows]
-        chosen = score(tmp, prompts, [r["chosen"] for r in eval_rows], cfg.batch_size * 2, cfg.max_length)
-        rejected = score(tmp, prompts, [r["rejected"] for r in eval_rows], cfg.batch_size * 2, cfg.max_length)
+        with loaded_by_one_rank():
+            chosen = score(tmp, prompts, [r["chosen"] for r in eval_rows], cfg.batch_size * 2, cfg.max_length)
+            rejected = score(tmp, prompts, [r["rejected"] for r in eval_rows], cfg.batch_size * 2, cfg.max_length)
         accuracy_after, margin_after = pair_stats(chosen, rejected)
         if on_step is not None:
             on_step(trainer.state.global_step, {"heldout_accuracy": accuracy_after, "heldout_margin": margin_after})
@@ -215,3 +219,15 @@ def plot_rewards(path: Path, chosen: Sequence[float], rejected: Sequence[float])
     return plot_histograms(path, "held-out rewards after training", {"chosen": list(chosen),
                                                                      "rejected": list(rejected)},
                            xlabel="reward")
+
+
+# ----------------------------------------------------------------------------------------------
+# `accelerate launch ... -m instructflow.models.reward --job job.json` (models/launch.py)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m instructflow.models.reward --job FILE`: what every rank of a launch runs."""
+    return job_main("reward", argv, RewardInputError)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -35,29 +35,26 @@ resumed sessions; `tokens_per_s` is this session's tokens over this session's tr
 
 Empty eval set: we evaluate on the training rows instead and say so with `eval_on_train: True`.
 
-Distributed: the same function runs in-process (Prefect calls it directly) and under
+Distributed: the same function runs in-process and under
 `accelerate launch --config_file models/accelerate/ddp.yaml -m instructflow.models.sft --job job.json`,
-where every rank runs it and only the main rank writes files. The job file holds the `sft` section, the
-base model and output dir, and the rows (`write_job`); its section is validated as a config file is.
+where every rank runs it and only the main rank writes files (models/launch.py `run_recipe` picks one
+as `launcher` says; the job file holds train_sft's arguments, its section validated as a config file is).
 
 Checkpoints, resume, the run record and the final dir: models/recipe_io.py (shared with reward and PPO).
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import logging
 import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from instructflow.models.launch import job_main
 from instructflow.models.recipe_io import (ProgressCallback, ReportSteps, StepCallback, drop_printer, ensure_pad,
-                                           is_main_rank, load_causal_lm, lora_config, publish_final, read_json,
-                                           save_policy, series, session_rates, start_job, trained_tokens, trainer_args,
-                                           update_run)
-from instructflow.tasks.config import ConfigError, SFTConfig, section_from_dict
+                                           is_main_rank, load_causal_lm, lora_config, publish_final, save_policy,
+                                           series, session_rates, start_job, trained_tokens, trainer_args, update_run)
+from instructflow.tasks.config import SFTConfig
 from instructflow.tasks.library_output import quiet_progress_bars
 
 
@@ -193,61 +190,11 @@ def plot_loss(path: Path, log_history: Sequence[Mapping[str, Any]], eval_loss_be
 
 
 # ----------------------------------------------------------------------------------------------
-# `accelerate launch ... -m instructflow.models.sft --job job.json`
-
-def run_sft(train: Sequence[dict], eval: Sequence[dict], cfg: SFTConfig, base_model: Path, output_dir: Path,
-            on_step: StepCallback | None = None) -> dict:
-    """`train_sft` in this process (`launcher = "inprocess"`) or under `accelerate launch` on
-    `num_processes` processes; with a launch, the per-step log is replayed to `on_step` afterwards."""
-    if cfg.launcher == "inprocess":
-        return train_sft(train, eval, cfg, base_model, output_dir, on_step=on_step)
-    from instructflow.models.launch import accelerate_launch
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    job = write_job(output_dir / "job.json", train, eval, cfg, base_model, output_dir)
-    accelerate_launch("instructflow.models.sft", job, cfg, output_dir / "launch.log")
-    metrics = json.loads((output_dir / "final" / "metrics.json").read_text())
-    states = sorted(output_dir.glob("checkpoints/checkpoint-*/trainer_state.json"),
-                    key=lambda p: int(p.parent.name.split("-")[1]))
-    for entry in json.loads(states[-1].read_text())["log_history"] if (states and on_step) else []:
-        on_step(int(entry.get("step", 0)), {k: v for k, v in entry.items() if k in ("loss", "eval_loss", "learning_rate")})
-    return metrics
-
-
-def write_job(path: Path, train: Sequence[dict], eval: Sequence[dict], cfg: SFTConfig, base_model: Path,
-              output_dir: Path) -> Path:
-    """The JSON file `main` reads: what a caller writes before `accelerate launch`."""
-    job = {"sft": dataclasses.asdict(cfg), "base_model": str(base_model), "output_dir": str(output_dir),
-           "train": list(train), "eval": list(eval)}
-    Path(path).write_text(json.dumps(job, ensure_ascii=False))
-    return Path(path)
-
-
-def read_job(path: Path) -> tuple[SFTConfig, Path, Path, list[dict], list[dict]]:
-    """(section, base_model, output_dir, train, eval) from a job file; its section is checked as a config file is."""
-    job = read_json(path)
-    if job is None or not {"sft", "base_model", "output_dir", "train"} <= set(job):
-        raise SFTInputError(f"{path}: expected a JSON object with 'sft', 'base_model', 'output_dir' and 'train' "
-                            "(and 'eval')")
-    try:
-        cfg = section_from_dict(str(path), "sft", job["sft"])
-    except ConfigError as exc:
-        raise SFTInputError(str(exc)) from None
-    return cfg, Path(job["base_model"]), Path(job["output_dir"]), job["train"], job.get("eval", [])
-
+# `accelerate launch ... -m instructflow.models.sft --job job.json` (models/launch.py)
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m instructflow.models.sft",
-                                     description="SFT from a job file (sft section, paths, prompt/completion rows).")
-    parser.add_argument("--job", type=Path, required=True,
-                        help='JSON {"sft": {section}, "base_model": DIR, "output_dir": DIR, "train": [rows], '
-                             '"eval": [rows]} (see write_job)')
-    args = parser.parse_args(argv)
-    cfg, base_model, output_dir, train, eval = read_job(args.job)
-    metrics = train_sft(train, eval, cfg, base_model, output_dir)
-    if is_main_rank():
-        print(json.dumps(metrics, sort_keys=True))
-    return 0
+    """`python -m instructflow.models.sft --job FILE`: what every rank of a launch runs."""
+    return job_main("sft", argv, SFTInputError)
 
 
 if __name__ == "__main__":

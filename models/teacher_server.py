@@ -16,12 +16,11 @@ request's temperature/top_p/do_sample apply to every later one), `stop` strings 
 eos or max_tokens) and per-request `seed` (batch composition changes what is sampled).
 
 Lifetime: the child runs in its own process group (so Ctrl-C in a terminal reaches only us, and
-stop() can kill the whole group), and asks the kernel to SIGKILL it when its parent dies
-(PR_SET_PDEATHSIG), so a SIGKILLed pipeline run leaves no orphan server holding RAM and a port.
+stop() can kill the whole group), and asks the kernel to SIGKILL it when its parent dies (PR_SET_PDEATHSIG,
+models/processes.py), so a SIGKILLed pipeline run leaves no orphan server holding RAM and a port.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
@@ -34,7 +33,8 @@ import urllib.request
 from pathlib import Path
 from typing import Sequence
 
-PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+from instructflow.models.processes import die_with_parent
+
 STOP_GRACE_S = 5.0  # SIGTERM first (uvicorn shuts down cleanly), SIGKILL after this
 LOG_TAIL_LINES = 20
 
@@ -74,15 +74,6 @@ def _free_loopback_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """preexec_fn: runs in the child between fork and exec."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent_pid:  # parent died before prctl took effect
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class TeacherServer:
@@ -166,7 +157,7 @@ class TeacherServer:
         self._launched_at = time.monotonic()
         self._process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True, preexec_fn=lambda: _die_with_parent(parent_pid),
+            start_new_session=True, preexec_fn=lambda: die_with_parent(parent_pid),
         )
 
     def _batching_on_cpu(self) -> bool:

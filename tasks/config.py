@@ -35,6 +35,7 @@ from instructflow.tasks.secrets import real_endpoint, remember, remember_endpoin
 from instructflow.tasks.heuristics import DEFAULT_BLACKLIST
 
 PACKAGED_CONFIG = "instructflow.toml"
+SHIPPED_ACCELERATE_CONFIGS = ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")  # models/accelerate/NAME.yaml
 ALIGNMENT_METHODS = ("ppo", "dpo", "grpo")
 
 
@@ -199,8 +200,11 @@ class FilterConfig(Section):
 class TrainingConfig(Section):
     """What every training stage (sft, reward, ppo, dpo, grpo) sets the same way."""
     SECTION: ClassVar[str] = "training"
-    # stages whose recipe runs under `accelerate launch` (the others refuse launcher = "accelerate")
+    # stages whose recipe runs under `accelerate launch` (the others refuse launcher = "accelerate"), and the
+    # accelerate configs' `distributed_type`s it runs under, with why the others are refused
     LAUNCHABLE: ClassVar[bool] = False
+    LAUNCH_TYPES: ClassVar[tuple[str, ...]] = ("NO", "MULTI_CPU", "MULTI_GPU", "FSDP", "DEEPSPEED")
+    LAUNCH_TYPES_WHY: ClassVar[str] = ""
 
     learning_rate: float = 2e-5
     batch_size: int = 4                 # per device (ppo: rollouts per device per update)
@@ -215,21 +219,32 @@ class TrainingConfig(Section):
     qlora: bool = False                 # LoRA on a 4-bit base (CUDA + bitsandbytes)
     # "inprocess": the flow calls the recipe; "accelerate": `accelerate launch` runs it (several GPUs)
     launcher: str = choice("inprocess", "inprocess", "accelerate")
-    accelerate_config: str = "ddp"      # ddp | deepspeed_zero2 | deepspeed_zero3 (shipped) or a YAML path
+    accelerate_config: str = "ddp"      # ddp | fsdp | deepspeed_zero2 | deepspeed_zero3 (shipped) or a YAML path
     num_processes: int = 0              # 0 = what the accelerate config says
 
     def cross_key_rules(self):
-        found = self.launcher != "accelerate" or accelerate_config_file(self.accelerate_config) is not None
-        return [("launcher", self.launcher == "inprocess" or self.LAUNCHABLE,
-                 f"'inprocess' for the {self.SECTION} stage (only sft runs under accelerate so far)"),
-                ("accelerate_config", found,
-                 f"a shipped accelerate config (ddp, deepspeed_zero2, deepspeed_zero3) or a YAML file, "
-                 f"got {self.accelerate_config!r}")]
+        path = accelerate_config_file(self.accelerate_config) if self.launcher == "accelerate" else None
+        rules = [("launcher", self.launcher == "inprocess" or self.LAUNCHABLE,
+                  f"'inprocess' for the {self.SECTION} stage (its recipe does not run under accelerate)"),
+                 ("accelerate_config", self.launcher != "accelerate" or path is not None,
+                  f"a shipped accelerate config ({', '.join(SHIPPED_ACCELERATE_CONFIGS)}) or a YAML file, "
+                  f"got {self.accelerate_config!r}")]
+        if path is None:
+            return rules
+        try:
+            kind = accelerate_settings(path.read_text(encoding="utf-8"))["distributed_type"]
+        except (ConfigError, OSError) as exc:
+            return rules + [("accelerate_config", False, f"a readable accelerate YAML ({path}: {exc})")]
+        return rules + [("accelerate_config", kind in self.LAUNCH_TYPES,
+                         f"a config whose distributed_type is {' or '.join(self.LAUNCH_TYPES)} for the {self.SECTION} "
+                         f"stage ({self.LAUNCH_TYPES_WHY}), got {kind} ({self.accelerate_config})")]
 
 
 @dataclass(frozen=True)
 class TrainerConfig(TrainingConfig):
-    """What the stages trained by a transformers Trainer (sft, reward, dpo, grpo) add: schedule, length, cadence."""
+    """What the stages trained by a transformers Trainer (sft, reward, dpo, grpo) add: schedule, length, cadence.
+    Each runs under `accelerate launch` too (DDP, FSDP, DeepSpeed: the Trainer prepares the model for each)."""
+    LAUNCHABLE: ClassVar[bool] = True
     epochs: float = 1.0
     max_steps: int = -1                 # -1: train for `epochs`
     warmup_ratio: float = 0.03          # share of the steps the learning rate warms up over
@@ -245,7 +260,6 @@ class TrainerConfig(TrainingConfig):
 @dataclass(frozen=True)
 class SFTConfig(TrainerConfig):
     SECTION: ClassVar[str] = "sft"
-    LAUNCHABLE: ClassVar[bool] = True
 
     base_model: str = "bundled"         # "bundled", "tiny" (random tiny Llama, tests), or a local HF dir
     style: str = choice("alpaca", "alpaca", "chat")
@@ -285,6 +299,11 @@ class RewardConfig(TrainerConfig):
 @dataclass(frozen=True)
 class PPOConfig(TrainingConfig):
     SECTION: ClassVar[str] = "ppo"
+    LAUNCHABLE: ClassVar[bool] = True
+    LAUNCH_TYPES: ClassVar[tuple[str, ...]] = ("NO", "MULTI_CPU", "MULTI_GPU")
+    LAUNCH_TYPES_WHY: ClassVar[str] = ("data parallel only: the PPO loop prepares actor and critic again for each "
+                                       "chunk of save_every_steps updates and saves rounds from rank 0's whole "
+                                       "models, which FSDP and DeepSpeed shard")
 
     learning_rate: float = 3e-6
     batch_size: int = 8
@@ -623,6 +642,55 @@ def accelerate_config_file(name: str) -> Path | None:
     shipped = resources.files("instructflow.models").joinpath("accelerate", f"{name}.yaml")
     path = Path(str(shipped)) if shipped.is_file() else Path(name).expanduser()
     return path if path.is_file() else None
+
+
+def accelerate_settings(text: str) -> dict:
+    """{distributed_type, num_processes, zero_stage, fsdp_sharding_strategy} from an accelerate YAML
+    (PyYAML when installed, else a reader of just those keys)."""
+    try:
+        import yaml
+    except ImportError:
+        yaml = None
+    if yaml is not None:
+        try:
+            doc = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"malformed YAML: {str(exc).splitlines()[0]}") from None
+    else:
+        doc = _tiny_yaml(text)
+    if not isinstance(doc, dict):
+        raise ConfigError("an accelerate config must be a YAML mapping")
+    deepspeed, fsdp = doc.get("deepspeed_config") or {}, doc.get("fsdp_config") or {}
+    return {"distributed_type": str(doc.get("distributed_type") or "NO").upper(),
+            "num_processes": _int_or_none(doc.get("num_processes")),
+            "zero_stage": _int_or_none(deepspeed.get("zero_stage") if isinstance(deepspeed, dict) else None),
+            "fsdp_sharding_strategy": str(fsdp.get("fsdp_sharding_strategy") or "") if isinstance(fsdp, dict) else ""}
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _tiny_yaml(text: str) -> dict:
+    """Top-level `key: value` lines and one level of nested mappings: enough for the keys read above."""
+    doc: dict = {}
+    parent = None
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].rstrip()
+        if not line.strip() or ":" not in line:
+            continue
+        key, _, value = line.strip().partition(":")
+        value = value.strip().strip("'\"")
+        if raw[0] in " \t" and isinstance(doc.get(parent), dict):
+            doc[parent][key] = value
+        elif value:
+            doc[key], parent = value, None
+        else:
+            doc[key], parent = {}, key
+    return doc
 
 
 def section_from_dict(label: str, name: str, raw: Any) -> Section:

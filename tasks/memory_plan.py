@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from instructflow.tasks.config import (ALIGNMENT_METHODS, Config, ConfigError, TrainingConfig,
-                                       accelerate_config_file)
+                                       accelerate_config_file, accelerate_settings)
 
 GB = 2**30
 FP32, HALF = 4, 2
@@ -176,55 +176,6 @@ class Sharding:
         return math.ceil(nbytes / self.processes) if self.zero_stage >= from_stage else math.ceil(nbytes)
 
 
-def accelerate_settings(text: str) -> dict:
-    """{distributed_type, num_processes, zero_stage, fsdp_sharding_strategy} from an accelerate YAML
-    (PyYAML when installed, else a reader of just those keys)."""
-    try:
-        import yaml
-    except ImportError:
-        yaml = None
-    if yaml is not None:
-        try:
-            doc = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise PlanError(f"malformed YAML: {str(exc).splitlines()[0]}") from None
-    else:
-        doc = _tiny_yaml(text)
-    if not isinstance(doc, dict):
-        raise PlanError("an accelerate config must be a YAML mapping")
-    deepspeed, fsdp = doc.get("deepspeed_config") or {}, doc.get("fsdp_config") or {}
-    return {"distributed_type": str(doc.get("distributed_type") or "NO").upper(),
-            "num_processes": _int_or_none(doc.get("num_processes")),
-            "zero_stage": _int_or_none(deepspeed.get("zero_stage") if isinstance(deepspeed, dict) else None),
-            "fsdp_sharding_strategy": str(fsdp.get("fsdp_sharding_strategy") or "") if isinstance(fsdp, dict) else ""}
-
-
-def _int_or_none(value: Any) -> int | None:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _tiny_yaml(text: str) -> dict:
-    """Top-level `key: value` lines and one level of nested mappings: enough for the keys read above."""
-    doc: dict = {}
-    parent = None
-    for raw in text.splitlines():
-        line = raw.split("#", 1)[0].rstrip()
-        if not line.strip() or ":" not in line:
-            continue
-        key, _, value = line.strip().partition(":")
-        value = value.strip().strip("'\"")
-        if raw[0] in " \t" and isinstance(doc.get(parent), dict):
-            doc[parent][key] = value
-        elif value:
-            doc[key], parent = value, None
-        else:
-            doc[key], parent = {}, key
-    return doc
-
-
 def zero_stage_of(settings: dict) -> int:
     kind = settings["distributed_type"]
     if kind == "DEEPSPEED":
@@ -245,7 +196,7 @@ def sharding_of(section: TrainingConfig, hardware: Hardware) -> Sharding:
         raise PlanError(f"{section.SECTION}.accelerate_config {section.accelerate_config!r}: file not found")
     try:
         settings = accelerate_settings(Path(path).read_text(encoding="utf-8"))
-    except PlanError as exc:
+    except ConfigError as exc:
         raise PlanError(f"{path}: {exc}") from None
     processes = section.num_processes or settings["num_processes"] or hardware.gpus
     stage = zero_stage_of(settings)

@@ -68,7 +68,7 @@ def seeded_home(tmp_path: Path, monkeypatch, prefect_api):
 # The files that take longest go first (measured, README "Development"): `make test` hands whole files to two
 # workers in collection order (--no-loadscope-reorder), so a long file started last would run alone.
 LONGEST_FILES_FIRST = ("test_generate_stage.py", "test_pipeline.py", "test_reliability.py", "test_batch_mode.py",
-                       "test_schedules.py")
+                       "test_schedules.py", "test_launch.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -46,8 +46,13 @@ def test_packaged_profiles_load_and_tiny_inherits_cpu():
     ("[profiles.a.ppo]\nprecision = 'fp16'\n", "profiles.a.ppo.precision must be one of auto, fp32, bf16"),
     ("[profiles.a.sft]\nmax_length = 4\n", "profiles.a.sft.max_length must be >= 8, got 4"),
     ("[profiles.a.sft]\nlauncher = 'accelerate'\naccelerate_config = 'nope'\n",
-     "profiles.a.sft.accelerate_config must be a shipped accelerate config (ddp, deepspeed_zero2, deepspeed_zero3) "
-     "or a YAML file, got 'nope'"),
+     "profiles.a.sft.accelerate_config must be a shipped accelerate config (ddp, fsdp, deepspeed_zero2, "
+     "deepspeed_zero3) or a YAML file, got 'nope'"),
+    ("[profiles.a.ppo]\nlauncher = 'accelerate'\naccelerate_config = 'deepspeed_zero3'\n",
+     "profiles.a.ppo.accelerate_config must be a config whose distributed_type is NO or MULTI_CPU or MULTI_GPU for "
+     "the ppo stage (data parallel only: "),
+    ("[profiles.a.grpo]\nlauncher = 'accelerate'\naccelerate_config = 'fsdp'\nnum_processes = -1\n",
+     "profiles.a.grpo.num_processes must be >= 0, got -1"),
     ("[profiles.a.sft]\nlr_scheduler = 'cosin'\n", "profiles.a.sft.lr_scheduler must be one of cosine, linear"),
     ("[profiles.a.ppo]\nbatch_size = 4\nnum_mini_batches = 3\ntotal_episodes = 8\n",
      "profiles.a.ppo.num_mini_batches must be a divisor of ppo.batch_size * ppo.grad_accum"),

@@ -8,11 +8,10 @@ import json
 import pytest
 
 from instructflow.flows.plan import gguf_model_config, hardware_for, memory_refusal, model_config
-from instructflow.tasks.config import (DPOConfig, GRPOConfig, PPOConfig, RewardConfig, SFTConfig,
-                                       accelerate_config_file, load_config)
-from instructflow.tasks.memory_plan import (GB, Gpu, Hardware, ModelShape, PlanError, _tiny_yaml,
-                                            accelerate_settings, activation_bytes, plan_stage, sharding_of,
-                                            stage_memory)
+from instructflow.tasks.config import (DPOConfig, GRPOConfig, PPOConfig, RewardConfig, SFTConfig, _tiny_yaml,
+                                       accelerate_config_file, accelerate_settings, load_config)
+from instructflow.tasks.memory_plan import (GB, Gpu, Hardware, ModelShape, PlanError, activation_bytes, plan_stage,
+                                            sharding_of, stage_memory)
 
 from cliutil import cli
 
@@ -127,7 +126,7 @@ def test_process_count_comes_from_the_section_then_the_yaml_then_the_gpus(tmp_pa
     assert sharding_of(dataclasses.replace(zero3, accelerate_config=str(fsdp)), Hardware(gpus=4)).zero_stage == 2
 
 
-@pytest.mark.parametrize("name", ["ddp", "deepspeed_zero2", "deepspeed_zero3"])
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])
 def test_the_small_yaml_reader_agrees_with_pyyaml_on_the_shipped_configs(name):
     text = accelerate_config_file(name).read_text()
     with_yaml = accelerate_settings(text)

@@ -1,6 +1,7 @@
 """The reward-model recipe on a tiny random Llama (real TRL RewardTrainer, CPU, seconds)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -153,7 +154,7 @@ def test_bad_input_is_one_clear_line(case, message, tiny, tmp_path):
     elif case == "missing field":
         train = [{"prompt": "p", "chosen": "c"}]
     elif case == "too long":
-        s["cfg"].max_length = 8
+        s["cfg"] = dataclasses.replace(s["cfg"], max_length=8)
     with pytest.raises(RewardInputError, match=message) as info:
         train_reward(train, [], **s)
     assert "\n" not in str(info.value)

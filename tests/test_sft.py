@@ -1,6 +1,7 @@
 """The SFT recipe on a tiny random Llama (real TRL SFTTrainer, real checkpoints, CPU, seconds)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,7 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from instructflow.models.bundled import ensure_bundled_hf_dir
-from instructflow.models.sft import SFTInputError, main, train_sft, write_job
+from instructflow.models.launch import write_job
+from instructflow.models.sft import SFTInputError, main, train_sft
 from instructflow.models.tiny import build_tiny_llama
 from instructflow.tasks.config import SFTConfig
 from instructflow.tasks.sft_data import InstructionExample, to_prompt_completion
@@ -160,7 +162,7 @@ def test_packed_lora_run_has_the_exact_unpacked_loss_and_saves_a_merged_llama(ti
 def test_job_file_entry_point_with_empty_eval_and_truncation(tiny, rows, tmp_path, capsys):
     long_row = {"prompt": rows[0]["prompt"], "completion": "blue " * 80}       # cut at max_length
     huge_prompt = {"prompt": "word " * 200, "completion": "red"}                 # no completion left: dropped
-    job = write_job(tmp_path / "job.json", rows[:6] + [long_row, huge_prompt], [],
+    job = write_job(tmp_path / "job.json", "sft", rows[:6] + [long_row, huge_prompt], [],
                     **settings(tiny, tmp_path / "cli", max_steps=1, eval_steps=10, save_steps=10))
     assert main(["--job", str(job)]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -172,7 +174,7 @@ def test_job_file_entry_point_with_empty_eval_and_truncation(tiny, rows, tmp_pat
 def test_two_process_data_parallel_launch(tiny, rows, tmp_path):
     """What `accelerate launch --config_file models/accelerate/ddp.yaml -m instructflow.models.sft` does on
     GPUs, here with torchrun and gloo on the CPU: two ranks, one shared output dir, rank 0 writes."""
-    job = write_job(tmp_path / "job.json", rows[:16], rows[36:],
+    job = write_job(tmp_path / "job.json", "sft", rows[:16], rows[36:],
                     **settings(tiny, tmp_path / "ddp", max_steps=2, eval_steps=10, save_steps=2))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "instructflow.models.sft", "--job", str(job)],
@@ -210,21 +212,19 @@ def test_bad_input_is_one_clear_line(case, message, tiny, rows, tmp_path):
     elif case == "not a string":
         held_out = [{"prompt": 3, "completion": "x"}]
     elif case == "qlora on cpu":
-        s["cfg"].qlora = True
+        s["cfg"] = dataclasses.replace(s["cfg"], qlora=True)
     elif case == "fp16 on cpu":
-        s["cfg"].precision = "fp16"
-    elif case == "bad precision":
-        s["cfg"].precision = "fp8"
+        s["cfg"] = dataclasses.replace(s["cfg"], precision="fp16")
     elif case == "prompts too long":
-        s["cfg"].max_length = 8
+        s["cfg"] = dataclasses.replace(s["cfg"], max_length=8)
     elif case == "foreign output dir":
         s["output_dir"].mkdir(parents=True)
         (s["output_dir"] / "run.json").write_text(json.dumps({"fingerprint": "another job"}))
     with pytest.raises(SFTInputError, match=message) as info:
-        if case == "unknown job setting":
-            job = write_job(tmp_path / "job.json", train, held_out, **s)
+        if case in ("unknown job setting", "bad precision"):  # a job file's section is checked as a config file's
+            job = write_job(tmp_path / "job.json", "sft", train, held_out, **s)
             data = json.loads(job.read_text())
-            data["sft"]["learning_rat"] = 1.0
+            data["sft"].update({"learning_rat": 1.0} if case == "unknown job setting" else {"precision": "fp8"})
             job.write_text(json.dumps(data))
             main(["--job", str(job)])
         else:

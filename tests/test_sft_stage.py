@@ -33,7 +33,7 @@ def test_accelerate_launcher_trains_on_two_processes(home, tmp_path, prefect_api
     per_rank_batch = state["train_batch_size"]
     # 4 steps x batch x 2 ranks rows seen: the epoch fraction shows both processes trained
     assert state["epoch"] == pytest.approx(4 * per_rank_batch * 2 / metrics["train_examples"], rel=0.05)
-    assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
+    assert metrics["eval_loss_after"] < metrics["eval_loss_before"] and metrics["world_size"] == 2
     losses = wh.rows("SELECT step, value FROM step_metrics WHERE stage = 'sft' AND name = 'loss' ORDER BY step")
     assert [r["step"] for r in losses] and losses[-1]["step"] == 4
     assert wh.latest_checkpoint("sft")["path"] == metrics["checkpoint"]
