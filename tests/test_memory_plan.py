@@ -290,7 +290,7 @@ def test_plan_json_lists_every_enabled_stage():
     out = cli("plan", "--profile", "tiny", "--gpus", "1", "--gpu-memory-gb", "80", "--json")
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
-    assert list(report["stages"]) == ["sft", "reward", "ppo"] and report["fits"] is True
+    assert list(report["stages"]) == ["sft", "reward", "ppo", "dpo", "grpo"] and report["fits"] is True
     sft = report["stages"]["sft"]
     assert sft["fits"] is True and sft["total_bytes"] == sum(sft["bytes"].values()) and sft["gpu_memory_gb"] == 80
 
