@@ -95,7 +95,7 @@ def train_holdout_reward(ctx: StageContext, sft: str) -> dict:
     one of its pairs) and checked on pairs that reward model trained on. Reused while its inputs are unchanged."""
     from transformers import AutoTokenizer
 
-    from instructflow.models.reward import train_reward
+    from instructflow.models.launch import run_recipe
 
     seen, holdout = reward_split(ctx.cfg, AutoTokenizer.from_pretrained(sft), queries.training_pairs(ctx.wh))
     if len(holdout) < 2 or not seen:
@@ -105,9 +105,9 @@ def train_holdout_reward(ctx: StageContext, sft: str) -> dict:
     if seen_keys & set(holdout_keys):  # the whole point of this model: never a pair the policies' RM learned from
         raise RuntimeError("holdout reward split overlaps the reward model's training pairs")
     output_dir = ctx.out_dir / f"holdout-reward-{stable_hash([sorted(holdout_keys), sft, vars(ctx.cfg.reward)])}"
-    result = train_reward(holdout, seen[:HOLDOUT_CHECK_PAIRS], ctx.cfg.reward, Path(sft),
-                          output_dir, on_step=lambda step, values: ctx.step(step, {f"holdout_rm_{k}": v
-                                                                                   for k, v in values.items()}))
+    # the reward recipe with the reward settings, launcher included
+    result = run_recipe("reward", holdout, seen[:HOLDOUT_CHECK_PAIRS], ctx.cfg.reward, Path(sft), output_dir,
+                        on_step=lambda step, values: ctx.step(step, {f"holdout_rm_{k}": v for k, v in values.items()}))
     return {"checkpoint": str(result["checkpoint"]), "train_pairs": len(holdout),
             "accuracy_after": result["accuracy_after"], "margin_after": result["margin_after"]}
 

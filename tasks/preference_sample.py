@@ -1,116 +1,102 @@
 """The bundled preference sample (seeds/preferences_sample.jsonl): what it prefers, and how it was made.
 
-Every pair prefers a complete, direct answer that ends on its own over a reply of the SAME length in
-words that fails in one of the two ways a small SFT model fails on held-out prompts (measured on the
-`make run` home: a third of SmolLM2-135M's greedy replies ran past a 48-token budget, and loops such as
-"Dear [Name]" five times were common):
+Every pair prefers a complete, concise answer that ends well inside the evaluation's token budget over
+a reply that fails the way the SFT model itself fails on held-out prompts. On the `make run` home a
+third of SmolLM2-135M's greedy replies ran past a 48-token budget: explanations that go on, a new
+"### Instruction:" block written after the answer, lists and lines that loop ("Dear [Name]" five times).
+So the rejected replies are the SFT model's OWN replies to the same prompts (greedy, else one of two
+samples), kept only when they fail, which is what lets a preference method change what the model does:
+pairs whose rejected side the model would never write move little (measured: DPO on same-length loops and
+rambles we wrote reached 98 % held-out preference accuracy and left 60 of 64 replies unchanged).
 
-* `loop`: the answer's opening sentence (or list line; for a one-sentence answer its first third)
-  said again and again, cut at the chosen answer's length: the repetition loop of greedy decoding;
-* `ramble`: a preamble that talks about answering without answering, cut mid-sentence at the chosen
-  answer's length: a reply that would run past any budget.
+Kinds, by how the rejected reply fails (`classify`):
+* `runaway`: no eos within the budget, more tokens than the budget, or a new "###" block after the answer;
+* `loop`: a word 3-gram repetition of 0.2 or more, or a line or sentence said twice (tasks/quality.py).
+* `truncated` (balance): the chosen answer cut in the middle; its rejected side is SHORTER than the chosen
+  one, so that over the whole sample the rejected replies are not systematically longer: a model cannot
+  learn "shorter is better", only "finish, and finish properly".
+Each line also says how its rejected reply ended (`rejected_ended`: eos within the sampling limit) and its
+length in tokens (`rejected_tokens`); the importer ignores these fields.
 
-Matched lengths keep the length confound out: a model (reward model or DPO policy) cannot learn
-"longer is better" or "shorter is better" from these pairs, only "finish, and do not repeat". The
-objective checks in evaluate (ended within the budget, 3-gram repetition, length) measure exactly that.
-
-The prompts and chosen answers are the project's own (the seed tasks' reference answers); the
-rejected replies are derived from them by the rules below, seeded per prompt, so
-`python -m instructflow.tasks.preference_sample` rewrites the file identically.
+The chosen answers are the project's own reference answers (the seed tasks'), cut to whole sentences or
+lines that fit in CHOSEN_TOKENS (`concise`). `python -m instructflow.models.preference_sample --model DIR`
+samples DIR (an SFT checkpoint) and rewrites the file with these rules.
 """
 from __future__ import annotations
 
-import json
 import random
 import re
-import sys
-from pathlib import Path
+from typing import Callable, Sequence
 
-KINDS = ("loop", "ramble")
+from instructflow.tasks.quality import checks
 
-# openings that talk about answering without answering (our own text)
-PREAMBLES = [
-    "Sure! This is a really interesting question, and there are quite a few different things that we should "
-    "think about carefully before we get to the actual answer, so let us start by looking at the background "
-    "and the context of the question in some detail, because",
-    "Great question. To answer this properly it helps to first take a step back and consider the bigger "
-    "picture, since there are many factors involved and each of them deserves some attention on its own, "
-    "and only after that does it make sense to",
-    "Thank you for asking. Before I give you my answer, I would like to explain a little bit about how I "
-    "usually approach questions like this one, because the way we think about a problem often matters just "
-    "as much as the final result, and in this case",
-    "Let me think about this step by step. First of all, it is important to understand exactly what the "
-    "question is asking, and then we can go through the possible options one at a time, weighing the "
-    "advantages and the disadvantages of each of them, so that",
-]
+BUDGET_TOKENS = 48          # evaluate.max_new_tokens of the cpu profile: what "ends within the budget" means
+CHOSEN_TOKENS = 32          # a chosen answer fits in this, well inside the budget
+KINDS = ("runaway", "loop", "truncated")
+
+Count = Callable[[str], int]  # tokens of a text (the policy's tokenizer)
 
 
-def words(text: str) -> list[str]:
-    return text.split()
-
-
-def opening(text: str) -> str:
-    """The first line of a multi-line answer, else its first sentence (at least three words when it has them)."""
-    lines = [line for line in text.splitlines() if line.strip()]
+def concise(answer: str, count: Count, limit: int = CHOSEN_TOKENS) -> str:
+    """The answer's first lines (a list or a table: at least two) or sentences that fit in `limit` tokens;
+    at least the first one, whatever its length."""
+    lines = [line for line in answer.splitlines() if line.strip()]
     if len(lines) > 1:
-        return lines[0].strip()
-    sentences = re.split(r"(?<=[.!?])\s+", text.strip())
-    first = sentences[0]
-    return first if len(words(first)) >= 3 or len(sentences) == 1 else " ".join(sentences[:2])
-
-
-def cut_to_words(text: str, n: int, keep_lines: bool = False) -> str:
-    """The first n words of `text`; with keep_lines the line breaks between them survive."""
-    if not keep_lines:
-        return " ".join(words(text)[:n])
-    kept, count = [], 0
-    for line in text.splitlines():
-        line_words = words(line)
-        if count + len(line_words) > n:
-            kept.append(" ".join(line_words[:n - count]))
+        parts, joiner, minimum = lines, "\n", 2
+    else:
+        parts, joiner, minimum = re.split(r"(?<=[.!?])\s+", answer.strip()), " ", 1
+    kept: list[str] = []
+    for part in parts:
+        if len(kept) >= minimum and count(joiner.join(kept + [part])) > limit:
             break
-        kept.append(line)
-        count += len(line_words)
-    return "\n".join(kept).strip()
+        kept.append(part)
+    return joiner.join(kept)
 
 
-def rejected_for(chosen: str, kind: str, rng: random.Random) -> str:
-    """A reply of the chosen answer's length (in words; at least six) that loops or rambles."""
-    n = max(len(words(chosen)), 6)
-    if kind == "loop":
-        first = opening(chosen)
-        if len(words(first)) > n / 2:  # a one-sentence answer: its first third is what goes round
-            first = " ".join(words(first)[:max(2, n // 3)])
-        multiline = len([line for line in chosen.splitlines() if line.strip()]) > 1
-        repeated = ("\n" if multiline else " ").join([first] * (n // max(len(words(first)), 1) + 2))
-        return cut_to_words(repeated, n, keep_lines=multiline)
-    if kind == "ramble":  # preambles in a seeded order, as many as the length needs
-        return cut_to_words(" ".join(rng.sample(PREAMBLES, len(PREAMBLES)) * (n // 150 + 1)), n)
-    raise ValueError(f"unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
+def classify(reply: str, ended: bool, tokens: int, budget: int = BUDGET_TOKENS) -> str | None:
+    """How a reply of the model fails ("runaway", "loop"), or None when it does not."""
+    found = checks(reply, ended)
+    if found.repetition >= 0.2 or found.repeated_line:
+        return "loop"
+    if not ended or tokens > budget or "###" in reply:
+        return "runaway"
+    return None
 
 
-def sample_pairs(answers: list[tuple[str, str]], seed: int = 0) -> list[dict]:
-    """Two pairs per (prompt, chosen answer): one loop, one ramble, in a seeded order."""
-    pairs = []
-    for prompt, chosen in answers:
-        rng = random.Random(f"{seed}:{prompt}")
-        pairs += [{"prompt": prompt, "chosen": chosen, "rejected": rejected_for(chosen, kind, rng), "kind": kind}
-                  for kind in KINDS]
-    random.Random(seed).shuffle(pairs)
+def truncated(chosen: str, rng: random.Random) -> str | None:
+    """The chosen answer stopped mid-way (between a third and two thirds of its words); None under 6 words."""
+    words = chosen.split()
+    if len(words) < 6:
+        return None
+    return " ".join(words[:rng.randint(len(words) // 3, 2 * len(words) // 3)])
+
+
+def sample_pairs(answers: Sequence[tuple[str, str]], replies: Sequence[Sequence[tuple[str, bool, int]]],
+                 count: Count, seed: int = 0) -> list[dict]:
+    """For each (prompt, reference answer) and the model's replies to it ((text, ended, tokens), greedy
+    first): a pair of the concise answer over the first failing reply, if any, and a `truncated` pair for
+    as many prompts as it takes to bring the rejected replies' mean length to the chosen ones' (in tokens)."""
+    rng = random.Random(seed)
+    failing, balance = [], []
+    for (prompt, answer), candidates in zip(answers, replies):
+        chosen = concise(answer, count)
+        for text, ended, tokens in candidates:
+            kind = classify(text, ended, tokens)
+            if kind and text.strip() and text.strip() != chosen.strip():
+                failing.append({"prompt": prompt, "chosen": chosen, "rejected": text, "kind": kind,
+                                "rejected_ended": ended, "rejected_tokens": tokens})
+                break
+        cut = truncated(chosen, rng)
+        if cut:
+            balance.append({"prompt": prompt, "chosen": chosen, "rejected": cut, "kind": "truncated",
+                            "rejected_ended": False, "rejected_tokens": count(cut)})
+    pairs = list(failing)
+    rng.shuffle(balance)
+
+    def mean_gap() -> float:  # mean rejected tokens minus mean chosen tokens
+        return (sum(p["rejected_tokens"] for p in pairs) - sum(count(p["chosen"]) for p in pairs)) / len(pairs)
+
+    while balance and pairs and mean_gap() > 0:
+        pairs.append(balance.pop())
+    rng.shuffle(pairs)
     return pairs
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Rewrite the sample from the (prompt, chosen) answers it already holds."""
-    path = Path(argv[0]) if argv else Path(__file__).resolve().parents[1] / "seeds" / "preferences_sample.jsonl"
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    answers = list({row["prompt"]: (row["prompt"], row["chosen"]) for row in rows}.values())
-    with path.open("w", encoding="utf-8") as handle:
-        for pair in sample_pairs(answers):
-            handle.write(json.dumps(pair, ensure_ascii=False) + "\n")
-    print(f"wrote {2 * len(answers)} pairs for {len(answers)} prompts to {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
