@@ -261,18 +261,43 @@ def status(profile: Optional[str] = ProfileOpt, home: Optional[str] = HomeOpt, c
                       "Start with `instructflow run` (or `make run`).")
     table = Table(title=f"instructflow status · {report['home']} · profile {report['profile']} "
                         f"({PROFILE_SOURCES[report['profile_source']]})")
-    for column in ("stage", "state", "last run", "key metrics", "why"):
-        table.add_column(column, overflow="fold")
+    for column in ("stage", "state", "last run", "disk", "key metrics", "why"):
+        table.add_column(column, overflow="fold", justify="right" if column == "disk" else "left")
     colours = {"fresh": "green", "stale": "yellow", "failed": "red", "interrupted": "magenta", "never": "dim",
                "off": "dim"}
     for name, entry in report["stages"].items():
         metrics = ", ".join(f"{k}={_short(v)}" for k, v in list(entry["metrics"].items())[:5])
         table.add_row(name, f"[{colours.get(entry['state'], 'white')}]{entry['state']}[/]", entry["last_run"] or "-",
-                      metrics or "-", "; ".join(entry["why"]) or "-")
+                      _size(entry.get("disk_bytes")), metrics or "-", "; ".join(entry["why"]) or "-")
     Console().print(table)
+    if report.get("disk_bytes") is not None:
+        stages_bytes = sum(entry.get("disk_bytes") or 0 for entry in report["stages"].values())
+        console.print(f"disk: {_size(report['disk_bytes'])} in {report['home']}, {_size(stages_bytes)} of it in "
+                      "stages/ (`instructflow gc` removes the run folders no current result uses)", highlight=False)
     if report.get("open_batches"):
         console.print(f"open batches: {len(report['open_batches'])} ({', '.join(report['open_batches'][:5])}): "
                       "the next generate run polls them; `instructflow batches` lists them", highlight=False)
+
+
+@app.command("gc")
+def gc_command(home: Optional[str] = HomeOpt,
+               dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be removed.")):
+    """Remove the run folders (stages/*/run-*, holdout-reward-*) that no current stage result points to."""
+    from instructflow.flows.common import data_home
+    from instructflow.flows.gc import collect_garbage
+    from instructflow.warehouse.store import WarehouseError
+
+    try:
+        found = collect_garbage(data_home(home), dry_run)
+    except (WarehouseError, OSError) as exc:
+        fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, code=1)
+    out = Console(soft_wrap=True, highlight=False)
+    for folder, size in found.removed:
+        out.print(f"{'would remove' if dry_run else 'removed'} {folder} ({_size(size)})")
+    for folder, why in found.kept:
+        out.print(f"kept {folder} ({why})")
+    out.print(f"{'would free' if dry_run else 'freed'} {_size(found.freed)} ({found.freed} bytes) in "
+              f"{len(found.removed)} run folder(s); kept {len(found.kept)}")
 
 
 PROFILE_SOURCES = {"option": "--profile", "env": "$INSTRUCTFLOW_PROFILE", "last_run": "the last run's",
@@ -283,6 +308,12 @@ def _config_for_reading(profile: Optional[str], config: Optional[str], wh):
     from instructflow.flows.status import config_for_reading
 
     return config_for_reading(profile, config, wh)
+
+
+def _size(n: Optional[int]) -> str:
+    from instructflow.tasks.exhaustion import size_text
+
+    return "-" if n is None else size_text(n)
 
 
 def _short(value) -> str:
@@ -357,7 +388,8 @@ def batches(home: Optional[str] = HomeOpt, profile: Optional[str] = ProfileOpt, 
         wh.close()
 
 
-export_app = typer.Typer(help="Write the SFT set (kept generated instructions and seed instances) in the formats the field shares.", no_args_is_help=True)
+export_app = typer.Typer(help="Carry the results out: the SFT set (alpaca, jsonl, hf), the preference pairs (hf --what "
+                         "pairs), a trained model with its card (model).", no_args_is_help=True)
 app.add_typer(export_app, name="export")
 
 
@@ -380,23 +412,34 @@ SourceOpt = typer.Option(None, "--source", help="generated | seeds | all (defaul
                          "or generated when the profile's sft.include_seed_instances is false).")
 
 
-def _export_rows(home: Optional[str], source: Optional[str], profile: Optional[str], config: Optional[str]):
-    """(records, the summary line's tail): what SFT trains on unless --source says otherwise."""
+def _config_of(wh, profile: Optional[str], config: Optional[str]):
     from instructflow.tasks.config import ConfigError
-    from instructflow.warehouse.queries import EXPORT_SOURCES, export_rows
+
+    try:
+        return _config_for_reading(profile, config, wh)[0]
+    except ConfigError as exc:
+        fail(str(exc), code=1)
+
+
+def _sft_source(source: Optional[str], cfg_of) -> tuple[str, str]:
+    """(--source, why): what SFT trains on under the profile (`cfg_of()`) unless --source says otherwise."""
+    from instructflow.warehouse.queries import EXPORT_SOURCES
 
     if source is not None and source not in EXPORT_SOURCES:
         fail(f"--source {source!r}: expected one of {', '.join(EXPORT_SOURCES)}")
+    if source is not None:
+        return source, ""
+    cfg = cfg_of()
+    return "all" if cfg.sft.include_seed_instances else "generated", f": what SFT trains on under profile {cfg.profile}"
+
+
+def _export_rows(home: Optional[str], source: Optional[str], profile: Optional[str], config: Optional[str]):
+    """(records, the summary line's tail): what SFT trains on unless --source says otherwise."""
+    from instructflow.warehouse.queries import export_rows
+
     _, wh = _read_existing_warehouse(home)
     try:
-        why = ""
-        if source is None:
-            try:
-                cfg, _ = _config_for_reading(profile, config, wh)
-            except ConfigError as exc:
-                fail(str(exc), code=1)
-            source = "all" if cfg.sft.include_seed_instances else "generated"
-            why = f": what SFT trains on under profile {cfg.profile}"
+        source, why = _sft_source(source, lambda: _config_of(wh, profile, config))
         rows, counts = export_rows(wh, source)
     finally:
         wh.close()
@@ -425,6 +468,54 @@ def export_jsonl(out: Path = typer.Option(..., "--out", help="Output JSONL file.
     rows, summary = _export_rows(home, source, profile, config)
     write_prompt_completion_jsonl(rows, out)
     console.print(f"wrote {len(rows)} records to {out}: {summary}", highlight=False)
+
+
+@export_app.command("hf")
+def export_hf(out: Path = typer.Option(..., "--out", help="Output folder (new or empty)."),
+              what: str = typer.Option("sft", "--what", help="sft: the SFT set (as `export alpaca`); pairs: the "
+                                       "preference pairs (prompt, chosen, rejected, source)."),
+              home: Optional[str] = HomeOpt, source: Optional[str] = SourceOpt, profile: Optional[str] = ProfileOpt,
+              config: Optional[str] = ConfigOpt):
+    """A local Hugging Face dataset folder: data/train-00000-of-00001.parquet and a dataset card (README.md) that
+    `datasets.load_dataset(DIR)` reads."""
+    from instructflow.flows.export import export_dataset
+    from instructflow.tasks.export import ExportError
+
+    if what == "pairs" and source is not None:
+        fail("--source picks a part of the SFT set: it does not apply to --what pairs")
+    _, wh = _read_existing_warehouse(home)
+    try:
+        cfg = _config_of(wh, profile, config)
+        source, why = _sft_source(source, lambda: cfg)
+        folder, counts = export_dataset(wh, cfg, what, source, out)
+    except (ExportError, OSError) as exc:
+        fail(str(exc).splitlines()[0], code=1)
+    finally:
+        wh.close()
+    console.print(f"wrote a Hugging Face dataset to {folder} (data/train-00000-of-00001.parquet, README.md): {counts}"
+                  + (f" (--source {source}{why})" if what == "sft" else "") + "; set the card's license before "
+                  "sharing it", highlight=False)
+
+
+@export_app.command("model")
+def export_model_command(stage: str = typer.Option(..., "--stage", help="sft | ppo | dpo | grpo: whose registered "
+                                                   "checkpoint to export."),
+                         out: Path = typer.Option(..., "--out", help="Output folder (new or empty)."),
+                         home: Optional[str] = HomeOpt):
+    """A standalone Hugging Face model folder (weights, tokenizer, generation config) with a model card: base
+    model, data, the stage's settings and the evaluate figures against SFT."""
+    from instructflow.flows.export import export_model
+    from instructflow.tasks.export import ExportError
+
+    _, wh = _read_existing_warehouse(home)
+    try:
+        folder, checkpoint = export_model(wh, stage, out)
+    except (ExportError, OSError) as exc:
+        fail(str(exc).splitlines()[0], code=1)
+    finally:
+        wh.close()
+    console.print(f"wrote the {stage} model ({checkpoint['path']}) to {folder} with its card (README.md); set the "
+                  "card's license before sharing it", highlight=False)
 
 
 def _running_snapshot(home: Optional[str]) -> Optional[dict]:

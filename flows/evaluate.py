@@ -14,7 +14,7 @@ from rich.progress import Progress
 
 from instructflow.flows.common import StageContext, StageSpec, publish_artifacts, stage_context
 from instructflow.flows.teacher import judge_with_teacher
-from instructflow.tasks.config import Config, stable_hash
+from instructflow.tasks.config import Config, result_settings, stable_hash
 from instructflow.tasks.eval_prompts import read_eval_prompt_file, training_overlap
 from instructflow.tasks.evaluation import (PAIRED_MEASURES, SINGLE_MEASURES, compare_policies, comparison_lines,
                                            comparison_rows, flat_metrics, judge_scores)
@@ -104,7 +104,8 @@ def train_holdout_reward(ctx: StageContext, sft: str) -> dict:
     holdout_keys, seen_keys = [r["pair_key"] for r in holdout], {r["pair_key"] for r in seen}
     if seen_keys & set(holdout_keys):  # the whole point of this model: never a pair the policies' RM learned from
         raise RuntimeError("holdout reward split overlaps the reward model's training pairs")
-    output_dir = ctx.out_dir / f"holdout-reward-{stable_hash([sorted(holdout_keys), sft, vars(ctx.cfg.reward)])}"
+    identity = [sorted(holdout_keys), sft, result_settings(ctx.cfg.reward)]  # reward.keep_checkpoints: disk only
+    output_dir = ctx.out_dir / f"holdout-reward-{stable_hash(identity)}"
     # the reward recipe with the reward settings, launcher included
     result = run_recipe("reward", holdout, seen[:HOLDOUT_CHECK_PAIRS], ctx.cfg.reward, Path(sft), output_dir,
                         on_step=lambda step, values: ctx.step(step, {f"holdout_rm_{k}": v for k, v in values.items()}))

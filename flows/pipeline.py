@@ -77,10 +77,11 @@ def _run_stages(logger, cfg: Config, home_path: Path, stages_to_run: list[str] |
 
 
 def run_single(name: str, cfg: Config, home: Path, force: bool, downstream: bool) -> dict:
-    """`instructflow stage NAME`: that stage always runs; with downstream, the later stages run when stale."""
+    """`instructflow stage NAME`: that stage always runs (`force` redoes its reusable work); with downstream,
+    the later stages run when stale (force is for NAME only: a fresh later stage is skipped)."""
     result = {name: run_stage(stage_spec(name), cfg, home, None, force)}
     if downstream:
         later = stage_names()[stage_names().index(name) + 1:]
         if later:
-            result.update(pipeline(home=str(home), stages_to_run=later, force=force, cfg=cfg))
+            result.update(pipeline(home=str(home), stages_to_run=later, force=False, cfg=cfg))
     return result

@@ -12,6 +12,7 @@ from instructflow.flows.common import STATUS_SNAPSHOT, data_home, freshness, inp
 from instructflow.flows.report import last_attempt, write_report
 from instructflow.flows.stages import stages
 from instructflow.tasks.config import Config, ConfigError, list_profiles, load_config
+from instructflow.tasks.exhaustion import tree_bytes
 from instructflow.tasks.secrets import redact
 from instructflow.warehouse.store import WAREHOUSE_FILE, MigrationsPending, Warehouse, WarehouseError, open_warehouse
 
@@ -29,14 +30,16 @@ def _why(recorded: dict, current: dict) -> list[str]:
 
 
 def stage_status(cfg: Config, home: Path, wh: Warehouse | None, writer_alive: bool = False) -> dict:
-    """Each stage's state: never | fresh | stale | failed | interrupted | off. `writer_alive`: called by
+    """Each stage's state: never | fresh | stale | failed | interrupted | off, and its folder's bytes on disk
+    (`disk_bytes`, beside the whole home's at the top). `writer_alive`: called by
     the process that holds the warehouse (its running stage is live, not interrupted); any other
     reader could open the warehouse, so no process holds it, and a stage run still 'running' was
     interrupted: its process is gone (SIGKILL, a crash, a power cut)."""
-    report: dict = {"home": str(home), "profile": cfg.profile, "stages": {}}
+    report: dict = {"home": str(home), "profile": cfg.profile, "stages": {}, "disk_bytes": tree_bytes(home)}
     dead = None if writer_alive else dead_run_snapshot(home)
     for spec in stages():
-        entry = {"state": "never", "last_run": None, "input_hash": None, "metrics": {}, "why": []}
+        entry = {"state": "never", "last_run": None, "input_hash": None, "metrics": {}, "why": [],
+                 "disk_bytes": tree_bytes(home / "stages" / spec.name)}
         if wh is not None:
             last_ok = wh.last_stage_run(spec.name, status="success")
             if last_ok is not None:

@@ -116,7 +116,7 @@ def train_dpo(train: Sequence[dict], eval: Sequence[dict], cfg: DPOConfig, sft_m
             "precision": job.precision, "lora": "qlora" if cfg.qlora else "lora" if cfg.lora else None,
             "plot": str(plot), "fingerprint": job.fingerprint,
         }
-    return publish_final(trainer, tmp, metrics)
+    return publish_final(trainer, tmp, metrics, cfg.keep_checkpoints)
 
 
 def plot_dpo(path: Path, log_history: Sequence[dict]) -> Path:

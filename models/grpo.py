@@ -166,7 +166,7 @@ def train_grpo(prompts: Sequence[str], cfg: GRPOConfig, policy_model: Path, rewa
             "precision": precision, "lora": "qlora" if cfg.qlora else "lora" if cfg.lora else None,
             "plot": str(plot), "fingerprint": job.fingerprint,
         }
-    return publish_final(trainer, tmp, metrics)
+    return publish_final(trainer, tmp, metrics, cfg.keep_checkpoints)
 
 
 def _step_of(checkpoint: Path | None) -> int:

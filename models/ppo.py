@@ -16,6 +16,10 @@ What we add on top of TRL, whose `train()` can neither resume nor save the value
   passes over it). After each chunk the (policy, value) pair is written to
   `output_dir/rounds/round-{step:06d}/{policy,value}` plus `optimizer.pt` and `state.json`, in a
   temp dir renamed into place, so a round on disk is always complete.
+* final/. The last round becomes `output_dir/final` (renamed, not copied; its optimizer.pt dropped,
+  `metrics.json` written last, as every recipe's final/), then rounds/ is removed unless
+  `keep_checkpoints` (recipe_io.drop_resume_state): a finished run keeps only its result, and a rerun
+  of the same job (section, models, prompts: recipe_io.fingerprint) returns final/metrics.json.
 * One optimizer and LR schedule for the whole run. TRL would build a fresh AdamW per trainer,
   and a fresh Adam's first step moves every weight by ~lr whatever its gradient: a jolt at every
   chunk. We pass the same AdamW (TRL's defaults: betas 0.9/0.999, eps 1e-8, no weight decay) to
@@ -67,10 +71,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from instructflow.models.files import write_dir_atomically, write_json
+from instructflow.models.files import replace_dir, write_dir_atomically, write_json
 from instructflow.models.launch import job_main
-from instructflow.models.recipe_io import (METRICS_FILE, ReportSteps, is_main_rank, lora_config, read_json,
-                                           resolve_precision, world_size)
+from instructflow.models.recipe_io import (METRICS_FILE, ReportSteps, drop_resume_state, finished_metrics, fingerprint,
+                                           is_main_rank, lora_config, read_json, resolve_precision, world_size)
 from instructflow.tasks.config import PPOConfig
 from instructflow.tasks.plots import plot_lines
 
@@ -125,6 +129,13 @@ def train_ppo(prompts: Sequence[str], cfg: PPOConfig, policy_model: Path, reward
     _check_inputs(cfg, models)
     policy_model, reward_model, value_model = models["policy_model"], models["reward_model"], models["value_model"]
     output_dir = Path(output_dir)
+    job = fingerprint(cfg, {name: path.resolve() if path else None for name, path in models.items()},
+                      [{"prompt": prompt} for prompt in prompts])
+    done = finished_metrics(output_dir, job, PPOInputError)
+    if done is not None:  # this job finished here before: its result, without loading a model
+        if not cfg.keep_checkpoints and is_main_rank():
+            drop_resume_state(output_dir)  # left by a run killed after publishing final/
+        return done
     rollout_batch = cfg.batch_size * cfg.grad_accum   # per rank: under a launch every rank samples its own
     total_updates = cfg.total_episodes // rollout_batch
     world = world_size()
@@ -237,7 +248,7 @@ def train_ppo(prompts: Sequence[str], cfg: PPOConfig, policy_model: Path, reward
         gc.unfreeze()
     train_wall = time.time() - train_started
 
-    # ---- final pair, plot, summary (rank 0 writes; metrics.json goes into final/ last) --------------
+    # ---- plot, summary, and the last round as final/ (rank 0 writes; metrics.json goes in last) -------
     final_dir = output_dir / "final"
     if last_round is None:  # total_updates == 0 cannot happen (checked), but keep the invariant explicit
         raise PPOInputError("train_ppo: nothing trained and no saved round")
@@ -269,13 +280,11 @@ def train_ppo(prompts: Sequence[str], cfg: PPOConfig, policy_model: Path, reward
         "prompts_used": prompts_used,
         "updates_this_run": updates_this_run,
         "world_size": world,
+        "fingerprint": job,
     }
-
-    def write_final(tmp: Path) -> None:
-        shutil.copytree(last_round.path, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("optimizer.pt"))
-        write_json(tmp / METRICS_FILE, metrics)
-
-    write_dir_atomically(final_dir, write_final)
+    publish_last_round(last_round.path, final_dir, metrics)
+    if not cfg.keep_checkpoints:
+        drop_resume_state(output_dir)
     _wait_for_every_rank(torch)
     return metrics
 
@@ -419,6 +428,15 @@ def save_round(rounds_dir: Path, step: int, actor, critic, tokenizer, state: dic
         (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
 
     return write_dir_atomically(Path(rounds_dir) / f"round-{step:06d}", write)
+
+
+def publish_last_round(round_dir: Path, final_dir: Path, metrics: dict) -> Path:
+    """The finished run's last round becomes `final_dir` by a rename (no second copy of policy and value):
+    its optimizer state goes (nothing trains from it any more), metrics.json is written last. A kill
+    before the rename leaves a complete round, which the rerun resumes at its end and publishes."""
+    (round_dir / "optimizer.pt").unlink(missing_ok=True)
+    write_json(round_dir / METRICS_FILE, metrics)
+    return replace_dir(round_dir, final_dir)
 
 
 def _plain_model(model):

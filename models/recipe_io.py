@@ -8,13 +8,16 @@ A recipe's output_dir holds:
     checkpoints/        the Trainer's checkpoint-N dirs (SFT, reward; PPO keeps its own rounds/)
     final/              the result; `metrics.json` is written last, then the dir is renamed into place
 
+checkpoints/ and rounds/ are resume state: once final/ is in place `drop_resume_state` removes them
+(unless the section's `keep_checkpoints`), so a finished run keeps its result, run.json and plots; a
+rerun of the same job returns final/metrics.json without training.
+
 Every directory a recipe (or models/bundled.py) publishes goes through models/files.py: built under a
 temp name next to its target, then renamed, so a kill mid-write never leaves a dir that looks finished.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -27,7 +30,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 from transformers import TrainerCallback
 
 from instructflow.models.files import read_json, replace_dir, write_dir_atomically, write_json
-from instructflow.tasks.config import SAVE_TOTAL_LIMIT, TrainerConfig, TrainingConfig
+from instructflow.tasks.config import SAVE_TOTAL_LIMIT, TrainerConfig, TrainingConfig, result_settings
 
 StepCallback = Callable[[int, dict[str, float]], None]
 ProgressCallback = Callable[[int, int], None]
@@ -36,6 +39,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 LOGGING_STEPS = 1              # every optimizer step reaches on_step
 RUN_FILE = "run.json"          # job fingerprint + values measured before training, for resumes
 METRICS_FILE = "metrics.json"  # written last into final/: its presence marks a complete result
+RESUME_STATE = ("checkpoints", "rounds")  # what only a resume reads (Trainer checkpoints, PPO rounds)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,6 +123,8 @@ def start_job(train: Sequence[Mapping[str, Any]], eval: Sequence[Mapping[str, An
     job = fingerprint(cfg, models, train_rows, eval_rows)
     output_dir = Path(output_dir).expanduser().resolve()
     done, run, resume_from = start_or_resume(output_dir, job, error)
+    if done is not None and not cfg.keep_checkpoints and is_main_rank():
+        drop_resume_state(output_dir)  # left by a run killed after publishing final/
     return Job(train_rows, eval_rows, eval_on_train, next(iter(models.values())), output_dir, precision, job, done,
                run, resume_from)
 
@@ -131,7 +137,7 @@ def _cuda_available() -> bool:
 
 def fingerprint(section: Any, paths: Mapping[str, Path], *datasets: Sequence[Mapping[str, str]]) -> str:
     """What makes two calls the same job: the config section, the input models and the data (not output_dir)."""
-    config = {**dataclasses.asdict(section), **{k: str(v) for k, v in paths.items()}}
+    config = {**result_settings(section), **{k: str(v) for k, v in paths.items()}}
     blob = json.dumps([config, [list(d) for d in datasets]], sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
@@ -264,16 +270,26 @@ def session_rates(trainer, train_result, tokens_before: int) -> dict[str, float]
             "train_runtime": runtime}
 
 
-def publish_final(trainer, tmp: Path, metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """metrics.json (with `world_size`) goes into `tmp` last, then it becomes `final/` (main rank); every rank
-    returns the metrics."""
-    final = Path(tmp).parent / "final"
+def publish_final(trainer, tmp: Path, metrics: Mapping[str, Any], keep_checkpoints: bool) -> dict[str, Any]:
+    """metrics.json (with `world_size`) goes into `tmp` last, then it becomes `final/`, and the resume state is
+    dropped unless `keep_checkpoints` (main rank); every rank returns the metrics."""
+    output_dir = Path(tmp).parent
+    final = output_dir / "final"
     metrics = {**metrics, "world_size": world_size()}
     if is_main_rank():
         write_json(tmp / METRICS_FILE, metrics)
         replace_dir(tmp, final)
+        if not keep_checkpoints:
+            drop_resume_state(output_dir)
     trainer.accelerator.wait_for_everyone()
     return dict(metrics) if is_main_rank() else {**(read_json(final / METRICS_FILE) or {})}
+
+
+def drop_resume_state(output_dir: Path) -> None:
+    """Remove what only a resume reads (checkpoints/, rounds/) from a run whose final/ is in place: the one
+    place every recipe (sft, reward, dpo, grpo, and PPO's rounds) frees it."""
+    for name in RESUME_STATE:
+        shutil.rmtree(Path(output_dir) / name, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------

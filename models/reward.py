@@ -210,7 +210,7 @@ def train_reward(train: Sequence[dict], eval: Sequence[dict], cfg: RewardConfig,
             "precision": precision, "lora": "lora" if cfg.lora else None,
             "plot": str(plot), "fingerprint": job.fingerprint,
         }
-    return publish_final(trainer, tmp, metrics)
+    return publish_final(trainer, tmp, metrics, cfg.keep_checkpoints)
 
 
 def plot_rewards(path: Path, chosen: Sequence[float], rejected: Sequence[float]) -> Path:

@@ -176,7 +176,7 @@ def train_sft(train: Sequence[dict], eval: Sequence[dict], cfg: SFTConfig, base_
             "lora": "qlora" if cfg.qlora else "lora" if cfg.lora else None,
             "plot": str(plot), "fingerprint": job.fingerprint,
         }
-    return publish_final(trainer, tmp, metrics)
+    return publish_final(trainer, tmp, metrics, cfg.keep_checkpoints)
 
 
 def plot_loss(path: Path, log_history: Sequence[Mapping[str, Any]], eval_loss_before: float) -> Path:

@@ -106,6 +106,13 @@ def _type_ok(origin: type, value: Any) -> bool:
 SAVE_TOTAL_LIMIT = 2  # Trainer checkpoints a training stage keeps (resume needs only the newest)
 
 
+def result_settings(section: Any) -> dict[str, Any]:
+    """A section's keys that shape what its stage produces: all of them but the disk-only ones
+    (`keep_checkpoints`), so changing one neither makes a stage stale nor moves its run folder."""
+    disk_only = {f.name for f in dataclasses.fields(section) if f.metadata.get("disk_only")}
+    return {key: value for key, value in dataclasses.asdict(section).items() if key not in disk_only}
+
+
 @dataclass(frozen=True)
 class TeacherConfig(Section):
     SECTION: ClassVar[str] = "teacher"
@@ -221,6 +228,9 @@ class TrainingConfig(Section):
     launcher: str = choice("inprocess", "inprocess", "accelerate")
     accelerate_config: str = "ddp"      # ddp | fsdp | deepspeed_zero2 | deepspeed_zero3 (shipped) or a YAML path
     num_processes: int = 0              # 0 = what the accelerate config says
+    # keep the resume state (Trainer checkpoints/, PPO rounds/) of a finished run; by default a stage that
+    # finished keeps only final/ and run.json. Disk only: not part of the stage's hashes (`result_settings`)
+    keep_checkpoints: bool = field(default=False, metadata={"disk_only": True})
 
     def cross_key_rules(self):
         path = accelerate_config_file(self.accelerate_config) if self.launcher == "accelerate" else None
@@ -441,7 +451,7 @@ class Config:
         for name in names:
             section, _, key = name.partition(".")
             value = getattr(self, section)
-            value = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+            value = result_settings(value) if dataclasses.is_dataclass(value) else value
             payload[name] = value[key] if key else value
         return stable_hash(payload)
 

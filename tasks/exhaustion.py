@@ -13,6 +13,7 @@ free space now (`shutil.disk_usage`) and a size estimate from the checkpoints an
 from __future__ import annotations
 
 import errno
+import fnmatch
 import os
 import re
 import shutil
@@ -116,14 +117,16 @@ WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 
 
 def tree_bytes(path: Path, patterns: tuple[str, ...] = ("*",)) -> int:
+    """Bytes of the files under `path` whose names match one of `patterns` (0 when it does not exist); a
+    file or folder removed while it walks (a run publishing a dir) is skipped, not an error."""
     total = 0
-    for pattern in patterns:
-        for file in Path(path).rglob(pattern):
-            try:
-                if file.is_file():
-                    total += file.stat().st_size
-            except OSError:
-                continue
+    for root, _, files in os.walk(path):
+        for name in files:
+            if any(fnmatch.fnmatch(name, pattern) for pattern in patterns):
+                try:
+                    total += os.stat(os.path.join(root, name)).st_size
+                except OSError:
+                    continue
     return total
 
 

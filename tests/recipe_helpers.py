@@ -1,6 +1,7 @@
 """What the recipe tests share: tiny Llamas built to learn in a few CPU steps, and a run killed mid-training."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -13,8 +14,6 @@ from transformers import AutoTokenizer, LlamaForCausalLM, LlamaForSequenceClassi
 
 def tiny_llama(root: Path) -> Path:
     """A tiny random Llama (seed 0) with the bundled tokenizer, built under `root`."""
-    import os
-
     from instructflow.models.bundled import ensure_bundled_hf_dir
     from instructflow.models.tiny import build_tiny_llama
 
@@ -59,9 +58,11 @@ def last_token_reward(tiny: Path, out: Path, rewarded_token: int | None = None) 
 def kill_mid_training(script: str, args: list[str], checkpoints: Path, steps_log: Path, checkpoint: int = 4,
                       step: int = 5, timeout_s: float = 300) -> int:
     """Run `python -c script *args` (a recipe that appends each reported step to `steps_log`), SIGKILL it once
-    checkpoint-`checkpoint` is complete and step `step` was reported; return the newest complete checkpoint."""
+    checkpoint-`checkpoint` is complete and step `step` was reported; return the newest complete checkpoint.
+    The child holds still once it reported `step` (KILL_AT_STEP): a tiny model trains faster than this polls,
+    and would otherwise rotate the checkpoint away or finish before the kill."""
     child = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+                             stderr=subprocess.DEVNULL, env={**os.environ, "KILL_AT_STEP": str(step)})
     deadline = time.monotonic() + timeout_s
     try:
         while not ((checkpoints / f"checkpoint-{checkpoint}" / "trainer_state.json").is_file()
@@ -79,11 +80,13 @@ def kill_mid_training(script: str, args: list[str], checkpoints: Path, steps_log
 
 # what a killed child runs: the recipe on a job file, each reported step appended to a log
 KILLED_RECIPE = """
-import json, sys
+import json, os, sys, time
 from pathlib import Path
 job = json.loads(Path(sys.argv[1]).read_text())
 log = Path(sys.argv[2])
 def record(step, values):
     with log.open("a") as handle:
         handle.write(f"{step}\\n")
+    if step >= int(os.environ.get("KILL_AT_STEP", "1000000000")):
+        time.sleep(600)   # mid-training, until the SIGKILL comes
 """

@@ -10,13 +10,13 @@ from instructflow.warehouse.store import open_warehouse
 
 from cliutil import cli, cli_env, exe
 
-STAGES = ["generate", "filter", "sft", "preferences", "reward", "ppo", "evaluate"]
+STAGES = ["generate", "filter", "sft", "preferences", "reward", "ppo", "dpo", "grpo", "evaluate"]
 
 
 def test_help_lists_commands():
     out = cli("--help")
     assert out.returncode == 0
-    for command in ("run", "stage", "status", "doctor"):
+    for command in ("run", "stage", "status", "doctor", "gc", "export"):
         assert command in out.stdout
 
 
@@ -28,8 +28,10 @@ def test_status_on_empty_home(tmp_path):
     report = json.loads(out.stdout)
     assert report["home"] == str(home.resolve())
     assert list(report["stages"]) == STAGES
-    for entry in report["stages"].values():
-        assert entry == {"state": "never", "last_run": None, "input_hash": None, "metrics": {}, "why": []}
+    for name, entry in report["stages"].items():   # grpo is not among the default (cpu) profile's methods
+        assert entry == {"state": "off" if name == "grpo" else "never", "last_run": None, "input_hash": None,
+                         "metrics": {}, "why": entry["why"] if name == "grpo" else [], "disk_bytes": 0}
+    assert report["disk_bytes"] == 0
     text = cli("status", home=home)
     assert text.returncode == 0 and "No runs yet" in text.stderr
 
@@ -40,6 +42,8 @@ def test_status_on_empty_home(tmp_path):
     (["stage", "nosuch", "--profile", "tiny"], "unknown stage 'nosuch'"),
     (["report"], "no warehouse in"),
     (["export", "alpaca", "--out", "x.json"], "no warehouse in"),
+    (["export", "model", "--stage", "ppo", "--out", "m"], "no warehouse in"),
+    (["gc", "--dry-run"], "nothing to collect"),
 ])
 @pytest.mark.slow
 def test_bad_arguments_one_line(tmp_path, args, message):

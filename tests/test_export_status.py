@@ -80,6 +80,46 @@ def test_export_writes_what_sft_trains_on_and_counts_each_source(seeded_home, tm
     assert bad.stderr.strip().splitlines() == ["error: --source 'everything': expected one of generated, seeds, all"]
 
 
+def test_export_hf_writes_a_dataset_folder_load_dataset_reads_and_a_card_with_the_counts(seeded_home, tmp_path):
+    import yaml
+    from datasets import load_dataset
+
+    home, config, seeds, wh = filtered_home_with_instances(seeded_home)
+    seed_instances = sum(len(json.loads(line)["instances"]) for line in seeds.read_text().splitlines() if line.strip())
+    close_warehouses()
+
+    alpaca, folder = tmp_path / "data.json", tmp_path / "hf"
+    assert cli("export", "alpaca", "--out", str(alpaca), "--config", str(config), home=home).returncode == 0
+    done = cli("export", "hf", "--out", str(folder), "--config", str(config), home=home)
+    assert done.returncode == 0, done.stderr
+    assert (folder / "data" / "train-00000-of-00001.parquet").is_file()
+    data = load_dataset(str(folder))
+    assert list(data) == ["train"] and data["train"].column_names == ["instruction", "input", "output"]
+    assert list(data["train"]) == json.loads(alpaca.read_text())   # the rows `export alpaca` writes, in order
+    card = (folder / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["license"] == "other" and meta["size_categories"] == ["n<1K"]
+    assert meta["configs"] == [{"config_name": "default", "data_files": [{"split": "train",
+                                                                          "path": "data/train-*.parquet"}]}]
+    assert "| generated (kept instructions x instances) | 3 |" in card
+    assert f"| seeds (their own instances) | {seed_instances} |" in card
+    assert f"| seed files | {seeds} |" in card and "| ROUGE-L filter threshold | 0.7 |" in card
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        f"wrote a Hugging Face dataset to {folder} (data/train-00000-of-00001.parquet, README.md): 3 generated, "
+        f"{seed_instances} seeds (--source all: what SFT trains on under profile t)")
+
+    # one line for what cannot be exported: no pairs yet, no checkpoint yet, an occupied folder
+    for args, line in ((("hf", "--what", "pairs", "--out", str(tmp_path / "pairs")),
+                        "error: no preference pairs in this home yet: run `instructflow stage preferences` first"),
+                       (("model", "--stage", "sft", "--out", str(tmp_path / "model")),
+                        "error: no sft checkpoint in this home yet: run `instructflow stage sft` first"),
+                       (("hf", "--out", str(folder)), f"error: --out {folder} is not empty: give a new folder (or "
+                                                      "empty this one)")):
+        refused = cli("export", *args, "--config", str(config), home=home) if args[0] == "hf" else \
+            cli("export", *args, home=home)
+        assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [line], refused.stderr
+
+
 def test_status_defaults_to_the_last_runs_profile_and_says_so(seeded_home):
     from instructflow.flows.filter import filter_flow
 

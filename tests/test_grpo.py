@@ -82,7 +82,6 @@ def test_the_reward_terms_are_the_reward_models_score_and_the_eos_rule(models):
 RUN_UNTIL_KILLED = KILLED_RECIPE + """
 from instructflow.models.grpo import train_grpo
 from instructflow.tasks.config import GRPOConfig
-from recipe_helpers import tiny_llama, KILLED_RECIPE, favouring_policy, kill_mid_training, last_token_reward
 train_grpo(job["prompts"], GRPOConfig(**job["cfg"]), Path(job["policy"]), Path(job["reward"]), Path(job["out"]),
            on_step=record)
 """

@@ -3,13 +3,15 @@ does nothing, a seed edit reruns exactly filter and what follows, artifacts are 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from cliutil import cli
+from cliutil import cli, query
 from instructflow.flows.common import close_warehouses, warehouse_for
 from instructflow.tasks.config import load_config
+from instructflow.tasks.exhaustion import tree_bytes
 from instructflow.warehouse import queries
 
 pytestmark = pytest.mark.slow  # starts a server, Prefect, or trains
@@ -31,6 +33,103 @@ def read_artifacts(key: str) -> list[dict]:
                           json={"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 10, "offset": 0})
     response.raise_for_status()
     return response.json()
+
+
+# This test's home after its first run, on the code before resume state was dropped (measured 2026-12-05):
+# 579.7 MB, about 437 MB of it checkpoints/ of sft, reward, dpo, grpo and the held-out reward model (81 MB
+# each) and PPO's rounds/ (32 MB)
+HOME_BYTES_BEFORE = 579_700_000
+
+
+def run_folders(home: Path) -> list[Path]:
+    return sorted(p for pattern in ("run-*", "holdout-reward-*") for p in (home / "stages").glob(f"*/{pattern}"))
+
+
+def check_disk_and_status(home: Path, config: Path) -> None:
+    """Finished stages keep final/ (+ run.json, plots), no resume state; `status --json` has each stage's bytes."""
+    resume_state = [p for p in (home / "stages").glob("*/*/*") if p.name in ("checkpoints", "rounds")]
+    assert resume_state == []
+    assert all((folder / "final").is_dir() for folder in run_folders(home))
+    assert tree_bytes(home) <= HOME_BYTES_BEFORE / 3, tree_bytes(home)
+    out = cli("status", "--json", "--profile", "t", "--config", str(config), home=home)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    for stage in STAGES:
+        assert report["stages"][stage]["disk_bytes"] == tree_bytes(home / "stages" / stage), stage
+    assert report["stages"]["sft"]["disk_bytes"] > 1_000_000
+    assert report["disk_bytes"] >= sum(e["disk_bytes"] for e in report["stages"].values())
+    table = cli("status", "--profile", "t", "--config", str(config), home=home, COLUMNS="250")
+    assert table.returncode == 0 and re.search(r"disk: [\d.]+ MB in ", table.stderr), table.stderr
+
+
+def check_exports(home: Path, config: Path, evaluate: dict) -> None:
+    """`export hf --what pairs` loads with datasets and its card counts each source; `export model` loads and
+    generates, its card names the lineage and the evaluate figures for that method."""
+    import torch
+    import yaml
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pairs_dir = home.parent / "pairs-dataset"
+    done = cli("export", "hf", "--what", "pairs", "--out", str(pairs_dir), "--config", str(config), home=home)
+    assert done.returncode == 0, done.stderr
+    pairs = load_dataset(str(pairs_dir))["train"]
+    want = dict(query(home, "SELECT source, count(*) FROM preference_pairs WHERE chosen IS NOT NULL AND "
+                            "rejected IS NOT NULL GROUP BY source"))
+    assert pairs.column_names == ["prompt", "chosen", "rejected", "source"] and len(pairs) == sum(want.values())
+    card = (pairs_dir / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["license"] == "other" and meta["configs"][0]["data_files"][0]["path"] == "data/train-*.parquet"
+    assert meta["size_categories"] == ["n<1K"] and meta["task_categories"] == ["text-generation"]
+    for source, n in want.items():
+        assert f"| {source} | {n} |" in card
+    assert "License: not set" in card and "judge models" in card
+
+    model_dir = home.parent / "ppo-model"
+    done = cli("export", "model", "--stage", "ppo", "--out", str(model_dir), home=home)
+    assert done.returncode == 0, done.stderr
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    prompt = tokenizer("Name a colour.", return_tensors="pt")
+    with torch.no_grad():
+        generated = model.generate(**prompt, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+    assert (model_dir / "generation_config.json").is_file() and not (model_dir / "metrics.json").exists()
+    card = (model_dir / "README.md").read_text()
+    assert yaml.safe_load(card.split("---")[1])["license"] == "other"
+    assert "## Lineage" in card and "SFT checkpoint" in card and "reward model" in card and "## ppo settings" in card
+    assert f"{evaluate['rm_score_diff_ppo']:+.4g}" in card   # the evaluate figures of this very checkpoint
+    again = cli("export", "model", "--stage", "ppo", "--out", str(model_dir), home=home)
+    assert again.returncode == 1 and again.stderr.strip().splitlines() == [
+        f"error: --out {model_dir} is not empty: give a new folder (or empty this one)"]
+
+
+def check_gc(home: Path, wh) -> None:
+    """After the seed edit every training stage wrote a new folder: gc --dry-run lists exactly the superseded ones
+    and removes nothing; gc removes them and keeps the current ones; a run holding the warehouse stops it."""
+    evaluate = wh.last_stage_run("evaluate", status="success")
+    current_paths = [Path(wh.latest_checkpoint(kind)["path"])
+                     for kind in ("sft", "reward", "ppo_policy", "ppo_value", "dpo_policy", "grpo_policy")]
+    current_paths.append(Path(evaluate.metrics["rm_holdout_checkpoint"]))
+    before = run_folders(home)
+    current = [f for f in before if any(f in p.parents for p in current_paths)]
+    superseded = [f for f in before if f not in current]
+    assert len(current) == 6 and len(superseded) == 6   # sft, reward, ppo, dpo, grpo, evaluate's held-out RM
+    held = cli("gc", home=home)   # this process holds the warehouse, as a run does
+    assert held.returncode == 1 and len(held.stderr.strip().splitlines()) == 1
+    assert held.stderr.startswith("error: gc removed nothing: warehouse") and run_folders(home) == before
+    close_warehouses()
+
+    dry = cli("gc", "--dry-run", home=home)
+    assert dry.returncode == 0, dry.stderr
+    listed = [Path(m.group(1)) for m in re.finditer(r"^would remove (.+) \(", dry.stdout, re.M)]
+    assert sorted(listed) == superseded and run_folders(home) == before
+    freed = sum(tree_bytes(f) for f in superseded)
+    assert "would free " in dry.stdout and f"({freed} bytes) in 6 run folder(s); kept 6" in dry.stdout
+
+    done = cli("gc", home=home)
+    assert done.returncode == 0, done.stderr
+    assert sorted(Path(m.group(1)) for m in re.finditer(r"^removed (.+) \(", done.stdout, re.M)) == superseded
+    assert f"({freed} bytes)" in done.stdout and run_folders(home) == current
 
 
 def test_pipeline_end_to_end_rerun_and_seed_edit(seeded_home):
@@ -86,6 +185,8 @@ def test_pipeline_end_to_end_rerun_and_seed_edit(seeded_home):
     # teacher request, and closes with the headline numbers, the report and the dashboard
     requests_before = wh.scalar("SELECT count(*) FROM teacher_requests")
     close_warehouses()   # release the DuckDB lock for the CLI process
+    check_disk_and_status(home, config)
+    check_exports(home, config, evaluate)
     done = cli("run", "--profile", "t", "--config", str(config), home=home, PREFECT_API_URL=PREFECT_API_URL.value())
     assert done.returncode == 0, done.stderr[-3000:]
     assert "kept instructions" in done.stdout and "DPO preference accuracy" in done.stdout
@@ -113,25 +214,36 @@ def test_pipeline_end_to_end_rerun_and_seed_edit(seeded_home):
     assert rows["filter"] == "success" and rows["sft"] == "success"
     assert {rows[s] for s in STAGES[2:]} == {"success"}
     assert {e["state"] for e in stage_status(cfg, home, wh)["stages"].values()} == {"fresh"}
+    check_gc(home, wh)
+    wh = warehouse_for(home)
+    assert {e["state"] for e in stage_status(cfg, home, wh)["stages"].values()} == {"fresh"}  # nothing current went
 
     # `stage ppo --force --downstream` after an evaluate-only config edit: ppo retrains from scratch
     # (its finished run folder is discarded), then of the stages after it only the stale one runs
+    # ppo.keep_checkpoints is disk only: ppo stays fresh, and its forced rerun keeps its rounds/
     text = config.read_text()
     header = "[profiles.t.evaluate]\n"
-    config.write_text(text.replace(header, header + "judge = false\n") if header in text else
-                      text + header + "judge = false\n")
+    config.write_text((text.replace(header, header + "judge = false\n") if header in text else
+                       text + header + "judge = false\n") + "[profiles.t.ppo]\nkeep_checkpoints = true\n")
+    states = {s: e["state"] for s, e in stage_status(load_config("t", config), home, wh)["stages"].items()}
+    assert states["ppo"] == "fresh" and states["evaluate"] == "stale"
     policy = Path(wh.latest_checkpoint("ppo_policy")["path"])
     [run_dir] = [d for d in (home / "stages" / "ppo").glob("run-*") if d in policy.parents]   # the current one
     (run_dir / "left-by-the-test").write_text("a forced rerun discards this folder")
-    runs_before = {s: wh.scalar("SELECT count(*) FROM stage_runs WHERE stage = ?", [s]) for s in STAGES}
+    ran = "SELECT count(*) FROM stage_runs WHERE stage = ? AND status <> 'skipped'"   # a fresh stage's skip is no run
+    runs_before = {s: wh.scalar(ran, [s]) for s in STAGES}
     close_warehouses()
     done = cli("stage", "ppo", "--force", "--downstream", "--profile", "t", "--config", str(config), home=home,
                PREFECT_API_URL=PREFECT_API_URL.value())
     assert done.returncode == 0, done.stderr[-3000:]
     wh = warehouse_for(home)
-    runs_after = {s: wh.scalar("SELECT count(*) FROM stage_runs WHERE stage = ?", [s]) for s in STAGES}
+    runs_after = {s: wh.scalar(ran, [s]) for s in STAGES}
     assert {s: runs_after[s] - runs_before[s] for s in STAGES} == {**{s: 0 for s in STAGES}, "ppo": 1, "evaluate": 1}
     assert not (run_dir / "left-by-the-test").exists()
+    # keep_checkpoints: rounds/ stays (without it the folder goes); of its rounds (4 updates, one per 2) tiny keeps
+    # the newest (cpu's keep_rounds = 1), which became final/ (renamed, not copied)
+    assert (run_dir / "rounds").is_dir() and not any((run_dir / "rounds").iterdir())
+    assert json.loads((run_dir / "final" / "state.json").read_text())["global_step"] == 4
     ppo = wh.last_stage_run("ppo")
     assert ppo.status == "success" and ppo.metrics["resumed_from"] is None and ppo.metrics["steps"] > 0
     evaluate = wh.last_stage_run("evaluate")

@@ -62,9 +62,9 @@ def weights(model) -> torch.Tensor:
 def test_rounds_save_policy_and_value_and_a_crashed_run_resumes_exactly(models, tmp_path):
     policy_dir, reward_dir = models
 
-    # 1. uninterrupted: 4 updates of 4 episodes, a round every 2 updates
+    # 1. uninterrupted: 4 updates of 4 episodes, a round every 2 updates (kept: keep_checkpoints)
     seen: list[tuple[int, dict]] = []
-    result = train_ppo(PROMPTS, **settings(policy_dir, reward_dir, tmp_path / "a"),
+    result = train_ppo(PROMPTS, **settings(policy_dir, reward_dir, tmp_path / "a", keep_checkpoints=True),
                        on_step=lambda s, m: seen.append((s, m)))
     assert [s for s, _ in seen] == [1, 2, 3, 4]
     assert all(STEP_KEYS <= m.keys() and all(isinstance(v, float) for v in m.values()) for _, m in seen)
@@ -76,12 +76,15 @@ def test_rounds_save_policy_and_value_and_a_crashed_run_resumes_exactly(models, 
     assert result["episodes_per_s"] > 0 and result["wall_s"] > 0 and Path(result["plot"]).stat().st_size > 0
 
     rounds = tmp_path / "a" / "rounds"
-    assert sorted(p.name for p in rounds.iterdir()) == ["round-000002", "round-000004"]  # no temp dirs left
+    # the last round became final/ (renamed, not copied: no second copy of it), no temp dirs left
+    assert sorted(p.name for p in rounds.iterdir()) == ["round-000002"]
+    assert Path(result["policy_checkpoint"]).parent == tmp_path / "a" / "final"
+    assert json.loads((tmp_path / "a" / "final" / "state.json").read_text())["global_step"] == 4
     state = json.loads((rounds / "round-000002" / "state.json").read_text())
     assert state["global_step"] == 2 and state["episodes"] == 8 and state["seed"] == 7
     assert [h["step"] for h in state["history"]] == [1, 2]
-    # one AdamW for the whole run: its state is kept with the newest round only, the LR decays over all 4 updates
-    assert (rounds / "round-000004" / "optimizer.pt").is_file()
+    # one AdamW for the whole run: its state is kept with the newest round only (round 2 dropped it when
+    # round 4 was saved; see the crash below for the newest), the LR decays over all 4 updates; final/ has none
     assert not (rounds / "round-000002" / "optimizer.pt").exists()
     assert not (Path(result["policy_checkpoint"]).parent / "optimizer.pt").exists()
     assert [m["lr"] for _, m in seen] == pytest.approx([1e-3, 0.75e-3, 0.5e-3, 0.25e-3])
@@ -102,6 +105,7 @@ def test_rounds_save_policy_and_value_and_a_crashed_run_resumes_exactly(models, 
     with pytest.raises(KeyboardInterrupt):
         train_ppo(PROMPTS, **settings(policy_dir, reward_dir, tmp_path / "b"), on_step=crash_at_3)
     assert [p.name for p in (tmp_path / "b" / "rounds").iterdir()] == ["round-000002"]
+    assert (tmp_path / "b" / "rounds" / "round-000002" / "optimizer.pt").is_file()  # the newest round's: exact resume
     assert not (tmp_path / "b" / "final").exists()
 
     # 3. ... and rerun: continues at step 3 from round 2, replaying exactly what the uninterrupted run did
@@ -117,11 +121,18 @@ def test_rounds_save_policy_and_value_and_a_crashed_run_resumes_exactly(models, 
         assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
     assert torch.allclose(weights(AutoModelForCausalLM.from_pretrained(again["policy_checkpoint"])),
                           weights(final_policy), atol=1e-6)
+    # finished (keep_checkpoints is false): no rounds left, final/ holds the result and its metrics
+    assert not (tmp_path / "b" / "rounds").exists()
+    assert sorted(p.name for p in (tmp_path / "b" / "final").iterdir()) == ["metrics.json", "policy", "state.json",
+                                                                           "value"]
 
-    # 4. a third call has nothing left to do
+    # 4. a third call has nothing left to do: it returns the stored result without loading a model
     done = train_ppo(PROMPTS, **settings(policy_dir, reward_dir, tmp_path / "b"), on_step=crash_at_3)
-    assert done["updates_this_run"] == 0 and done["steps"] == 4 and done["episodes"] == 16
-    assert done["resumed_from"].endswith("round-000004")
+    assert done["reused"] is True and done["steps"] == 4 and done["episodes"] == 16
+    assert done["reward_last"] == again["reward_last"] and done["policy_checkpoint"] == again["policy_checkpoint"]
+    # other prompts in the same folder are another job: refused, not mixed up
+    with pytest.raises(PPOInputError, match="trained with other settings or data"):
+        train_ppo(PROMPTS[:8], **settings(policy_dir, reward_dir, tmp_path / "b"))
 
 
 @pytest.mark.slow
@@ -149,7 +160,7 @@ def test_value_warmup_trains_only_the_critic_first(models, tmp_path):
     policy_dir, reward_dir = models
     seen: list[dict] = []
     result = train_ppo(PROMPTS, **settings(policy_dir, reward_dir, tmp_path / "w", total_episodes=12,
-                                         save_every_steps=1, value_warmup_updates=1),
+                                         save_every_steps=1, value_warmup_updates=1, keep_checkpoints=True),
                        on_step=lambda s, m: seen.append(m))
     assert result["steps"] == 3
     # the actor's rate (the first group's, as TRL logs it) is 0 for the warm-up, then decays over the 2 policy updates
@@ -168,9 +179,10 @@ def test_lora_with_gradient_checkpointing_saves_merged_plain_models(models, tmp_
     policy_dir, reward_dir = models
     result = train_ppo(PROMPTS[:3], **settings(policy_dir, reward_dir, tmp_path / "lora", total_episodes=8,
                                              save_every_steps=1, lora=True, lora_r=4, gradient_checkpointing=True,
-                                             precision="bf16", keep_rounds=1))
+                                             precision="bf16", keep_rounds=1, keep_checkpoints=True))
     assert result["steps"] == 2 and result["prompts_used"] == 3  # 3 prompts are repeated to fill a batch of 4
-    assert [p.name for p in (tmp_path / "lora" / "rounds").iterdir()] == ["round-000002"]
+    # keep_rounds=1 pruned round 1 when round 2 was saved; round 2 became final/
+    assert [p.name for p in (tmp_path / "lora" / "rounds").iterdir()] == []
     for kind, cls, initial in (("policy", LlamaForCausalLM, policy_dir), ("value", LlamaForSequenceClassification,
                                                                          reward_dir)):
         saved = Path(result[f"{kind}_checkpoint"])

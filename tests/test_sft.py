@@ -127,6 +127,8 @@ def test_sft_learns_checkpoints_and_resumes_after_an_interrupt(tiny, rows, tmp_p
     assert isinstance(model, LlamaForCausalLM) and tokenizer.pad_token_id != tokenizer.eos_token_id
     assert model.config.pad_token_id == tokenizer.pad_token_id
     assert json.loads((final / "metrics.json").read_text())["eval_loss_after"] == metrics["eval_loss_after"]
+    # finished: the resume state is gone (keep_checkpoints is false), the run record and the result stay
+    assert not (out / "checkpoints").exists() and (out / "run.json").is_file()
 
     # finished: a rerun returns the stored metrics without training; other data in the same dir is refused
     again = train_sft(rows[:36], rows[36:], **settings(tiny, out), on_step=lambda s, v: pytest.fail("trained again"))
@@ -163,19 +165,22 @@ def test_job_file_entry_point_with_empty_eval_and_truncation(tiny, rows, tmp_pat
     long_row = {"prompt": rows[0]["prompt"], "completion": "blue " * 80}       # cut at max_length
     huge_prompt = {"prompt": "word " * 200, "completion": "red"}                 # no completion left: dropped
     job = write_job(tmp_path / "job.json", "sft", rows[:6] + [long_row, huge_prompt], [],
-                    **settings(tiny, tmp_path / "cli", max_steps=1, eval_steps=10, save_steps=10))
+                    **settings(tiny, tmp_path / "cli", max_steps=1, eval_steps=10, save_steps=10,
+                               keep_checkpoints=True))
     assert main(["--job", str(job)]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["eval_on_train"] is True and metrics["eval_examples"] == 0 and metrics["train_examples"] == 8
     assert metrics["truncated_examples"] == 2 and metrics["dropped_examples"] == 1
     assert metrics["steps"] == 1 and (Path(metrics["checkpoint"]) / "model.safetensors").is_file()
+    # keep_checkpoints (read from the job file's section): the Trainer's checkpoint stays beside final/
+    assert (tmp_path / "cli" / "checkpoints" / "checkpoint-1" / "trainer_state.json").is_file()
 
 
 def test_two_process_data_parallel_launch(tiny, rows, tmp_path):
     """What `accelerate launch --config_file models/accelerate/ddp.yaml -m instructflow.models.sft` does on
     GPUs, here with torchrun and gloo on the CPU: two ranks, one shared output dir, rank 0 writes."""
     job = write_job(tmp_path / "job.json", "sft", rows[:16], rows[36:],
-                    **settings(tiny, tmp_path / "ddp", max_steps=2, eval_steps=10, save_steps=2))
+                    **settings(tiny, tmp_path / "ddp", max_steps=2, eval_steps=10, save_steps=2, keep_checkpoints=True))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "instructflow.models.sft", "--job", str(job)],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -467,6 +467,47 @@ def export_rows(wh: Warehouse, source: str) -> tuple[list[dict], dict[str, int]]
     return generated + seeds, {"generated": len(generated), "seeds": len(seeds)}
 
 
+def seed_sources(wh: Warehouse) -> list[str]:
+    """The files the stored seed tasks came from."""
+    return [r["source"] for r in wh.rows("SELECT DISTINCT source FROM seed_tasks ORDER BY source")]
+
+
+def sft_example_counts(wh: Warehouse, dataset_hash: str) -> dict[str, dict[str, int]]:
+    """split -> source -> examples, of the SFT set stored under `dataset_hash` (what a checkpoint trained on)."""
+    counts: dict[str, dict[str, int]] = {}
+    for row in wh.rows("SELECT split, source, count(*) AS n FROM sft_examples WHERE dataset_hash = ? "
+                       "GROUP BY split, source ORDER BY split, source", [dataset_hash]):
+        counts.setdefault(row["split"], {})[row["source"]] = int(row["n"])
+    return counts
+
+
+def pair_provenance(wh: Warehouse) -> dict[str, list[str]]:
+    """Who labelled the usable pairs: the judge models of judged pairs, the origins of imported ones."""
+    rows = wh.rows("SELECT DISTINCT source, coalesce(CASE WHEN source = 'judged' THEN judge_model ELSE origin END, '?') "
+                   "AS who FROM preference_pairs WHERE chosen IS NOT NULL AND rejected IS NOT NULL ORDER BY 1, 2")
+    found: dict[str, list[str]] = {}
+    for row in rows:
+        found.setdefault(row["source"], []).append(row["who"])
+    return found
+
+
+def checkpoint_at(wh: Warehouse, kind: str, path: str) -> dict | None:
+    """The newest registration of the checkpoint of `kind` stored at `path` (what a later stage started from)."""
+    found = wh.rows("SELECT * FROM checkpoints WHERE kind = ? AND path = ? ORDER BY created_at DESC, checkpoint_id DESC "
+                    "LIMIT 1", [kind, path])
+    return found[0] if found else None
+
+
+def checkpoint_paths_in_use(wh: Warehouse) -> list[str]:
+    """Paths of the checkpoints the current stage results point to: each kind's newest, and every one the
+    latest successful run of a stage registered (`instructflow gc` keeps what holds them)."""
+    return [r["path"] for r in wh.rows(
+        "SELECT DISTINCT path FROM checkpoints WHERE stage_run_id IN (SELECT s.stage_run_id FROM stage_runs s "
+        "JOIN (SELECT stage, max(started_at) AS t FROM stage_runs WHERE status = 'success' GROUP BY stage) l "
+        "ON s.stage = l.stage AND s.started_at = l.t) OR checkpoint_id IN (SELECT checkpoint_id FROM checkpoints "
+        "QUALIFY row_number() OVER (PARTITION BY kind ORDER BY created_at DESC, checkpoint_id DESC) = 1) ORDER BY path")]
+
+
 def last_successful_stage_runs(wh: Warehouse) -> list[dict]:
     return wh.rows("SELECT s.* FROM stage_runs s JOIN (SELECT stage, max(started_at) AS t FROM stage_runs "
                    "WHERE status = 'success' GROUP BY stage) l ON s.stage = l.stage AND s.started_at = l.t "

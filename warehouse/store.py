@@ -267,6 +267,10 @@ class Warehouse:
         found = self.rows(sql + " ORDER BY started_at DESC LIMIT 1", params)
         return self._stage_run(found[0]) if found else None
 
+    def stage_run(self, stage_run_id: str) -> StageRun | None:
+        found = self.rows("SELECT * FROM stage_runs WHERE stage_run_id = ?", [stage_run_id])
+        return self._stage_run(found[0]) if found else None
+
     def record_skip(self, run_id: str, stage: str, input_hash: str) -> None:
         stage_run_id = uuid.uuid4().hex[:12]
         ts = now()
