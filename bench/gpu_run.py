@@ -234,7 +234,8 @@ def ppo_section(model_dir: Path, rows: list[dict], cfg, plan: Plan, scratch: Pat
     out = scratch / "ppo"
     section = dataclasses.replace(p, total_episodes=plan.ppo_batch, batch_size=plan.ppo_batch, grad_accum=1,
                                   save_every_steps=1, keep_rounds=1, save_optimizer=False,
-                                  value_warmup_updates=0)  # a rate of full updates: every one trains the actor too
+                                  value_warmup_updates=0,  # a rate of full updates: every one trains the actor too
+                                  keep_checkpoints=True)   # the timed run resumes from the warm-up's round
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     warm = train_ppo(prompts, section, model_dir, model_dir, out)  # one update: CUDA context, allocator, kernel choice
@@ -242,6 +243,7 @@ def ppo_section(model_dir: Path, rows: list[dict], cfg, plan: Plan, scratch: Pat
     seconds_per_update = plan.ppo_batch / warm["episodes_per_s"]
     updates = max(1, min(plan.ppo_max_updates, int(plan.ppo_seconds / seconds_per_update)))
     log(f"ppo: warm-up update {seconds_per_update:.1f} s; timing {updates} more")
+    shutil.rmtree(out / "final")  # the warm-up's result; a longer run of the same job resumes from its round
     timed = train_ppo(prompts, dataclasses.replace(section, total_episodes=plan.ppo_batch * (1 + updates),
                                                    save_every_steps=updates), model_dir, model_dir, out)
     shutil.rmtree(out, ignore_errors=True)

@@ -13,8 +13,10 @@ Kinds, by how the rejected reply fails (`classify`):
 * `runaway`: no eos within the budget, more tokens than the budget, or a new "###" block after the answer;
 * `loop`: a word 3-gram repetition of 0.2 or more, or a line or sentence said twice (tasks/quality.py).
 * `truncated` (balance): the chosen answer cut in the middle; its rejected side is SHORTER than the chosen
-  one, so that over the whole sample the rejected replies are not systematically longer: a model cannot
-  learn "shorter is better", only "finish, and finish properly".
+  one, so that the rejected replies are not simply the longer ones: a model should learn "finish, and
+  finish properly", not "shorter is better". One per prompt at most, so they narrow the gap rather than
+  close it: in the shipped file the failures average 62 tokens against 28 for the chosen answers, and
+  with the truncated pairs the whole sample's rejected replies average 36.
 Each line also says how its rejected reply ended (`rejected_ended`: eos within the sampling limit) and its
 length in tokens (`rejected_tokens`); the importer ignores these fields.
 

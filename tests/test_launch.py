@@ -59,7 +59,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
 def recipe_args(recipe: str, models: dict[str, Path], out: Path, **launch) -> tuple[list, dict]:
     """(positional, keyword) arguments of train_RECIPE: two steps (ppo: two updates of one chunk each)."""
     trainer = dict(max_steps=2, batch_size=4, learning_rate=5e-3, warmup_ratio=0.0, lr_scheduler="constant",
-                   eval_steps=10, save_steps=2, seed=0, **launch)
+                   eval_steps=10, save_steps=2, seed=0, keep_checkpoints=True, **launch)
     if recipe == "sft":
         tokenizer = AutoTokenizer.from_pretrained(models["tiny"])
         rows = [to_prompt_completion(InstructionExample(f"Name color number {i}.", "", f"The color is {COLORS[i % 8]}.",
@@ -75,7 +75,7 @@ def recipe_args(recipe: str, models: dict[str, Path], out: Path, **launch) -> tu
                              **trainer)
         return [PROMPTS, section, models["policy"], models["reward"], out], {}
     section = PPOConfig(total_episodes=8, batch_size=4, num_ppo_epochs=1, response_length=4, learning_rate=1e-3,
-                        save_every_steps=1, seed=7, **launch)
+                        save_every_steps=1, seed=7, keep_checkpoints=True, **launch)
     return [PROMPTS, section, models["policy"], models["reward"], out], {}
 
 
@@ -87,7 +87,8 @@ def trained(recipe: str, models: dict[str, Path], out: Path, **launch) -> tuple[
 
 
 def progress(output_dir: Path) -> float:
-    """How far the data went: the Trainer's epoch at its last checkpoint, or PPO's episodes."""
+    """How far the data went: the Trainer's epoch at its last checkpoint, or PPO's episodes (the runs keep
+    their checkpoints for this: keep_checkpoints)."""
     rounds = sorted(output_dir.glob("rounds/round-*/state.json"))
     if rounds:
         return json.loads(rounds[-1].read_text())["episodes"]

@@ -40,8 +40,8 @@ def test_classify_names_how_a_reply_fails(reply, ended, tokens, kind):
 
 def test_pairs_take_the_first_failing_reply_and_balance_the_lengths():
     answers = [(f"Question {i}?", f"Answer {i} is short and complete and ends here now.") for i in range(6)]
-    runaway = ("Answer that goes on and on " * 6).strip()
-    replies = [[("Fine reply that ends.", True, 4), (runaway, False, 30)] if i < 4 else [("Fine.", True, 1)]
+    runaway = " ".join(f"word{i}" for i in range(14))   # no eos within the budget, nothing repeated
+    replies = [[("Fine reply that ends.", True, 4), (runaway, False, 14)] if i < 4 else [("Fine.", True, 1)]
                for i in range(6)]
     pairs = sample_pairs(answers, replies, words, seed=1)
     failing = [p for p in pairs if p["kind"] != "truncated"]
@@ -66,4 +66,11 @@ def test_the_bundled_sample_is_concise_answers_over_the_models_failures_at_balan
             assert classify(row["rejected"], row["rejected_ended"], row["rejected_tokens"]) == row["kind"], row
     concise_share = statistics.fmean(count(r["chosen"]) <= CHOSEN_TOKENS + 16 for r in rows)
     assert concise_share > 0.9
-    assert statistics.fmean(r["rejected_tokens"] for r in rows) <= statistics.fmean(count(r["chosen"]) for r in rows) + 1
+    gap = lambda pairs: (statistics.fmean(r["rejected_tokens"] for r in pairs)  # noqa: E731
+                         - statistics.fmean(count(r["chosen"]) for r in pairs))
+    # the model's failures run long (62 tokens against 28 in the shipped file); a truncated pair for every
+    # prompt whose answer can be cut narrows that to a few tokens, never to "longer is always worse"
+    cuttable = {r["prompt"] for r in rows if len(r["chosen"].split()) >= 6}
+    truncated_pairs = [r for r in rows if r["kind"] == "truncated"]
+    assert gap(rows) <= 1 or len(truncated_pairs) == len(cuttable)
+    assert gap(rows) < gap([r for r in rows if r["kind"] != "truncated"]) / 3

@@ -276,7 +276,8 @@ def test_python_warnings_and_library_loggers_go_to_the_log_unless_verbose(tmp_pa
             "import datasets\n"
             "datasets.Dataset.from_dict({'x': list(range(3))}).map(lambda row: row, desc='Tokenizing')\n")
     env = cli_env(None, PREFECT_HOME=str(tmp_path / "prefect"))
-    env.pop("HF_DATASETS_DISABLE_PROGRESS_BARS", None)  # set in this process by an earlier recipe in the worker
+    for switch in ("HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):  # set in this process by an earlier recipe
+        env.pop(switch, None)
     (tmp_path / "prefect").mkdir()
     quiet = subprocess.run([sys.executable, "-c", code, str(tmp_path / "q"), "-"], capture_output=True, text=True,
                            env=env, timeout=120)

@@ -3,7 +3,6 @@ on two processes (gloo on this CPU), the stage records the trainer's curve and t
 stage run on an empty warehouse says what to run first."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
