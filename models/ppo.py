@@ -7,8 +7,9 @@
 
 All four share one tokenizer: TRL feeds the policy's token ids straight into the reward and value
 models. All four are loaded by recipe_io.load_model, with the section's attention kernel and RoPE scaling
-(so they read those ids at the same positions; the saved rounds' config.json carry the scaling). The tokenizer must have a pad token distinct from eos (else padding masks the real end of a
-reply and the score lands in the wrong place).
+(so they read those ids at the same positions; the saved rounds' config.json carry the scaling). The
+tokenizer must have a pad token distinct from eos (else padding masks the real end of a reply and the
+score lands in the wrong place).
 
 What we add on top of TRL, whose `train()` can neither resume nor save the value model:
 

@@ -33,11 +33,12 @@ Bytes per device, per component (GB below = 2**30 bytes, as the project's peak_m
                  and rejected); ppo actor + critic on batch_size rows of max_prompt_length + response_length;
                  grpo batch_size completions of max_length. s is the length as configured: RoPE scaling
                  (`rope_scaling_type`, `rope_scaling_factor`) changes no tensor's size, so a longer max_length
-                 it allows is just a longer s. The 5*a*s/h term is the attention matrix (scores, softmax,
-                 dropout mask: 5*a*s^2 bytes per row) that eager attention keeps: with sdpa's fused kernels on
-                 a GPU this is an upper bound; with attn_implementation = "flash_attention_2" it is dropped
-                 (FlashAttention keeps no s x s matrix, only an O(s) softmax statistic per head, not counted),
-                 leaving b*s*h*34 per layer.
+                 it allows is just a longer s (a later stage with "none" reaches as far as the SFT section's
+                 scaling, which its input model carries: `stage_section`). The 5*a*s/h term is the attention
+                 matrix (scores, softmax, dropout mask: 5*a*s^2 bytes per row) that eager attention keeps: with
+                 sdpa's fused kernels on a GPU this is an upper bound; with attn_implementation =
+                 "flash_attention_2" it is dropped (FlashAttention keeps no s x s matrix, only an O(s) softmax
+                 statistic per head, not counted), leaving b*s*h*34 per layer.
 Not counted: the CUDA context and allocator slack (~0.5-1 GB), ppo's generation KV cache (it is freed before
 the backward), evaluation batches (no gradients), and temporary buffers.
 
@@ -248,6 +249,8 @@ class StagePlan:
     advice: tuple[Advice, ...] = ()
     closest: Advice | None = None       # when no advice: the tried settings with the smallest total
     notes: tuple[str, ...] = ()
+    attention: str = "sdpa"             # the section's attn_implementation
+    rope: str = "none"                  # the RoPE scaling the stage runs with: "none" or "linear x2", ...
 
     @property
     def total_bytes(self) -> int:
@@ -269,7 +272,9 @@ class StagePlan:
         return {"weights": weights + sharded(3), "gradients": f"fp32, {trained} params" + sharded(2),
                 "optimizer": f"fp32 x2, {trained} params" + sharded(1), "reference": frozen + sharded(3),
                 "reward_model": frozen + sharded(3), "critic": "weights + gradients + AdamW" + sharded(3),
-                "activations": "estimate" + (", checkpointed" if self.checkpointing else "")}
+                "activations": "estimate" + (", checkpointed" if self.checkpointing else "")
+                + (", no s x s scores (flash_attention_2)" if self.attention == "flash_attention_2"
+                   else f", s x s scores ({self.attention})")}
 
     def as_dict(self) -> dict:
         return {"stage": self.stage, "precision": self.precision, "rows": self.rows, "seq_len": self.seq_len,
@@ -283,7 +288,7 @@ class StagePlan:
                 "advice_settings": [{"settings": dict(a.changes), "total_gb": round(a.total_bytes / GB, 3),
                                      "gpus": a.gpus} for a in self.advice],
                 "closest": None if self.closest is None else str(self.closest),
-                "notes": list(self.notes)}
+                "notes": list(self.notes), "attn_implementation": self.attention, "rope_scaling": self.rope}
 
 
 def resolve_precision(section: TrainingConfig, hardware: Hardware) -> str:
@@ -362,10 +367,12 @@ def stage_memory(section: TrainingConfig, shape: ModelShape, hardware: Hardware)
                      f"{shape.max_position_embeddings}" + (f" x rope_scaling_factor {section.rope_scaling_factor:g}"
                                                             if section.rope_scaling_type != "none" else ""))
     training = "full" if not lora else f"{'qlora' if section.qlora else 'lora'} r={section.lora_r}"
+    rope = ("none" if section.rope_scaling_type == "none"
+            else f"{section.rope_scaling_type} x{section.rope_scaling_factor:g}")
     return StagePlan(stage=stage, precision=precision, rows=rows, seq_len=seq, sharding=shard.label,
                      processes=shard.processes, zero_stage=shard.zero_stage, training=training, checkpointing=gc,
                      params=params, trainable_params=trainable, components=parts,
-                     memory_bytes=hardware.memory_bytes, notes=tuple(notes))
+                     memory_bytes=hardware.memory_bytes, notes=tuple(notes), attention=attention, rope=rope)
 
 
 # --- advice ---------------------------------------------------------------------------------------
@@ -500,8 +507,19 @@ def training_stages(cfg: Config) -> list[str]:
 def plan_config(cfg: Config, shape: ModelShape, hardware: Hardware,
                 stages: list[str] | None = None) -> list[StagePlan]:
     """A plan per training stage of the profile (or those of `stages` among them)."""
-    return [plan_stage(getattr(cfg, name), shape, hardware) for name in training_stages(cfg)
+    return [plan_stage(stage_section(cfg, name), shape, hardware) for name in training_stages(cfg)
             if stages is None or name in stages]
+
+
+def stage_section(cfg: Config, name: str) -> TrainingConfig:
+    """The stage's section as the stage runs it: a later stage whose `rope_scaling_type` is "none" loads the SFT
+    result, whose config.json carries the SFT section's RoPE scaling (models/recipe_io.model_kwargs), so it
+    reaches as far as SFT does."""
+    section, sft = getattr(cfg, name), cfg.sft
+    if name == "sft" or section.rope_scaling_type != "none" or sft.rope_scaling_type == "none":
+        return section
+    return dataclasses.replace(section, rope_scaling_type=sft.rope_scaling_type,
+                               rope_scaling_factor=sft.rope_scaling_factor)
 
 
 def refusal(plans: list[StagePlan], hardware: Hardware) -> str | None:

@@ -74,6 +74,30 @@ def test_the_activation_estimate_follows_the_attention_kernel_and_the_scaled_con
                               "rope_scaling_factor 2",)
 
 
+def test_the_plan_shows_the_kernel_and_later_stages_reach_as_far_as_the_scaled_sft_model(tmp_path):
+    """`instructflow plan`: each stage's attention kernel and RoPE scaling; a later stage with rope_scaling_type
+    "none" loads the SFT result, whose config.json carries the SFT scaling, so its longer max_length is no note."""
+    from cliutil import cli
+
+    config = tmp_path / "plan.toml"
+    config.write_text('[profiles.t]\ninherits = "tiny"\nmethods = ["dpo"]\n'
+                      '[profiles.t.sft]\nmax_length = 1024\nrope_scaling_type = "linear"\nrope_scaling_factor = 2\n'
+                      'attn_implementation = "flash_attention_2"\nprecision = "bf16"\n'
+                      '[profiles.t.reward]\nmax_length = 1024\n[profiles.t.dpo]\nmax_length = 1100\n')
+    out = cli("plan", "--config", str(config), "--profile", "t", "--gpus", "1", "--gpu-memory-gb", "80", "--json")
+    assert out.returncode == 0, out.stderr
+    stages = json.loads(out.stdout)["stages"]
+    assert [(name, p["attn_implementation"], p["rope_scaling"], p["seq_len"]) for name, p in stages.items()] == [
+        ("sft", "flash_attention_2", "linear x2", 1024), ("reward", "sdpa", "linear x2", 1024),
+        ("dpo", "sdpa", "linear x2", 1100)]
+    assert stages["sft"]["notes"] == stages["reward"]["notes"] == []  # the tiny Llama has 512 positions, x2
+    assert stages["dpo"]["notes"] == ["sequence length 1100 is over the model's max_position_embeddings 512 x "
+                                      "rope_scaling_factor 2"]
+    text = cli("plan", "--config", str(config), "--profile", "t", "--gpus", "1", "--gpu-memory-gb", "80")
+    assert "sft · full · bf16 · 4 x 1024 tokens · RoPE linear x2 · flash_attention_2 · inprocess" in text.stdout
+    assert "no s x s scores (flash_attention_2)" in text.stdout
+
+
 # ----------------------------------------------------------------------------------------------
 # The recipes on a tiny Llama of 64 positions (CPU)
 
@@ -161,12 +185,13 @@ def test_sft_trains_at_twice_the_context_saves_the_scaling_and_the_model_reloads
 
 
 @pytest.mark.slow
-def test_a_later_stage_keeps_the_saved_scaling_or_sets_its_own_and_trls_references_get_it_too(
+def test_a_later_stage_keeps_the_saved_scaling_or_sets_its_own_and_references_get_it_too(
         short_llama, long_rows, scaled_sft, tmp_path):
     from instructflow.models.dpo import train_dpo
     from instructflow.models.grpo import train_grpo
+    from instructflow.models.ppo import train_ppo
     from instructflow.models.reward import score_each, train_reward
-    from instructflow.tasks.config import DPOConfig, GRPOConfig, RewardConfig
+    from instructflow.tasks.config import DPOConfig, GRPOConfig, PPOConfig, RewardConfig
 
     sft_model = Path(scaled_sft["checkpoint"])
     pairs = [{"prompt": row["prompt"], "chosen": row["completion"].split("<")[0],
@@ -205,6 +230,20 @@ def test_a_later_stage_keeps_the_saved_scaling_or_sets_its_own_and_trls_referenc
     assert logged[0][1]["kl"] == pytest.approx(0.0, abs=1e-6)
     saved = json.loads((Path(grpo["checkpoint"]) / "config.json").read_text())
     assert saved["rope_parameters"] == {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+
+    # PPO loads its four models itself (actor, reference, reward model, critic): the KL of the first update is 0
+    # exactly, and the policy and value it saves carry the scaling
+    logged.clear()
+    ppo = train_ppo(prompts, PPOConfig(total_episodes=2, batch_size=2, num_ppo_epochs=1, response_length=4,
+                                       max_prompt_length=2 * CONTEXT, learning_rate=1e-4, seed=0,
+                                       rope_scaling_type="linear", rope_scaling_factor=2.0),
+                    short_llama, Path(reward["checkpoint"]), tmp_path / "ppo",
+                    on_step=lambda step, values: logged.append((step, values)))
+    assert ppo["steps"] == 1 and logged[0][0] == 1
+    assert logged[0][1]["kl"] == pytest.approx(0.0, abs=1e-4)  # sampled vs recomputed log-probs: ~1e-6 apart
+    for checkpoint in (ppo["policy_checkpoint"], ppo["value_checkpoint"]):
+        saved = json.loads((Path(checkpoint) / "config.json").read_text())
+        assert saved["rope_parameters"] == {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
 
 
 @pytest.mark.slow
@@ -304,6 +343,11 @@ def test_packing_pads_less_measured_on_the_batches_the_trainer_computes(short_ll
     assert pad_off > 0.1 * total and pad_on < pad_off  # lengths 46 to 107 tokens, padded per batch of 4
     assert pad_on == 0                                  # bfd: padding-free rows
     assert runs[True]["steps"] < runs[False]["steps"]
+    # the README's figure (`pytest -s tests/test_long_sequences.py -k pads_less`)
+    print(f"\npacking, one epoch of {len(long_rows)} rows ({total} tokens), batch_size 4, max_length {2 * CONTEXT}: "
+          f"padded {pad_off} pad of {real_off + pad_off} computed positions ({pad_off / (real_off + pad_off):.1%}) "
+          f"in {runs[False]['steps']} steps; packed {pad_on} pad of {real_on + pad_on} "
+          f"({pad_on / (real_on + pad_on):.1%}) in {runs[True]['steps']} steps")
 
 
 @pytest.mark.slow
