@@ -162,7 +162,7 @@ def sft_once(model_dir: Path, rows: list[dict], cfg, plan: Plan, scratch: Path, 
     section = SFTConfig(max_length=cfg.sft.max_length, packing=packing, max_steps=steps,
                         batch_size=cfg.sft.batch_size, learning_rate=cfg.sft.learning_rate,
                         precision=cfg.sft.precision, qlora=qlora, eval_steps=steps, save_steps=steps,
-                        seed=cfg.sft.seed)
+                        seed=cfg.sft.seed, attn_implementation=cfg.sft.attn_implementation)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -192,14 +192,15 @@ def sft_section(dirs: dict[str, Path], rows: list[dict], cfg, plan: Plan, scratc
                 + (f", MFU {run['mfu']:.1%}" if run["mfu"] is not None else "") + f" ({run['precision']})")
         result["models"][name] = entry
     big = result["models"]["llama_1b"]["packing_on"]["mfu"]
-    result.update(attn_implementation=_attn_implementation(), mfu_target=MFU_TARGET,
+    result.update(attn_implementation=_attn_implementation(cfg.sft.attn_implementation), mfu_target=MFU_TARGET,
                   mfu_over_target=big / MFU_TARGET if big is not None else None)
     return result
 
 
-def _attn_implementation() -> str:
-    # what from_pretrained picks without an explicit choice (flash-attn only if installed and asked for)
-    return "sdpa" + (" (flash-attn installed, not requested)" if importlib.util.find_spec("flash_attn") else "")
+def _attn_implementation(chosen: str) -> str:
+    # the sft section's attn_implementation (the recipe loads every model with it); flash-attn only if asked for
+    installed = chosen != "flash_attention_2" and importlib.util.find_spec("flash_attn")
+    return chosen + (" (flash-attn installed, not requested)" if installed else "")
 
 
 # ----------------------------------------------------------------------------------------------

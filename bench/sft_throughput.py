@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import shutil
 import sys
@@ -121,8 +120,7 @@ def measure(model_dir: Path, rows: list[dict], packed: bool, args, precision: st
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from instructflow.models.recipe_io import drop_printer, ensure_pad
-    from instructflow.models.sft import HideFlashAttentionPackingWarnings
+    from instructflow.models.recipe_io import drop_printer, ensure_pad, hidden_log_lines
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -135,13 +133,9 @@ def measure(model_dir: Path, rows: list[dict], packed: bool, args, precision: st
                        include_num_input_tokens_seen="non_padding", save_strategy="no", eval_strategy="no",
                        logging_steps=10_000, report_to="none", disable_tqdm=True, seed=0)
     timer = StepTimer(args.warmup)
-    trl_log, hide = logging.getLogger("trl.trainer.sft_trainer"), HideFlashAttentionPackingWarnings()
-    trl_log.addFilter(hide)
-    try:
+    with hidden_log_lines("trl.trainer.sft_trainer", "Flash Attention variant"):  # exact on sdpa too: models/sft.py
         trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
                              processing_class=tokenizer, callbacks=[timer])
-    finally:
-        trl_log.removeFilter(hide)
     drop_printer(trainer)
     slots = SlotCounter(trainer.data_collator)
     trainer.data_collator = slots

@@ -216,8 +216,9 @@ def _print_plans(cfg, plans, shape, source, where) -> None:
               highlight=False)
     out.print(f"plan for: profile {cfg.profile}, {where}", highlight=False)
     for p in plans:
-        table = Table(title=f"{p.stage} · {p.training} · {p.precision} · {p.rows} x {p.seq_len} tokens · {p.sharding}",
-                      title_justify="left", min_width=72)
+        rope = f" · RoPE {p.rope}" if p.rope != "none" else ""
+        table = Table(title=f"{p.stage} · {p.training} · {p.precision} · {p.rows} x {p.seq_len} tokens{rope} · "
+                            f"{p.attention} · {p.sharding}", title_justify="left", min_width=72)
         table.add_column("per GPU")
         table.add_column("GB", justify="right")
         table.add_column("", style="dim")

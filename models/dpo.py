@@ -11,7 +11,8 @@ Read top to bottom, `train_dpo` does:
 
   1. check the rows (prompt/chosen/rejected strings, the reward stage's split) and the machine,
   2. return the stored metrics if `output_dir/final` is already complete for the same job,
-  3. load tokenizer (pad != eos) and the policy from the SFT checkpoint (optional LoRA/QLoRA),
+  3. load tokenizer (pad != eos) and the policy from the SFT checkpoint (optional LoRA/QLoRA; the section's
+     attention kernel and RoPE scaling, also for the reference),
   4. train, resuming from the newest complete `output_dir/checkpoints/checkpoint-N`,
   5. evaluate the implicit reward on the held-out pairs (accuracy: share of pairs whose chosen reply
      gets the higher implicit reward; margin: its mean difference), save `final/` (LoRA merged).
@@ -31,9 +32,9 @@ from typing import Any, Sequence
 
 from instructflow.models.launch import job_main
 from instructflow.models.recipe_io import (ProgressCallback, ReportSteps, StepCallback, dataset_in, drop_printer,
-                                           ensure_pad, is_main_rank, load_causal_lm, lora_config, pair_length_grouped,
-                                           publish_final, save_policy, series, session_rates, start_job, trained_tokens,
-                                           trainer_args)
+                                           ensure_pad, hidden_log_lines, is_main_rank, load_causal_lm, lora_config,
+                                           model_kwargs, pair_length_grouped, publish_final, save_policy, series,
+                                           session_rates, start_job, trained_tokens, trainer_args)
 from instructflow.tasks.config import DPOConfig
 from instructflow.tasks.library_output import quiet_progress_bars
 
@@ -73,18 +74,22 @@ def train_dpo(train: Sequence[dict], eval: Sequence[dict], cfg: DPOConfig, sft_m
         loss_type=[cfg.loss_type] + (["sft"] if cfg.sft_weight else []),
         loss_weights=[1.0, cfg.sft_weight] if cfg.sft_weight else None,
         precompute_ref_log_probs=cfg.precompute_ref_log_probs,
+        model_init_kwargs=model_kwargs(job.model_dir, cfg),  # the reference TRL loads: as the policy was
         include_num_input_tokens_seen="non_padding",
         dataset_num_proc=None,
     )
     peft_config = lora_config(cfg, "CAUSAL_LM") if (cfg.lora or cfg.qlora) else None
-    # ref_model=None: TRL loads the reference from the same SFT dir (or precomputes its log-probs, or
-    # disables the LoRA adapter): always the model the policy started from. The pairs are stored in the run
-    # folder, where TRL caches the precomputed log-probs for every rank (recipe_io.dataset_in)
-    trainer = pair_length_grouped(DPOTrainer)(
-        model=model, ref_model=None, args=config, train_dataset=dataset_in(job.train, output_dir / "pairs" / "train",
-                                                                           config),
-        eval_dataset=dataset_in(job.eval, output_dir / "pairs" / "eval", config), processing_class=tokenizer,
-        peft_config=peft_config, callbacks=[ReportSteps(on_step, on_progress)])
+    # ref_model=None: TRL loads the reference from the same SFT dir with model_init_kwargs, the policy's
+    # attention kernel and RoPE scaling (or precomputes its log-probs, or disables the LoRA adapter): always the
+    # model the policy started from. TRL's warning that model_init_kwargs are ignored for an instantiated
+    # policy forgets that very reference. The pairs are stored in the run folder, where TRL caches the
+    # precomputed log-probs for every rank (recipe_io.dataset_in)
+    with hidden_log_lines("trl.trainer.dpo_trainer", "model_init_kwargs"):
+        trainer = pair_length_grouped(DPOTrainer)(
+            model=model, ref_model=None, args=config,
+            train_dataset=dataset_in(job.train, output_dir / "pairs" / "train", config),
+            eval_dataset=dataset_in(job.eval, output_dir / "pairs" / "eval", config), processing_class=tokenizer,
+            peft_config=peft_config, callbacks=[ReportSteps(on_step, on_progress)])
     drop_printer(trainer)
 
     # 4. train (resume_from_checkpoint restores weights, optimizer, scheduler, RNG and step)

@@ -17,7 +17,8 @@ Read top to bottom, `train_grpo` does:
   1. check the prompts (already in the policy's format) and the models: the policy and reward model
      must share the tokenizer the SFT stage saved (the reward model was trained from the SFT model),
   2. return the stored metrics if `output_dir/final` is already complete for the same job,
-  3. load tokenizer, policy (optional LoRA/QLoRA) and the frozen reward model,
+  3. load tokenizer, policy (optional LoRA/QLoRA) and the frozen reward model (both, and TRL's reference,
+     with the section's attention kernel and RoPE scaling),
   4. train, resuming from the newest complete `output_dir/checkpoints/checkpoint-N` (Trainer state:
      weights, optimizer, scheduler, RNG, step),
   5. save `final/` (LoRA merged), the reward/KL plot and the metrics: reward first/last and its
@@ -35,8 +36,9 @@ from typing import Any, Sequence
 
 from instructflow.models.launch import job_main
 from instructflow.models.recipe_io import (ProgressCallback, ReportSteps, StepCallback, drop_printer, ensure_pad,
-                                           is_main_rank, load_causal_lm, lora_config, publish_final, save_policy,
-                                           series, session_rates, start_job, trained_tokens, trainer_args)
+                                           hidden_log_lines, is_main_rank, load_causal_lm, load_model, lora_config,
+                                           model_kwargs, publish_final, save_policy, series, session_rates, start_job,
+                                           trained_tokens, trainer_args)
 from instructflow.tasks.config import GRPOConfig
 from instructflow.tasks.library_output import quiet_progress_bars
 
@@ -113,8 +115,8 @@ def train_grpo(prompts: Sequence[str], cfg: GRPOConfig, policy_model: Path, rewa
     model = load_causal_lm(policy_model, cfg, precision)
     ensure_pad(tokenizer, model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    scorer = AutoModelForSequenceClassification.from_pretrained(
-        reward_model, num_labels=1, dtype=torch.bfloat16 if precision == "bf16" else torch.float32).to(device)
+    scorer = load_model(AutoModelForSequenceClassification, reward_model, cfg, num_labels=1,
+                        dtype=torch.bfloat16 if precision == "bf16" else torch.float32).to(device)
     scorer.config.pad_token_id = tokenizer.pad_token_id
     scorer.eval().requires_grad_(False)
     args = trainer_args(cfg, output_dir / "checkpoints", precision)
@@ -129,13 +131,16 @@ def train_grpo(prompts: Sequence[str], cfg: GRPOConfig, policy_model: Path, rewa
         scale_rewards=cfg.scale_rewards, loss_type=cfg.loss_type,
         include_num_input_tokens_seen="non_padding",
         log_completions=False,
+        model_init_kwargs=model_kwargs(policy_model, cfg),  # the reference TRL loads (beta > 0): as the policy
     )
     peft_config = lora_config(cfg, "CAUSAL_LM") if (cfg.lora or cfg.qlora) else None
-    trainer = GRPOTrainer(
-        model=model, args=config, train_dataset=Dataset.from_list(usable), processing_class=tokenizer,
-        reward_funcs=rule_and_model_rewards(scorer, tokenizer, tokenizer.eos_token_id, cfg.missing_eos_penalty,
-                                            cfg.max_length),
-        peft_config=peft_config, callbacks=[ReportSteps(on_step, on_progress, names=METRIC_NAMES)])
+    # TRL warns that model_init_kwargs are ignored for an instantiated policy, forgetting the reference it loads
+    with hidden_log_lines("trl.trainer.grpo_trainer", "model_init_kwargs"):
+        trainer = GRPOTrainer(
+            model=model, args=config, train_dataset=Dataset.from_list(usable), processing_class=tokenizer,
+            reward_funcs=rule_and_model_rewards(scorer, tokenizer, tokenizer.eos_token_id, cfg.missing_eos_penalty,
+                                                cfg.max_length),
+            peft_config=peft_config, callbacks=[ReportSteps(on_step, on_progress, names=METRIC_NAMES)])
     drop_printer(trainer)
 
     # 4. train

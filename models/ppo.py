@@ -6,8 +6,10 @@
     critic     value model being trained       starts as the reward model (or `value_model`, or the last round's value)
 
 All four share one tokenizer: TRL feeds the policy's token ids straight into the reward and value
-models. The tokenizer must have a pad token distinct from eos (else padding masks the real end of a
-reply and the score lands in the wrong place).
+models. All four are loaded by recipe_io.load_model, with the section's attention kernel and RoPE scaling
+(so they read those ids at the same positions; the saved rounds' config.json carry the scaling). The
+tokenizer must have a pad token distinct from eos (else padding masks the real end of a reply and the
+score lands in the wrong place).
 
 What we add on top of TRL, whose `train()` can neither resume nor save the value model:
 
@@ -73,8 +75,9 @@ from typing import Any, Callable, Sequence
 
 from instructflow.models.files import replace_dir, write_dir_atomically, write_json
 from instructflow.models.launch import job_main
-from instructflow.models.recipe_io import (METRICS_FILE, ReportSteps, drop_resume_state, finished_metrics, fingerprint,
-                                           is_main_rank, lora_config, read_json, resolve_precision, world_size)
+from instructflow.models.recipe_io import (METRICS_FILE, ReportSteps, check_machine, drop_resume_state,
+                                           finished_metrics, fingerprint, is_main_rank, load_model, lora_config,
+                                           model_kwargs, read_json, resolve_precision, world_size)
 from instructflow.tasks.config import PPOConfig
 from instructflow.tasks.plots import plot_lines
 
@@ -127,6 +130,8 @@ def train_ppo(prompts: Sequence[str], cfg: PPOConfig, policy_model: Path, reward
     models = {"policy_model": Path(policy_model), "reward_model": Path(reward_model),
               "value_model": Path(value_model) if value_model is not None else None}
     _check_inputs(cfg, models)
+    precision = resolve_precision(cfg.precision, PPOInputError, fp16_ok=False)  # the PPO loop has no loss scaling
+    check_machine(cfg, precision, PPOInputError)
     policy_model, reward_model, value_model = models["policy_model"], models["reward_model"], models["value_model"]
     output_dir = Path(output_dir)
     job = fingerprint(cfg, {name: path.resolve() if path else None for name, path in models.items()},
@@ -165,15 +170,15 @@ def train_ppo(prompts: Sequence[str], cfg: PPOConfig, policy_model: Path, reward
 
     # ---- the four models ------------------------------------------------------------------------
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = resolve_precision(cfg.precision, PPOInputError, fp16_ok=False)  # the PPO loop has no loss scaling
     frozen_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
     actor_dir = resume.path / "policy" if resume else policy_model
     critic_dir = resume.path / "value" if resume else (value_model or reward_model)
-    actor = AutoModelForCausalLM.from_pretrained(actor_dir, dtype=torch.float32)
-    reference = AutoModelForCausalLM.from_pretrained(policy_model, dtype=frozen_dtype)
-    reward = AutoModelForSequenceClassification.from_pretrained(reward_model, num_labels=1, dtype=frozen_dtype)
-    critic = AutoModelForSequenceClassification.from_pretrained(critic_dir, num_labels=1, dtype=torch.float32)
+    # every one with the section's attention kernel and RoPE scaling: they read the same token sequences
+    actor = load_model(AutoModelForCausalLM, actor_dir, cfg, dtype=torch.float32)
+    reference = load_model(AutoModelForCausalLM, policy_model, cfg, dtype=frozen_dtype)
+    reward = load_model(AutoModelForSequenceClassification, reward_model, cfg, num_labels=1, dtype=frozen_dtype)
+    critic = load_model(AutoModelForSequenceClassification, critic_dir, cfg, num_labels=1, dtype=torch.float32)
     for model in (reference, reward, critic):
         model.config.pad_token_id = tokenizer.pad_token_id  # sequence classifiers find the last token by it
     reference.eval().requires_grad_(False)
@@ -299,10 +304,13 @@ def _wait_for_every_rank(torch) -> None:
 # Input checks
 
 def _check_inputs(cfg: PPOConfig, models: dict[str, Path | None]) -> None:
-    """The model dirs (the section checked itself when it was built)."""
+    """The model dirs, and whether the section's RoPE scaling applies to them (the section checked itself when
+    it was built)."""
     for name, path in models.items():
         if path is not None and not (path / "config.json").is_file():
             raise PPOInputError(f"train_ppo: {name} {path} is not a model dir (no config.json)")
+        if path is not None:
+            model_kwargs(path, cfg, PPOInputError)
 
 
 def _checked_tokenizer(models: dict[str, Path | None]):

@@ -1,6 +1,7 @@
 """What the training recipes (models/sft.py, reward.py, ppo.py, dpo.py, grpo.py) share: checking inputs,
-the run record and resume, the job fingerprint, the one precision rule, the one LoRA builder, the
-TrainingArguments every Trainer-based recipe sets from its section, and the one step-report callback.
+the run record and resume, the job fingerprint, the one precision rule, the one model loader (`load_model`:
+attention kernel and RoPE scaling), the one LoRA builder, the TrainingArguments every Trainer-based recipe
+sets from its section, and the one step-report callback.
 
 A recipe's output_dir holds:
 
@@ -21,6 +22,7 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import shutil
@@ -102,23 +104,25 @@ class Job(NamedTuple):
     done: dict[str, Any] | None      # the stored metrics when output_dir/final is complete for this job
     run: dict[str, Any]              # the run record (values measured before training, for resumes)
     resume_from: Path | None         # the newest complete checkpoint
+    section: TrainingConfig          # the config section the job trains with
 
 
 def start_job(train: Sequence[Mapping[str, Any]], eval: Sequence[Mapping[str, Any]], fields: Sequence[str],
               cfg: TrainingConfig, models: Mapping[str, Path], output_dir: Path, error: type[ValueError],
               empty: str) -> Job:
-    """Rows (each a dict of `fields`; `empty` says why no train rows is an error), what the machine must
-    have (qlora: CUDA + bitsandbytes), the input models (name -> dir; the first is the one trained), the
-    precision; then whether this job is already done, or where it resumes. The section checked itself
-    when it was built."""
+    """Rows (each a dict of `fields`; `empty` says why no train rows is an error), the precision and what
+    the machine must have (`check_machine`), the input models (name -> dir; the first is the one trained)
+    and whether the section's RoPE scaling applies to them; then whether this job is already done, or where
+    it resumes. The section checked itself when it was built."""
     train_rows = check_rows(train, "train", fields, error)
     eval_rows = check_rows(eval, "eval", fields, error)
     if not train_rows:
         raise error(f"train set is empty: {empty}")
-    if cfg.qlora and not (importlib.util.find_spec("bitsandbytes") and _cuda_available()):
-        raise error("qlora=True needs a CUDA GPU and `pip install bitsandbytes`; use lora=True on this machine")
-    models = {name: check_model_dir(path, name, error) for name, path in models.items()}
     precision = resolve_precision(cfg.precision, error)
+    check_machine(cfg, precision, error)
+    models = {name: check_model_dir(path, name, error) for name, path in models.items()}
+    for path in models.values():
+        model_kwargs(path, cfg, error)
     eval_rows, eval_on_train = eval_rows or train_rows, not eval_rows
     job = fingerprint(cfg, models, train_rows, eval_rows)
     output_dir = Path(output_dir).expanduser().resolve()
@@ -126,7 +130,25 @@ def start_job(train: Sequence[Mapping[str, Any]], eval: Sequence[Mapping[str, An
     if done is not None and not cfg.keep_checkpoints and is_main_rank():
         drop_resume_state(output_dir)  # left by a run killed after publishing final/
     return Job(train_rows, eval_rows, eval_on_train, next(iter(models.values())), output_dir, precision, job, done,
-               run, resume_from)
+               run, resume_from, cfg)
+
+
+def check_machine(section: TrainingConfig, precision: str, error: type[ValueError]) -> None:
+    """What only the machine a recipe runs on can refuse, one line each (the section checked the rest when it
+    was built): qlora needs CUDA + bitsandbytes; flash_attention_2 needs CUDA + flash-attn and a 16-bit
+    `precision` (as resolved here: auto is fp32 on a GPU without bf16 for PPO)."""
+    if section.qlora and not (importlib.util.find_spec("bitsandbytes") and _cuda_available()):
+        raise error("qlora=True needs a CUDA GPU and `pip install bitsandbytes`; use lora=True on this machine")
+    if section.attn_implementation == "flash_attention_2":
+        missing = [what for what, there in (("no CUDA GPU", _cuda_available()),
+                                            ("no flash-attn package", importlib.util.find_spec("flash_attn")))
+                   if not there]
+        if missing:
+            raise error(f"{section.SECTION}.attn_implementation = 'flash_attention_2' needs a CUDA GPU and "
+                        f"`pip install flash-attn`, this machine has {' and '.join(missing)}: use 'sdpa' here")
+        if precision == "fp32":
+            raise error(f"{section.SECTION}.attn_implementation = 'flash_attention_2' runs in bf16 or fp16, but "
+                        "precision resolves to fp32 on this GPU: use 'sdpa' here, or precision = 'bf16'")
 
 
 def _cuda_available() -> bool:
@@ -255,7 +277,7 @@ def save_policy(trainer, job: "Job", tokenizer, lora: bool) -> Path:
         import torch
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(job.model_dir, dtype=torch.float32)
+        return load_model(AutoModelForCausalLM, job.model_dir, job.section, dtype=torch.float32)
 
     return save_trained_model(trainer, job.output_dir, tokenizer, unquantized_base if lora else None)
 
@@ -313,19 +335,62 @@ def lora_config(section: TrainingConfig, task_type: str):
                       target_modules=LORA_TARGETS, bias="none", task_type=task_type)
 
 
+ROPE_TYPES_REPLACED = ("default", "linear", "dynamic", "yarn")  # a model's RoPE that rope_scaling_type may replace
+
+
+def model_kwargs(model_dir: Path, section: TrainingConfig, error: type[ValueError] = ValueError) -> dict[str, Any]:
+    """The from_pretrained keywords of every model a stage runs (`load_model`; TRL's own reference copy gets
+    them as `model_init_kwargs`): the section's `attn_implementation` and, with a `rope_scaling_type`, the
+    model's `rope_parameters` (transformers 5.x's name for the old `rope_scaling`; the model's `rope_theta`
+    kept) with that type and factor. They go into the config, so every config.json a recipe saves carries
+    the scaling and whatever loads the result (sampling, evaluate, the teacher server, the next stage) gets it
+    from there. `max_position_embeddings` stays the pretrained length: dynamic NTK scales only beyond it and
+    yarn reads it as `original_max_position_embeddings`. Set, not compounded: a model already scaled by an
+    earlier stage gets the same parameters again. A RoPE the model was pretrained with (llama3, longrope...)
+    is not replaced: refused, as is a model without RoPE parameters."""
+    kwargs: dict[str, Any] = {"attn_implementation": section.attn_implementation}
+    if section.rope_scaling_type == "none":
+        return kwargs
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    rope = getattr(config, "rope_parameters", None)
+    what = f"{section.SECTION}.rope_scaling_type = {section.rope_scaling_type!r}"
+    if not isinstance(rope, dict) or "rope_theta" not in rope:
+        raise error(f"{what}: {model_dir} has no single set of RoPE parameters in its config.json to scale")
+    if rope.get("rope_type", "default") not in ROPE_TYPES_REPLACED:
+        raise error(f"{what}: {model_dir} was built with rope_type {rope['rope_type']!r}, which this would "
+                    "replace; keep it with rope_scaling_type = 'none'")
+    scaled = {"rope_type": section.rope_scaling_type, "factor": section.rope_scaling_factor,
+              "rope_theta": rope["rope_theta"]}
+    if "partial_rotary_factor" in rope:
+        scaled["partial_rotary_factor"] = rope["partial_rotary_factor"]
+    if section.rope_scaling_type == "yarn":
+        scaled["original_max_position_embeddings"] = (rope.get("original_max_position_embeddings")
+                                                      or config.max_position_embeddings)
+    return {**kwargs, "rope_parameters": scaled}
+
+
+def load_model(auto_class, model_dir: Path, section: TrainingConfig, **kwargs):
+    """`auto_class.from_pretrained(model_dir, **kwargs)` with the section's `model_kwargs`: how every recipe
+    loads every model it runs, trained or frozen (sft, reward, dpo, grpo and its reward model, ppo's actor,
+    critic, reference and reward model), so that all of them see the same positions and attention kernel."""
+    return auto_class.from_pretrained(model_dir, **model_kwargs(model_dir, section), **kwargs)
+
+
 def load_causal_lm(model_dir: Path, section: TrainingConfig, precision: str):
-    """A causal LM to train: fp32 weights (bf16/fp16 run as autocast), or with `qlora` a 4-bit NF4 base
-    (CUDA + bitsandbytes, checked by `start_job`)."""
+    """A causal LM to train (`load_model`): fp32 weights (bf16/fp16 run as autocast), or with `qlora` a 4-bit
+    NF4 base (CUDA + bitsandbytes, checked by `start_job`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     if not section.qlora:
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        return load_model(AutoModelForCausalLM, model_dir, section, dtype=torch.float32)
     from transformers import BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-    return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization, dtype=torch.float32)
+    return load_model(AutoModelForCausalLM, model_dir, section, quantization_config=quantization, dtype=torch.float32)
 
 
 def save_merged_lora(base, adapter_dir: Path, out_dir: Path, tokenizer) -> None:
@@ -466,6 +531,24 @@ def pair_length_grouped(trainer_class):
                                         generator=torch.Generator().manual_seed(self.args.seed))
 
     return PairLengthGrouped
+
+
+@contextlib.contextmanager
+def hidden_log_lines(logger_name: str, fragment: str):
+    """Inside the block, records of the logger `logger_name` whose message holds `fragment` are dropped: a
+    library warning that is wrong for how the recipe calls it (each use says why)."""
+    import logging
+
+    class Hide(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return fragment not in record.getMessage()
+
+    logger, hide = logging.getLogger(logger_name), Hide()
+    logger.addFilter(hide)
+    try:
+        yield
+    finally:
+        logger.removeFilter(hide)
 
 
 def drop_printer(trainer) -> None:

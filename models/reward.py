@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from instructflow.models.launch import job_main
 from instructflow.models.recipe_io import (ProgressCallback, ReportSteps, StepCallback, check_model_dir, drop_printer,
-                                           ensure_pad, is_main_rank, loaded_by_one_rank, lora_config,
+                                           ensure_pad, is_main_rank, load_model, loaded_by_one_rank, lora_config,
                                            pair_length_grouped, publish_final, save_trained_model, start_job,
                                            trainer_args, update_run)
 from instructflow.tasks.config import RewardConfig
@@ -123,15 +123,16 @@ def count_too_long(tokenizer, rows: Sequence[dict], max_length: int) -> int:
                    for side in ("chosen", "rejected")) > max_length for r in rows)
 
 
-def load_reward_model(sft_model: Path, seed: int):
-    """LlamaForSequenceClassification (num_labels=1) from the SFT weights; the new head is seeded."""
+def load_reward_model(sft_model: Path, cfg: RewardConfig):
+    """LlamaForSequenceClassification (num_labels=1) from the SFT weights (recipe_io.load_model: the section's
+    attention kernel and RoPE scaling); the new head is seeded with `cfg.seed`."""
     import torch
     from transformers import AutoModelForSequenceClassification, set_seed
     from trl.trainer.reward_trainer import suppress_seqcls_warning  # hides the expected "score.weight is new"
 
-    set_seed(seed)
+    set_seed(cfg.seed)
     with suppress_seqcls_warning():
-        return AutoModelForSequenceClassification.from_pretrained(sft_model, num_labels=1, dtype=torch.float32)
+        return load_model(AutoModelForSequenceClassification, sft_model, cfg, num_labels=1, dtype=torch.float32)
 
 
 def train_reward(train: Sequence[dict], eval: Sequence[dict], cfg: RewardConfig, sft_model: Path, output_dir: Path,
@@ -155,7 +156,7 @@ def train_reward(train: Sequence[dict], eval: Sequence[dict], cfg: RewardConfig,
 
     quiet_progress_bars()
     tokenizer = AutoTokenizer.from_pretrained(sft_model)
-    model = load_reward_model(sft_model, cfg.seed)
+    model = load_reward_model(sft_model, cfg)
     ensure_pad(tokenizer, model)  # pad != eos: the reward is read at the eos that ends each reply
     dropped = count_too_long(tokenizer, train_rows, cfg.max_length)
     if dropped == len(train_rows):
@@ -188,7 +189,7 @@ def train_reward(train: Sequence[dict], eval: Sequence[dict], cfg: RewardConfig,
 
     # 6. final model (LoRA and its trained score head merged), held-out scores through score(), metrics, plot
     tmp = save_trained_model(trainer, output_dir, tokenizer,
-                             (lambda: load_reward_model(sft_model, cfg.seed)) if peft_config else None)
+                             (lambda: load_reward_model(sft_model, cfg)) if peft_config else None)
     metrics: dict[str, Any] = {}
     if is_main_rank():
         prompts = [r["prompt"] for r in eval_rows]

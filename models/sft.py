@@ -5,7 +5,8 @@ Read top to bottom, `train_sft` does:
 
   1. check the rows and the section (one-line `SFTInputError`s that name the row, field or key),
   2. return the stored metrics if `output_dir/final` is already complete for the same job,
-  3. load tokenizer (pad != eos) and model (fp32 weights; bf16/fp16 autocast on GPU; optional LoRA/QLoRA),
+  3. load tokenizer (pad != eos) and model (fp32 weights; bf16/fp16 autocast on GPU; optional LoRA/QLoRA;
+     the section's attention kernel and RoPE scaling),
   4. measure the held-out loss before training (stored, so a resumed run reports the original value),
   5. train, resuming from the newest complete `output_dir/checkpoints/checkpoint-N` if there is one,
   6. save `output_dir/final` (LoRA merged into a plain Llama) atomically, with `metrics.json` and `loss.png`.
@@ -21,14 +22,25 @@ Packing: `packing=True` uses TRL's "bfd" strategy (best-fit-decreasing bins, no 
 bins, padding-free batches with per-example position ids). TRL warns that only FlashAttention keeps
 packed examples apart, but transformers 5.x (masking_utils.find_packed_sequence_indices) derives a
 block-diagonal causal mask from the position-id resets for sdpa and eager attention as well, whenever
-no attention mask and no KV cache are passed, which is how TRL trains and evaluates. So bfd is exact on
-CPU and on GPUs without flash-attn: `tests/test_sft.py` checks the packed eval loss against a per-example
-loss computed by hand, on a model whose loss visibly changes when examples leak. ("wrapped" packing, which cuts
-examples and lets them attend to each other, is never used.) With packing, `batch_size` counts packed
-rows of up to `max_length` tokens, so a step sees more examples than without. Cost: a padding-free
-batch is one row of batch_size x max_length tokens; FlashAttention's varlen kernel skips the masked
-blocks, sdpa/eager compute them and throw them away, so without flash-attn packing is exact but rarely
-faster (bench/sft_throughput.py measured 0.9x on this CPU with 18% padding in the seed data).
+no attention mask and no KV cache are passed, which is how TRL trains and evaluates. So bfd is exact with
+every `attn_implementation` offered: flash_attention_2 by its varlen kernel (it reads the same position-id
+resets), sdpa and eager by that mask. Tests: `tests/test_sft.py` (sdpa, LoRA) and
+`tests/test_long_sequences.py` (each of tasks/config.PACKING_EXACT this machine can run) check the packed
+eval loss against a per-example loss computed by hand, on a model whose loss visibly changes when examples
+leak. The choice made: refuse rather than warn, at config load (SFTConfig's rule: packing needs an
+implementation in PACKING_EXACT), because a packed run whose examples attend to each other trains on the
+wrong context without failing; none of the offered implementations is refused today, so the rule only keeps
+a future choice out until a test shows it exact. ("wrapped" packing, which cuts examples and lets them
+attend to each other, is never used.) With packing, `batch_size` counts packed rows of up to `max_length`
+tokens, so a step sees more examples than without, and far fewer pad tokens are computed
+(`tests/test_long_sequences.py` counts them). Cost: a padding-free batch is one row of batch_size x
+max_length tokens; FlashAttention's varlen kernel skips the masked blocks, sdpa/eager compute them and
+throw them away, so without flash-attn packing is exact but rarely faster (bench/sft_throughput.py measured
+0.9x on this CPU with 18% padding in the seed data).
+
+Long sequences: the section's `attn_implementation` and RoPE scaling (`rope_scaling_type`, `rope_scaling_factor`)
+apply to the model loaded and to the config.json saved (recipe_io.model_kwargs), so `max_length` may exceed
+the model's `max_position_embeddings` by up to the factor (position interpolation).
 
 Throughput: `tokens_seen` counts real (non-pad) input tokens, prompts included, over all ranks and
 resumed sessions; `tokens_per_s` is this session's tokens over this session's training time.
@@ -44,7 +56,6 @@ Checkpoints, resume, the run record and the final dir: models/recipe_io.py (shar
 """
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from pathlib import Path
@@ -52,21 +63,15 @@ from typing import Any, Mapping, Sequence
 
 from instructflow.models.launch import job_main
 from instructflow.models.recipe_io import (ProgressCallback, ReportSteps, StepCallback, drop_printer, ensure_pad,
-                                           is_main_rank, load_causal_lm, lora_config, publish_final, save_policy,
-                                           series, session_rates, start_job, trained_tokens, trainer_args, update_run)
+                                           hidden_log_lines, is_main_rank, load_causal_lm, lora_config, publish_final,
+                                           save_policy, series, session_rates, start_job, trained_tokens, trainer_args,
+                                           update_run)
 from instructflow.tasks.config import SFTConfig
 from instructflow.tasks.library_output import quiet_progress_bars
 
 
 class SFTInputError(ValueError):
     """Bad rows or settings, reported in one line before any training starts."""
-
-
-class HideFlashAttentionPackingWarnings(logging.Filter):
-    """TRL warns that bfd packing needs FlashAttention; on transformers 5.x sdpa/eager are exact too (tested)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Flash Attention variant" not in record.getMessage()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,20 +131,17 @@ def train_sft(train: Sequence[dict], eval: Sequence[dict], cfg: SFTConfig, base_
         **trainer_args(cfg, output_dir / "checkpoints", precision),
         max_length=cfg.max_length,
         packing=cfg.packing,
-        packing_strategy="bfd",          # exact on sdpa/eager too (see module docstring)
+        packing_strategy="bfd",          # exact with every attn_implementation offered (module docstring)
         completion_only_loss=True,
         dataset_num_proc=None,
         include_num_input_tokens_seen="non_padding",
     )
     peft_config = lora_config(cfg, "CAUSAL_LM") if (cfg.lora or cfg.qlora) else None
-    trl_log, hide = logging.getLogger("trl.trainer.sft_trainer"), HideFlashAttentionPackingWarnings()
-    trl_log.addFilter(hide)
-    try:
+    # TRL warns that bfd packing needs FlashAttention; on transformers 5.x sdpa/eager are exact too (tested)
+    with hidden_log_lines("trl.trainer.sft_trainer", "Flash Attention variant"):
         trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(train_rows),
                              eval_dataset=Dataset.from_list(eval_rows), processing_class=tokenizer,
                              peft_config=peft_config, callbacks=[ReportSteps(on_step, on_progress)])
-    finally:
-        trl_log.removeFilter(hide)
     drop_printer(trainer)
 
     # 4. held-out loss before training (measured once per job, kept across resumes)

@@ -37,6 +37,10 @@ from instructflow.tasks.heuristics import DEFAULT_BLACKLIST
 PACKAGED_CONFIG = "instructflow.toml"
 SHIPPED_ACCELERATE_CONFIGS = ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")  # models/accelerate/NAME.yaml
 ALIGNMENT_METHODS = ("ppo", "dpo", "grpo")
+# `attn_implementation` choices. Each keeps the examples SFT packs into one row apart (models/sft.py): a new one
+# joins PACKING_EXACT only once a test shows it (tests/test_long_sequences.py), else packing refuses it
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+PACKING_EXACT = ("sdpa", "eager", "flash_attention_2")
 
 
 def stable_hash(value: Any) -> str:
@@ -231,8 +235,29 @@ class TrainingConfig(Section):
     # keep the resume state (Trainer checkpoints/, PPO rounds/) of a finished run; by default a stage that
     # finished keeps only final/ and run.json. Disk only: not part of the stage's hashes (`result_settings`)
     keep_checkpoints: bool = field(default=False, metadata={"disk_only": True})
+    # attention kernel of every model the stage loads (models/recipe_io.model_kwargs); flash_attention_2 needs
+    # CUDA + flash-attn, which only the recipe's machine can tell (refused there, in one line)
+    attn_implementation: str = choice("sdpa", *ATTN_IMPLEMENTATIONS)
+    # RoPE scaling applied to every model the stage loads and written into the config.json it saves: "none"
+    # keeps the model's own RoPE; linear (position interpolation), dynamic (NTK) or yarn stretch the positions
+    # the model was pretrained on by `rope_scaling_factor`; `max_length` is then the longer sequence to train on
+    rope_scaling_type: str = choice("none", "none", "linear", "dynamic", "yarn")
+    rope_scaling_factor: float = 1.0
 
     def cross_key_rules(self):
+        scaled = self.rope_scaling_type != "none"
+        rules = [("rope_scaling_factor", not scaled or self.rope_scaling_factor > 1,
+                  f"> 1 with rope_scaling_type = {self.rope_scaling_type!r} (1 stretches nothing), "
+                  f"got {self.rope_scaling_factor!r}"),
+                 ("rope_scaling_factor", scaled or self.rope_scaling_factor == 1,
+                  f"1 with rope_scaling_type = 'none' (set a type, linear, dynamic or yarn, to scale), "
+                  f"got {self.rope_scaling_factor!r}"),
+                 ("attn_implementation", self.attn_implementation != "flash_attention_2" or self.precision != "fp32",
+                  "'sdpa' or 'eager' with precision = 'fp32' (FlashAttention runs in bf16 or fp16 only), "
+                  f"got {self.attn_implementation!r}")]
+        return rules + self._launch_rules()
+
+    def _launch_rules(self) -> list[tuple[str, bool, str]]:
         path = accelerate_config_file(self.accelerate_config) if self.launcher == "accelerate" else None
         rules = [("launcher", self.launcher == "inprocess" or self.LAUNCHABLE,
                   f"'inprocess' for the {self.SECTION} stage (its recipe does not run under accelerate)"),
@@ -275,7 +300,13 @@ class SFTConfig(TrainerConfig):
     style: str = choice("alpaca", "alpaca", "chat")
     include_seed_instances: bool = True
     eval_fraction: float = 0.1
-    packing: bool = False
+    packing: bool = False               # exact (packed examples do not attend to each other): see models/sft.py
+
+    def cross_key_rules(self):
+        return super().cross_key_rules() + [
+            ("packing", not self.packing or self.attn_implementation in PACKING_EXACT,
+             f"false with sft.attn_implementation = {self.attn_implementation!r} (packed examples would attend "
+             f"to each other; exact with {', '.join(PACKING_EXACT)})")]
 
 
 @dataclass(frozen=True)
@@ -614,6 +645,7 @@ RANGES: dict[str, Range] = {
     "training.learning_rate": POSITIVE, "training.batch_size": AT_LEAST_1, "training.grad_accum": AT_LEAST_1,
     "training.seed": SEED, "training.lora_r": AT_LEAST_1, "training.lora_alpha": AT_LEAST_1,
     "training.lora_dropout": Range(0, 1, open_hi=True), "training.num_processes": AT_LEAST_0,
+    "training.rope_scaling_factor": AT_LEAST_1,
     "trainer.epochs": POSITIVE, "trainer.max_steps": STEPS, "trainer.warmup_ratio": Range(0, 1, open_hi=True),
     "trainer.max_length": Range(8), "trainer.eval_steps": AT_LEAST_1, "trainer.save_steps": AT_LEAST_1,
     "sft.eval_fraction": OPEN_FRACTION,

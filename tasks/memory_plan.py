@@ -31,8 +31,14 @@ Bytes per device, per component (GB below = 2**30 bytes, as the project's peak_m
                                         their fp32 gradient (4 + 4 + 4 in fp32); none for a classifier
                  rows and length: sft b = batch_size, s = max_length; reward and dpo 2*batch_size rows (chosen
                  and rejected); ppo actor + critic on batch_size rows of max_prompt_length + response_length;
-                 grpo batch_size completions of max_length. The 5*a*s/h term is the attention matrix that
-                 eager attention keeps: with sdpa's fused kernels on a GPU this is an upper bound.
+                 grpo batch_size completions of max_length. s is the length as configured: RoPE scaling
+                 (`rope_scaling_type`, `rope_scaling_factor`) changes no tensor's size, so a longer max_length
+                 it allows is just a longer s (a later stage with "none" reaches as far as the SFT section's
+                 scaling, which its input model carries: `stage_section`). The 5*a*s/h term is the attention
+                 matrix (scores, softmax, dropout mask: 5*a*s^2 bytes per row) that eager attention keeps: with
+                 sdpa's fused kernels on a GPU this is an upper bound; with attn_implementation =
+                 "flash_attention_2" it is dropped (FlashAttention keeps no s x s matrix, only an O(s) softmax
+                 statistic per head, not counted), leaving b*s*h*34 per layer.
 Not counted: the CUDA context and allocator slack (~0.5-1 GB), ppo's generation KV cache (it is freed before
 the backward), evaluation batches (no gradients), and temporary buffers.
 
@@ -243,6 +249,8 @@ class StagePlan:
     advice: tuple[Advice, ...] = ()
     closest: Advice | None = None       # when no advice: the tried settings with the smallest total
     notes: tuple[str, ...] = ()
+    attention: str = "sdpa"             # the section's attn_implementation
+    rope: str = "none"                  # the RoPE scaling the stage runs with: "none" or "linear x2", ...
 
     @property
     def total_bytes(self) -> int:
@@ -264,7 +272,9 @@ class StagePlan:
         return {"weights": weights + sharded(3), "gradients": f"fp32, {trained} params" + sharded(2),
                 "optimizer": f"fp32 x2, {trained} params" + sharded(1), "reference": frozen + sharded(3),
                 "reward_model": frozen + sharded(3), "critic": "weights + gradients + AdamW" + sharded(3),
-                "activations": "estimate" + (", checkpointed" if self.checkpointing else "")}
+                "activations": "estimate" + (", checkpointed" if self.checkpointing else "")
+                + (", no s x s scores (flash_attention_2)" if self.attention == "flash_attention_2"
+                   else f", s x s scores ({self.attention})")}
 
     def as_dict(self) -> dict:
         return {"stage": self.stage, "precision": self.precision, "rows": self.rows, "seq_len": self.seq_len,
@@ -278,7 +288,7 @@ class StagePlan:
                 "advice_settings": [{"settings": dict(a.changes), "total_gb": round(a.total_bytes / GB, 3),
                                      "gpus": a.gpus} for a in self.advice],
                 "closest": None if self.closest is None else str(self.closest),
-                "notes": list(self.notes)}
+                "notes": list(self.notes), "attn_implementation": self.attention, "rope_scaling": self.rope}
 
 
 def resolve_precision(section: TrainingConfig, hardware: Hardware) -> str:
@@ -289,11 +299,13 @@ def resolve_precision(section: TrainingConfig, hardware: Hardware) -> str:
 
 
 def activation_bytes(shape: ModelShape, rows: int, seq: int, precision: str, checkpointing: bool,
-                     causal_lm: bool = True) -> int:
-    """The activation estimate of the module docstring for one model's forward and backward."""
+                     causal_lm: bool = True, attention: str = "sdpa") -> int:
+    """The activation estimate of the module docstring for one model's forward and backward; `attention` is the
+    stage's attn_implementation (flash_attention_2 keeps no s^2 attention matrix)."""
     scale = (FP32 if precision == "fp32" else HALF) / 2
     h, a, layers = shape.hidden_size, shape.num_attention_heads, shape.num_hidden_layers
-    one_layer = rows * seq * h * (34 + 5 * a * seq / h) * scale
+    scores = 0 if attention == "flash_attention_2" else 5 * a * seq / h
+    one_layer = rows * seq * h * (34 + scores) * scale
     # checkpointing keeps each layer's input: the residual stream, fp32 because the weights are (RESIDUAL_BYTES)
     kept = layers * RESIDUAL_BYTES * rows * seq * h + one_layer if checkpointing else layers * one_layer
     logits = rows * seq * shape.vocab_size * ((FP32 if precision == "fp32" else HALF) + 2 * FP32) if causal_lm else 0
@@ -325,7 +337,7 @@ def stage_memory(section: TrainingConfig, shape: ModelShape, hardware: Hardware)
     parts["gradients"] = shard.share(FP32 * trainable, 2)
     parts["optimizer"] = shard.share(ADAM_BYTES * trainable, 1)
     notes = []
-    gc = section.gradient_checkpointing
+    gc, attention = section.gradient_checkpointing, section.attn_implementation
     if stage == "ppo":
         # TRL's micro-batches: per_device_train_batch_size rows, cut to the minibatch when that is smaller
         rows = min(section.batch_size, section.batch_size * section.grad_accum // section.num_mini_batches)
@@ -335,8 +347,9 @@ def stage_memory(section: TrainingConfig, shape: ModelShape, hardware: Hardware)
         _, critic_weights, critic_trainable = _trained(shape, section, "classifier")
         parts["critic"] = (shard.share(critic_weights, 3) + shard.share(FP32 * critic_trainable, 2)
                            + shard.share(ADAM_BYTES * critic_trainable, 1))
-        parts["activations"] = (activation_bytes(shape, rows, seq, precision, gc)
-                                + activation_bytes(shape, rows, seq, precision, gc, causal_lm=False))
+        parts["activations"] = (activation_bytes(shape, rows, seq, precision, gc, attention=attention)
+                                + activation_bytes(shape, rows, seq, precision, gc, causal_lm=False,
+                                                   attention=attention))
     else:
         rows = 2 * section.batch_size if stage in ("reward", "dpo") else section.batch_size
         seq = section.max_length
@@ -346,15 +359,20 @@ def stage_memory(section: TrainingConfig, shape: ModelShape, hardware: Hardware)
             if section.beta > 0 and not lora:
                 parts["reference"] = shard.share(frozen * shape.params("lm"), 3)
             parts["reward_model"] = shard.share(frozen * shape.params("classifier"), 3)
-        parts["activations"] = activation_bytes(shape, rows, seq, precision, gc, causal_lm=head == "lm")
-    if shape.max_position_embeddings and seq > shape.max_position_embeddings:
+        parts["activations"] = activation_bytes(shape, rows, seq, precision, gc, causal_lm=head == "lm",
+                                                attention=attention)
+    reach = shape.max_position_embeddings * section.rope_scaling_factor  # factor 1 unless RoPE scaling is set
+    if shape.max_position_embeddings and seq > reach:
         notes.append(f"sequence length {seq} is over the model's max_position_embeddings "
-                     f"{shape.max_position_embeddings}")
+                     f"{shape.max_position_embeddings}" + (f" x rope_scaling_factor {section.rope_scaling_factor:g}"
+                                                            if section.rope_scaling_type != "none" else ""))
     training = "full" if not lora else f"{'qlora' if section.qlora else 'lora'} r={section.lora_r}"
+    rope = ("none" if section.rope_scaling_type == "none"
+            else f"{section.rope_scaling_type} x{section.rope_scaling_factor:g}")
     return StagePlan(stage=stage, precision=precision, rows=rows, seq_len=seq, sharding=shard.label,
                      processes=shard.processes, zero_stage=shard.zero_stage, training=training, checkpointing=gc,
                      params=params, trainable_params=trainable, components=parts,
-                     memory_bytes=hardware.memory_bytes, notes=tuple(notes))
+                     memory_bytes=hardware.memory_bytes, notes=tuple(notes), attention=attention, rope=rope)
 
 
 # --- advice ---------------------------------------------------------------------------------------
@@ -489,8 +507,19 @@ def training_stages(cfg: Config) -> list[str]:
 def plan_config(cfg: Config, shape: ModelShape, hardware: Hardware,
                 stages: list[str] | None = None) -> list[StagePlan]:
     """A plan per training stage of the profile (or those of `stages` among them)."""
-    return [plan_stage(getattr(cfg, name), shape, hardware) for name in training_stages(cfg)
+    return [plan_stage(stage_section(cfg, name), shape, hardware) for name in training_stages(cfg)
             if stages is None or name in stages]
+
+
+def stage_section(cfg: Config, name: str) -> TrainingConfig:
+    """The stage's section as the stage runs it: a later stage whose `rope_scaling_type` is "none" loads the SFT
+    result, whose config.json carries the SFT section's RoPE scaling (models/recipe_io.model_kwargs), so it
+    reaches as far as SFT does."""
+    section, sft = getattr(cfg, name), cfg.sft
+    if name == "sft" or section.rope_scaling_type != "none" or sft.rope_scaling_type == "none":
+        return section
+    return dataclasses.replace(section, rope_scaling_type=sft.rope_scaling_type,
+                               rope_scaling_factor=sft.rope_scaling_factor)
 
 
 def refusal(plans: list[StagePlan], hardware: Hardware) -> str | None:

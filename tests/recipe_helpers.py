@@ -9,16 +9,52 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, LlamaForCausalLM, LlamaForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, LlamaForSequenceClassification
 
 
-def tiny_llama(root: Path) -> Path:
-    """A tiny random Llama (seed 0) with the bundled tokenizer, built under `root`."""
+def tiny_llama(root: Path, **shape) -> Path:
+    """A tiny random Llama (seed 0) with the bundled tokenizer, built under `root`; `shape`: build_tiny_llama's
+    keywords (max_position_embeddings=64, say)."""
     from instructflow.models.bundled import ensure_bundled_hf_dir
     from instructflow.models.tiny import build_tiny_llama
 
     cache = Path(os.environ.get("INSTRUCTFLOW_CACHE") or Path.home() / ".cache" / "instructflow")
-    return build_tiny_llama(root / "tiny", tokenizer_dir=ensure_bundled_hf_dir(cache), seed=0)
+    return build_tiny_llama(root / "tiny", tokenizer_dir=ensure_bundled_hf_dir(cache), seed=0, **shape)
+
+
+def completion_loss(model_dir: Path, rows: list[dict], leak_previous_row: bool = False, **load) -> float:
+    """Mean cross-entropy over completion tokens (+eos), computed by hand one row at a time: no TRL, no packing.
+
+    leak_previous_row: let each row attend to the row before it, as "wrapped" packing would. `load`: more
+    from_pretrained keywords (another rope_parameters, say).
+    """
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **load).eval()
+    total, count, previous = 0.0, 0, []
+    with torch.no_grad():
+        for row in rows:
+            prompt = tokenizer(text=row["prompt"])["input_ids"]
+            full = tokenizer(text=row["prompt"] + row["completion"])["input_ids"]
+            context = previous if leak_previous_row else []
+            logits = model(input_ids=torch.tensor([context + full])).logits[0, len(context):-1]
+            targets = torch.tensor(full[1:])
+            losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")[len(prompt) - 1:]
+            total, count, previous = total + losses.sum().item(), count + len(losses), full
+    return total / count
+
+
+def context_sensitive_llama(tiny: Path, out: Path) -> Path:
+    """The tiny Llama with large random weights: at the default init (std 0.02) attention is so uniform that
+    letting packed examples see each other would not move the loss measurably."""
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(out)
+    return out
 
 
 def favouring_policy(tiny: Path, token_ids: list[int], out: Path) -> Path:

@@ -18,6 +18,7 @@ from instructflow.models.sft import SFTInputError, main, train_sft
 from instructflow.models.tiny import build_tiny_llama
 from instructflow.tasks.config import SFTConfig
 from instructflow.tasks.sft_data import InstructionExample, to_prompt_completion
+from recipe_helpers import completion_loss, context_sensitive_llama
 
 pytestmark = pytest.mark.slow  # starts a server, Prefect, or trains
 
@@ -43,40 +44,6 @@ def settings(tiny: Path, out: Path, **overrides) -> dict:
     values = dict(max_length=96, max_steps=8, learning_rate=5e-3, batch_size=4, warmup_ratio=0.0,
                   lr_scheduler="constant", eval_steps=4, save_steps=2, seed=0)
     return {"cfg": SFTConfig(**{**values, **overrides}), "base_model": tiny, "output_dir": out}
-
-
-def completion_loss(model_dir: Path, rows: list[dict], leak_previous_row: bool = False) -> float:
-    """Mean cross-entropy over completion tokens (+eos), computed by hand one row at a time: no TRL, no packing.
-
-    leak_previous_row: let each row attend to the row before it, as "wrapped" packing would.
-    """
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    total, count, previous = 0.0, 0, []
-    with torch.no_grad():
-        for row in rows:
-            prompt = tokenizer(text=row["prompt"])["input_ids"]
-            full = tokenizer(text=row["prompt"] + row["completion"])["input_ids"]
-            context = previous if leak_previous_row else []
-            logits = model(input_ids=torch.tensor([context + full])).logits[0, len(context):-1]
-            targets = torch.tensor(full[1:])
-            losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")[len(prompt) - 1:]
-            total, count, previous = total + losses.sum().item(), count + len(losses), full
-    return total / count
-
-
-def context_sensitive_llama(tiny: Path, out: Path) -> Path:
-    """The tiny Llama with large random weights: at the default init (std 0.02) attention is so uniform that
-    letting packed examples see each other would not move the loss measurably."""
-    model = AutoModelForCausalLM.from_pretrained(tiny)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny).save_pretrained(out)
-    return out
 
 
 class Interrupt(KeyboardInterrupt):
