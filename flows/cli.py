@@ -447,6 +447,13 @@ def _export_rows(home: Optional[str], source: Optional[str], profile: Optional[s
     return rows, f"{counts['generated']} generated, {counts['seeds']} from seeds (--source {source}{why})"
 
 
+def _export_records(write, out: Path, home, source, profile, config) -> None:
+    """`export alpaca` and `export jsonl`: the SFT set's rows, written by `write(rows, out)`, and one line."""
+    rows, summary = _export_rows(home, source, profile, config)
+    write(rows, out)
+    console.print(f"wrote {len(rows)} records to {out}: {summary}", highlight=False)
+
+
 @export_app.command("alpaca")
 def export_alpaca(out: Path = typer.Option(..., "--out", help="Output JSON file."), home: Optional[str] = HomeOpt,
                   source: Optional[str] = SourceOpt, profile: Optional[str] = ProfileOpt,
@@ -454,9 +461,7 @@ def export_alpaca(out: Path = typer.Option(..., "--out", help="Output JSON file.
     """Alpaca JSON: a list of {"instruction", "input", "output"} (by default the examples SFT trains on)."""
     from instructflow.tasks.export import write_alpaca
 
-    rows, summary = _export_rows(home, source, profile, config)
-    write_alpaca(rows, out)
-    console.print(f"wrote {len(rows)} records to {out}: {summary}", highlight=False)
+    _export_records(write_alpaca, out, home, source, profile, config)
 
 
 @export_app.command("jsonl")
@@ -466,9 +471,7 @@ def export_jsonl(out: Path = typer.Option(..., "--out", help="Output JSONL file.
     """One {"prompt", "completion"} line per example, the prompt in the Alpaca format (TRL's prompt-completion form)."""
     from instructflow.tasks.export import write_prompt_completion_jsonl
 
-    rows, summary = _export_rows(home, source, profile, config)
-    write_prompt_completion_jsonl(rows, out)
-    console.print(f"wrote {len(rows)} records to {out}: {summary}", highlight=False)
+    _export_records(write_prompt_completion_jsonl, out, home, source, profile, config)
 
 
 @export_app.command("hf")
