@@ -22,13 +22,13 @@ def ppo_flow(cfg: Config, home: str, run_id: str | None = None, force: bool = Fa
         metrics = {k: result.get(k) for k in ("steps", "episodes", "reward_first", "reward_last", "reward_slope", "kl_last",
                                               "policy_checkpoint", "value_checkpoint", "episodes_per_s", "wall_s",
                                               "resumed_from", "skipped_prompts", "world_size")}
-        metrics.update(policy_checkpoint=str(result["policy_checkpoint"]), value_checkpoint=str(result["value_checkpoint"]),
-                       prompts=len(prompts))
+        metrics.update(policy_checkpoint=str(result["policy_checkpoint"]), prompts=len(prompts))
         config = {"ppo": vars(cfg.ppo)}
         ctx.wh.register_checkpoint(ctx.stage_run_id, "ppo_policy", metrics["policy_checkpoint"], sft, reward, config,
                                    metrics)
-        ctx.wh.register_checkpoint(ctx.stage_run_id, "ppo_value", metrics["value_checkpoint"], reward, reward, config,
-                                   metrics)
+        if metrics["value_checkpoint"]:  # the trained critic, kept only with ppo.keep_checkpoints
+            ctx.wh.register_checkpoint(ctx.stage_run_id, "ppo_value", str(metrics["value_checkpoint"]), reward, reward,
+                                       config, metrics)
         ctx.finish(metrics, output_hash=stable_hash([metrics["policy_checkpoint"], ctx.inputs]))
         publish_artifacts(ctx, "ppo", metrics, plots={"reward and KL": result.get("plot")})
     return metrics

@@ -21,7 +21,9 @@ What we add on top of TRL, whose `train()` can neither resume nor save the value
 * final/. The last round becomes `output_dir/final` (renamed, not copied; its optimizer.pt dropped,
   `metrics.json` written last, as every recipe's final/), then rounds/ is removed unless
   `keep_checkpoints` (recipe_io.drop_resume_state): a finished run keeps only its result, and a rerun
-  of the same job (section, models, prompts: recipe_io.fingerprint) returns final/metrics.json.
+  of the same job (section, models, prompts: recipe_io.fingerprint) returns final/metrics.json. The
+  trained critic (final/value) is resume state too: nothing after PPO reads it, so it goes with the
+  rounds (`value_checkpoint` None) unless `keep_checkpoints` (a 135M critic is 0.5 GB of a 2 GB demo home).
 * One optimizer and LR schedule for the whole run. TRL would build a fresh AdamW per trainer,
   and a fresh Adam's first step moves every weight by ~lr whatever its gradient: a jolt at every
   chunk. We pass the same AdamW (TRL's defaults: betas 0.9/0.999, eps 1e-8, no weight decay) to
@@ -138,8 +140,11 @@ def train_ppo(prompts: Sequence[str], cfg: PPOConfig, policy_model: Path, reward
                       [{"prompt": prompt} for prompt in prompts])
     done = finished_metrics(output_dir, job, PPOInputError)
     if done is not None:  # this job finished here before: its result, without loading a model
-        if not cfg.keep_checkpoints and is_main_rank():
-            drop_resume_state(output_dir)  # left by a run killed after publishing final/
+        if not cfg.keep_checkpoints:
+            if is_main_rank():  # left by a run killed after publishing final/, or kept by an earlier setting
+                drop_resume_state(output_dir)
+                shutil.rmtree(output_dir / "final" / "value", ignore_errors=True)
+            done["value_checkpoint"] = None
         return done
     rollout_batch = cfg.batch_size * cfg.grad_accum   # per rank: under a launch every rank samples its own
     total_updates = cfg.total_episodes // rollout_batch
@@ -276,7 +281,7 @@ def train_ppo(prompts: Sequence[str], cfg: PPOConfig, policy_model: Path, reward
         "reward_slope": least_squares_slope(steps_seen, [h["reward"] for h in history]),  # per update
         "kl_last": history[-1]["kl"] if history else None,
         "policy_checkpoint": str(final_dir / "policy"),
-        "value_checkpoint": str(final_dir / "value"),
+        "value_checkpoint": str(final_dir / "value") if cfg.keep_checkpoints else None,
         "episodes_per_s": updates_this_run * rollout_batch * world / train_wall if updates_this_run else None,
         "wall_s": time.time() - started,
         "resumed_from": str(resume.path) if resume else None,
@@ -290,6 +295,7 @@ def train_ppo(prompts: Sequence[str], cfg: PPOConfig, policy_model: Path, reward
     publish_last_round(last_round.path, final_dir, metrics)
     if not cfg.keep_checkpoints:
         drop_resume_state(output_dir)
+        shutil.rmtree(final_dir / "value", ignore_errors=True)  # after metrics.json: a kill leaves it, not a hole
     _wait_for_every_rank(torch)
     return metrics
 

@@ -209,7 +209,7 @@ def test_a_later_stage_keeps_the_saved_scaling_or_sets_its_own_and_references_ge
     # implicit rewards of the first step are 0 exactly when both read the long pairs at the same positions
     logged: list[tuple[int, dict]] = []
     dpo = train_dpo(pairs[:4], pairs[4:], DPOConfig(**common, precompute_ref_log_probs=False,
-                                                    rope_scaling_type="linear", rope_scaling_factor=2.0),
+                                                    rope_scaling_type="linear", rope_scaling_factor=2.0, keep_checkpoints=True),
                     short_llama, tmp_path / "dpo", on_step=lambda step, values: logged.append((step, values)))
     first = next(values for step, values in logged if step == 1 and "rewards/chosen" in values)
     assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
@@ -236,7 +236,7 @@ def test_a_later_stage_keeps_the_saved_scaling_or_sets_its_own_and_references_ge
     logged.clear()
     ppo = train_ppo(prompts, PPOConfig(total_episodes=2, batch_size=2, num_ppo_epochs=1, response_length=4,
                                        max_prompt_length=2 * CONTEXT, learning_rate=1e-4, seed=0,
-                                       rope_scaling_type="linear", rope_scaling_factor=2.0),
+                                       rope_scaling_type="linear", rope_scaling_factor=2.0, keep_checkpoints=True),
                     short_llama, Path(reward["checkpoint"]), tmp_path / "ppo",
                     on_step=lambda step, values: logged.append((step, values)))
     assert ppo["steps"] == 1 and logged[0][0] == 1

@@ -108,7 +108,7 @@ def check_gc(home: Path, wh) -> None:
     and removes nothing; gc removes them and keeps the current ones; a run holding the warehouse stops it."""
     evaluate = wh.last_stage_run("evaluate", status="success")
     current_paths = [Path(wh.latest_checkpoint(kind)["path"])
-                     for kind in ("sft", "reward", "ppo_policy", "ppo_value", "dpo_policy", "grpo_policy")]
+                     for kind in ("sft", "reward", "ppo_policy", "dpo_policy", "grpo_policy")]
     current_paths.append(Path(evaluate.metrics["rm_holdout_checkpoint"]))
     before = run_folders(home)
     current = [f for f in before if any(f in p.parents for p in current_paths)]
@@ -146,8 +146,9 @@ def test_pipeline_end_to_end_rerun_and_seed_edit(seeded_home):
     first_run = wh.last_run()
     assert first_run["status"] == "success"
     assert stage_rows(wh, first_run["run_id"]) == {s: "success" for s in STAGES}
-    for kind in ("sft", "reward", "ppo_policy", "ppo_value", "dpo_policy", "grpo_policy"):
+    for kind in ("sft", "reward", "ppo_policy", "dpo_policy", "grpo_policy"):
         assert wh.latest_checkpoint(kind) is not None, kind
+    assert wh.latest_checkpoint("ppo_value") is None  # the critic is resume state: kept only with keep_checkpoints
     assert results["evaluate"]["prompts"] > 0 and results["ppo"]["steps"] > 0
     assert results["dpo"]["steps"] > 0 and results["grpo"]["steps"] > 0
     # every method against SFT on the same prompts, each measure with its interval around the difference
@@ -244,6 +245,7 @@ def test_pipeline_end_to_end_rerun_and_seed_edit(seeded_home):
     # the newest (cpu's keep_rounds = 1), which became final/ (renamed, not copied)
     assert (run_dir / "rounds").is_dir() and not any((run_dir / "rounds").iterdir())
     assert json.loads((run_dir / "final" / "state.json").read_text())["global_step"] == 4
+    assert Path(wh.latest_checkpoint("ppo_value")["path"]) == run_dir / "final" / "value"   # the critic kept too
     ppo = wh.last_stage_run("ppo")
     assert ppo.status == "success" and ppo.metrics["resumed_from"] is None and ppo.metrics["steps"] > 0
     evaluate = wh.last_stage_run("evaluate")

@@ -121,10 +121,10 @@ def test_rounds_save_policy_and_value_and_a_crashed_run_resumes_exactly(models, 
         assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
     assert torch.allclose(weights(AutoModelForCausalLM.from_pretrained(again["policy_checkpoint"])),
                           weights(final_policy), atol=1e-6)
-    # finished (keep_checkpoints is false): no rounds left, final/ holds the result and its metrics
-    assert not (tmp_path / "b" / "rounds").exists()
-    assert sorted(p.name for p in (tmp_path / "b" / "final").iterdir()) == ["metrics.json", "policy", "state.json",
-                                                                           "value"]
+    # finished (keep_checkpoints is false): no rounds left, final/ holds the policy and its metrics; the
+    # critic, which only a resume reads, went with the rounds
+    assert not (tmp_path / "b" / "rounds").exists() and again["value_checkpoint"] is None
+    assert sorted(p.name for p in (tmp_path / "b" / "final").iterdir()) == ["metrics.json", "policy", "state.json"]
 
     # 4. a third call has nothing left to do: it returns the stored result without loading a model
     done = train_ppo(PROMPTS, **settings(policy_dir, reward_dir, tmp_path / "b"), on_step=crash_at_3)

@@ -92,6 +92,18 @@ def test_parse_self_instruct_chat_reply_restating_the_number_after_a_preamble():
         "Write a haiku about autumn.", "Name three painters from Spain."]
 
 
+def test_parse_self_instruct_takes_an_item_quoted_whole_as_the_task_inside():
+    text = ('9. "Tell whether the sentence is grammatically correct."\n'
+            "10. \u201cName a fruit that is yellow.\u201d\n"
+            '11. "Hello" is a greeting; translate "Hello" into French.\n'       # quotes inside: kept as written
+            '12. "Summarize the text." and "Give it a title."\n'
+            "13. \"\"")
+    assert instructions(recipes.parse_self_instruct(text, 8, "stop")) == [
+        "Tell whether the sentence is grammatically correct.", "Name a fruit that is yellow.",
+        '"Hello" is a greeting; translate "Hello" into French.', '"Summarize the text." and "Give it a title."',
+        '""']
+
+
 def test_parse_self_instruct_truncation_policies():
     whole = recipes.parse_self_instruct(COMPLETION, 8, "length")   # self-instruct default: drop the response
     assert len(whole) == 4 and all(item.truncated for item in whole)
