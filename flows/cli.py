@@ -480,7 +480,7 @@ def export_hf(out: Path = typer.Option(..., "--out", help="Output folder (new or
                                        "preference pairs (prompt, chosen, rejected, source)."),
               home: Optional[str] = HomeOpt, source: Optional[str] = SourceOpt, profile: Optional[str] = ProfileOpt,
               config: Optional[str] = ConfigOpt):
-    """A local Hugging Face dataset folder: data/train-00000-of-00001.parquet and a dataset card (README.md) that
+    """A local Hugging Face dataset folder: data/train-<content hash>.parquet and a dataset card (README.md) that
     `datasets.load_dataset(DIR)` reads."""
     from instructflow.flows.export import export_dataset
     from instructflow.tasks.export import ExportError
@@ -491,12 +491,12 @@ def export_hf(out: Path = typer.Option(..., "--out", help="Output folder (new or
     try:
         cfg = _config_of(wh, profile, config)
         source, why = _sft_source(source, lambda: cfg)
-        folder, counts = export_dataset(wh, cfg, what, source, out)
+        folder, data_file, counts = export_dataset(wh, cfg, what, source, out)
     except (ExportError, OSError) as exc:
         fail(str(exc).splitlines()[0], code=1)
     finally:
         wh.close()
-    console.print(f"wrote a Hugging Face dataset to {folder} (data/train-00000-of-00001.parquet, README.md): {counts}"
+    console.print(f"wrote a Hugging Face dataset to {folder} ({data_file}, README.md): {counts}"
                   + (f" (--source {source}{why})" if what == "sft" else "") + "; set the card's license before "
                   "sharing it", highlight=False)
 

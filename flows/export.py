@@ -9,7 +9,7 @@ from pathlib import Path
 
 from instructflow.tasks.config import Config
 from instructflow.tasks.export import (BASE_MODEL_IDS, PAIR_COLUMNS, SFT_COLUMNS, ExportError, copy_model_dir,
-                                       dataset_card, model_card, write_hf_dataset)
+                                       dataset_card, hf_data_file, model_card, write_hf_dataset)
 from instructflow.warehouse import queries
 from instructflow.warehouse.store import Warehouse
 
@@ -22,9 +22,9 @@ def _metrics(wh: Warehouse, stage: str) -> dict:
     return last.metrics if last else {}
 
 
-def export_dataset(wh: Warehouse, cfg: Config, what: str, source: str, out: Path) -> tuple[Path, str]:
+def export_dataset(wh: Warehouse, cfg: Config, what: str, source: str, out: Path) -> tuple[Path, str, str]:
     """The SFT set (`source` as for `export alpaca`) or the preference pairs as a Hugging Face dataset folder;
-    returns (folder, how many rows of each source)."""
+    returns (folder, its data file, how many rows of each source)."""
     if what not in EXPORT_WHAT:
         raise ExportError(f"--what {what!r}: expected one of {', '.join(EXPORT_WHAT)}")
     if what == "sft":
@@ -63,8 +63,9 @@ def export_dataset(wh: Warehouse, cfg: Config, what: str, source: str, out: Path
                "by the teacher in both orders, kept only when both orders agree. Imported pairs: read from "
                "preference files. `source` says which; every row is a usable (prompt, chosen, rejected) pair.")
         columns = PAIR_COLUMNS
-    folder = write_hf_dataset(rows, columns, out, dataset_card(what, len(rows), counts, facts, how))
-    return folder, ", ".join(f"{n} {name.split(' (')[0]}" for name, n in counts.items())
+    data_file = hf_data_file(rows, columns)
+    folder = write_hf_dataset(rows, columns, out, dataset_card(what, len(rows), counts, facts, how, data_file), data_file)
+    return folder, data_file, ", ".join(f"{n} {name.split(' (')[0]}" for name, n in counts.items())
 
 
 def export_model(wh: Warehouse, stage: str, out: Path) -> tuple[Path, dict]:

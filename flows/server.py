@@ -89,6 +89,9 @@ def stop_on_term_and_hangup() -> None:
 
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, interrupt)
+    # a command started in the background by a script (`cmd &` in a non-interactive shell) inherits SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt: `kill -INT` would not stop it or what it started
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @contextmanager

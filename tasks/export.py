@@ -4,6 +4,7 @@ standalone Hugging Face folder with its card. Pure formatting and copying: the r
 warehouse.queries, the facts a card states from flows/export.py."""
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -31,7 +32,6 @@ def write_prompt_completion_jsonl(rows: Sequence[dict], out: Path) -> None:
 # ---------------------------------------------------------------------------------------------------
 # `export hf`: a local Hugging Face dataset folder (parquet + dataset card)
 
-HF_DATA_FILE = "data/train-00000-of-00001.parquet"  # the layout `datasets.load_dataset(DIR)` finds (card: configs)
 SFT_COLUMNS = ("instruction", "input", "output")
 PAIR_COLUMNS = ("prompt", "chosen", "rejected", "source")
 LICENSE_LINE = ("**License: not set.** The card says `license: other`: set the license your seed files, teacher "
@@ -107,12 +107,23 @@ def _card_value(value, indent: int) -> str:
     return f" {_yaml(value)}"
 
 
-def dataset_card(what: str, rows: int, counts: dict[str, int], facts: Sequence[tuple[str, str]], how: str) -> str:
-    """README.md of an exported dataset: Hub metadata (configs/data_files, license left to the user, task
-    categories, size category), then the counts per source, what made the data and how."""
+def hf_data_file(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """The parquet file's path in the folder, named by its content: `datasets.load_dataset(DIR)` caches a
+    folder by its name and its card's data_files, not by the files' contents, so a folder exported again (or
+    another export under the same name) with a fixed file name loaded the OLD rows from the cache (measured:
+    3 rows, then 5 rows in a same-named folder elsewhere, loaded as 3). A new name is a new cache entry."""
+    digest = hashlib.sha256(json.dumps([[row[c] for c in columns] for row in rows], ensure_ascii=False)
+                            .encode("utf-8")).hexdigest()[:16]
+    return f"data/train-{digest}.parquet"
+
+
+def dataset_card(what: str, rows: int, counts: dict[str, int], facts: Sequence[tuple[str, str]], how: str,
+                 data_file: str) -> str:
+    """README.md of an exported dataset: Hub metadata (configs/data_files: `data_file`, license left to the
+    user, task categories, size category), then the counts per source, what made the data and how."""
     tags = ["instructflow", "self-instruct", "synthetic"] + (["preference", "dpo", "rlhf"] if what == "pairs" else ["sft"])
     front = card_front_matter([
-        ("configs", [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.parquet"}]}]),
+        ("configs", [{"config_name": "default", "data_files": [{"split": "train", "path": data_file}]}]),
         ("license", "other"),
         ("task_categories", ["text-generation"]),
         ("language", ["en"]),
@@ -136,10 +147,10 @@ def _cell(value) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def write_hf_dataset(rows: Sequence[dict], columns: Sequence[str], out: Path, card: str) -> Path:
-    """DIR/data/train-00000-of-00001.parquet and DIR/README.md (the card) in a new or empty folder."""
+def write_hf_dataset(rows: Sequence[dict], columns: Sequence[str], out: Path, card: str, data_file: str) -> Path:
+    """DIR/`data_file` (hf_data_file) and DIR/README.md (the card) in a new or empty folder."""
     out = ready_out_dir(out)
-    write_parquet(rows, columns, out / HF_DATA_FILE)
+    write_parquet(rows, columns, out / data_file)
     (out / "README.md").write_text(card, encoding="utf-8")
     return out
 

@@ -3,6 +3,7 @@ with the profile its last run used, and says so. Real DuckDB home, real Prefect 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 
 import pytest
@@ -92,20 +93,20 @@ def test_export_hf_writes_a_dataset_folder_load_dataset_reads_and_a_card_with_th
     assert cli("export", "alpaca", "--out", str(alpaca), "--config", str(config), home=home).returncode == 0
     done = cli("export", "hf", "--out", str(folder), "--config", str(config), home=home)
     assert done.returncode == 0, done.stderr
-    assert (folder / "data" / "train-00000-of-00001.parquet").is_file()
+    [data_file] = [p.relative_to(folder).as_posix() for p in (folder / "data").iterdir()]
+    assert re.fullmatch(r"data/train-[0-9a-f]{16}\.parquet", data_file), data_file
     data = load_dataset(str(folder))
     assert list(data) == ["train"] and data["train"].column_names == ["instruction", "input", "output"]
     assert list(data["train"]) == json.loads(alpaca.read_text())   # the rows `export alpaca` writes, in order
     card = (folder / "README.md").read_text()
     meta = yaml.safe_load(card.split("---")[1])
     assert meta["license"] == "other" and meta["size_categories"] == ["n<1K"]
-    assert meta["configs"] == [{"config_name": "default", "data_files": [{"split": "train",
-                                                                          "path": "data/train-*.parquet"}]}]
+    assert meta["configs"] == [{"config_name": "default", "data_files": [{"split": "train", "path": data_file}]}]
     assert "| generated (kept instructions x instances) | 3 |" in card
     assert f"| seeds (their own instances) | {seed_instances} |" in card
     assert f"| seed files | {seeds} |" in card and "| ROUGE-L filter threshold | 0.7 |" in card
     assert done.stderr.strip().splitlines()[-1].startswith(
-        f"wrote a Hugging Face dataset to {folder} (data/train-00000-of-00001.parquet, README.md): 3 generated, "
+        f"wrote a Hugging Face dataset to {folder} ({data_file}, README.md): 3 generated, "
         f"{seed_instances} seeds (--source all: what SFT trains on under profile t)")
 
     # one line for what cannot be exported: no pairs yet, no checkpoint yet, an occupied folder
@@ -118,6 +119,22 @@ def test_export_hf_writes_a_dataset_folder_load_dataset_reads_and_a_card_with_th
         refused = cli("export", *args, "--config", str(config), home=home) if args[0] == "hf" else \
             cli("export", *args, home=home)
         assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [line], refused.stderr
+
+
+def test_a_folder_exported_again_under_the_same_name_loads_its_new_rows_not_the_cached_ones(tmp_path):
+    """datasets caches a folder by its name and its card's data_files: the data file is named by its content."""
+    from datasets import load_dataset
+
+    from instructflow.tasks.export import PAIR_COLUMNS, dataset_card, hf_data_file, write_hf_dataset
+
+    loaded = []
+    for parent, n in (("first", 3), ("second", 5)):
+        rows = [{"prompt": f"Q{i}?", "chosen": f"A{i}", "rejected": f"B{i}", "source": "imported"} for i in range(n)]
+        data_file = hf_data_file(rows, PAIR_COLUMNS)
+        folder = write_hf_dataset(rows, PAIR_COLUMNS, tmp_path / parent / "pairs",
+                                  dataset_card("pairs", n, {"imported": n}, [], "made by the test", data_file), data_file)
+        loaded.append(len(load_dataset(str(folder), cache_dir=str(tmp_path / "cache"))["train"]))
+    assert loaded == [3, 5]
 
 
 def test_status_defaults_to_the_last_runs_profile_and_says_so(seeded_home):

@@ -137,9 +137,11 @@ def test_a_rank_that_raises_is_one_line_naming_the_rank_and_the_log(models, tmp_
 STAGE = """
 import sys
 from pathlib import Path
+from instructflow.flows.server import stop_on_term_and_hangup
 from instructflow.models.files import read_json
 from instructflow.models.launch import accelerate_launch
 from instructflow.tasks.config import section_from_dict
+stop_on_term_and_hangup()   # as every instructflow command does
 job = Path(sys.argv[1])
 try:
     accelerate_launch("sft", job, section_from_dict(str(job), "sft", read_json(job)["sft"]), Path(sys.argv[2]))
