@@ -79,7 +79,8 @@ def check_exports(home: Path, config: Path, evaluate: dict) -> None:
     assert pairs.column_names == ["prompt", "chosen", "rejected", "source"] and len(pairs) == sum(want.values())
     card = (pairs_dir / "README.md").read_text()
     meta = yaml.safe_load(card.split("---")[1])
-    assert meta["license"] == "other" and meta["configs"][0]["data_files"][0]["path"] == "data/train-*.parquet"
+    [data_file] = [p.relative_to(pairs_dir).as_posix() for p in (pairs_dir / "data").iterdir()]
+    assert meta["license"] == "other" and meta["configs"][0]["data_files"][0]["path"] == data_file
     assert meta["size_categories"] == ["n<1K"] and meta["task_categories"] == ["text-generation"]
     for source, n in want.items():
         assert f"| {source} | {n} |" in card
