@@ -6,8 +6,8 @@ then compare its greedy replies with the SFT model's on the bundled eval prompts
 
 Without --reward it first trains a reward model (the cpu profile's `reward` settings) on the same split, to
 score the replies; pass one RM to every run you want to compare. Everything runs through the stages' own
-code (train_reward, train_dpo, greedy_replies, the quality checks, paired_bootstrap). It prints one line per
-measure, `mean SFT, mean DPO, difference [95 % interval]`, and as its last line one JSON object.
+code (train_reward, train_dpo, greedy_replies, evaluate's objective values and compare_policies). It prints
+evaluate's closing line for DPO against SFT and, as its last line, one JSON object.
 """
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ from pathlib import Path
 
 from instructflow.tasks.config import load_config
 from instructflow.tasks.eval_prompts import load_eval_prompts
+from instructflow.tasks.evaluation import compare_policies, comparison_lines, flat_metrics
 from instructflow.tasks.preferences import load_preference_file, split_pairs
 from instructflow.tasks.prompts import format_prompt
-from instructflow.tasks.quality import checks
+from instructflow.tasks.quality import objective_values
 from instructflow.tasks.seeds import bundled_seed_dir
-from instructflow.tasks.stats import format_interval, paired_bootstrap
 
 
 def main() -> None:
@@ -66,18 +66,12 @@ def main() -> None:
     replies = {name: greedy_replies(path, prompts, max_new_tokens=args.max_new_tokens)
                for name, path in (("sft", args.sft), ("dpo", Path(dpo["checkpoint"])))}
     scores = score_each(args.reward, prompts, [r.text for r in replies["sft"]], [r.text for r in replies["dpo"]])
-    values = {}
-    for arm, name in enumerate(("sft", "dpo")):
-        found = [checks(r.text, r.ended) for r in replies[name]]
-        values[name] = {"rm": scores[arm], "ended": [float(c.ended_within_budget) for c in found],
-                        "repetition": [c.repetition for c in found], "words": [float(c.words) for c in found]}
-    report["differences"] = {}
-    for measure in ("rm", "ended", "repetition", "words"):
-        interval = paired_bootstrap(values["sft"][measure], values["dpo"][measure], seed=7)
-        print(f"{measure}: SFT {interval.mean_baseline:.3f}, DPO {interval.mean_treated:.3f}, "
-              f"difference {format_interval(interval)}")
-        report["differences"][measure] = {"sft": interval.mean_baseline, "dpo": interval.mean_treated,
-                                          "diff": interval.diff, "low": interval.lo, "high": interval.hi}
+    values = {name: {"rm_score": scores[arm], **objective_values([(r.text, r.ended) for r in replies[name]])}
+              for arm, name in enumerate(("sft", "dpo"))}
+    comparisons = compare_policies(values, seed=7)   # evaluate's comparison: paired bootstrap per measure
+    for line in comparison_lines(comparisons, len(prompts)):
+        print(line)
+    report["differences"] = flat_metrics(comparisons)
     (args.out / "replies.json").write_text(json.dumps({n: [{"reply": r.text, "ended": r.ended} for r in replies[n]]
                                                        for n in replies}, indent=1))
     print(json.dumps(report))

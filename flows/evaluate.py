@@ -20,7 +20,7 @@ from instructflow.tasks.evaluation import (PAIRED_MEASURES, SINGLE_MEASURES, com
                                            comparison_rows, flat_metrics, judge_scores)
 from instructflow.tasks.plots import plot_intervals
 from instructflow.tasks.prompts import format_prompt, heldout_prompts, reward_split
-from instructflow.tasks.quality import checks
+from instructflow.tasks.quality import objective_values
 from instructflow.tasks.seeds import shipped_path
 from instructflow.warehouse import queries
 from instructflow.warehouse.store import Warehouse
@@ -147,10 +147,7 @@ def evaluate_flow(cfg: Config, home: str, run_id: str | None = None, force: bool
         texts = {name: [r.text for r in rs] for name, rs in replies.items()}
         values: dict[str, dict[str, list]] = {name: {"rm_score": s} for name, s in score(reward["path"], formatted, texts).items()}
         for name, rs in replies.items():
-            reply_checks = [checks(r.text, r.ended) for r in rs]
-            values[name].update(ended=[float(c.ended_within_budget) for c in reply_checks],
-                                repetition=[c.repetition for c in reply_checks],
-                                words=[float(c.words) for c in reply_checks])
+            values[name].update(objective_values([(r.text, r.ended) for r in rs]))
         for name, kls in kl_to_sft(policies, formatted, texts).items():
             values[name]["kl_to_sft"] = kls
         holdout = train_holdout_reward(ctx, sft["path"]) if evaluate.holdout_reward else None

@@ -537,8 +537,6 @@ def pair_length_grouped(trainer_class):
 def hidden_log_lines(logger_name: str, fragment: str):
     """Inside the block, records of the logger `logger_name` whose message holds `fragment` are dropped: a
     library warning that is wrong for how the recipe calls it (each use says why)."""
-    import logging
-
     class Hide(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
             return fragment not in record.getMessage()

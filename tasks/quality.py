@@ -79,3 +79,11 @@ def checks(reply: str, finished: bool) -> ReplyChecks:
     words = reply_words(reply)
     return ReplyChecks(ended_within_budget=bool(finished), words=len(words), repetition=trigram_repetition(words),
                        repeated_line=has_repeated_line(reply))
+
+
+def objective_values(replies: Sequence[tuple[str, bool]]) -> dict[str, list[float]]:
+    """evaluate's objective measures of (reply, finished) pairs, one value per reply each: `ended` (1.0 or
+    0.0), `repetition`, `words`."""
+    found = [checks(reply, finished) for reply, finished in replies]
+    return {"ended": [float(c.ended_within_budget) for c in found], "repetition": [c.repetition for c in found],
+            "words": [float(c.words) for c in found]}
